@@ -1,0 +1,42 @@
+"""
+Step 2 of SFR-on: saliency masks from the Fisher diagonals. For each threshold gamma,
+<mask-path>/<class>/fisher_<gamma>.pt holds S = ((F_f + 1e-15) / (F_r + 1e-15)) >= gamma, a boolean tensor per
+parameter; the share of frozen (zero) weights is printed per threshold.
+"""
+import argparse
+import os
+
+from sfron.mask import class_dir, mask_filename, saliency_mask, sparsity
+from sfron.utils import UserError, atomic_torch_save, run_main, safe_torch_load
+
+
+def load_fisher(path):
+    """A Fisher file: {name: tensor}."""
+    fisher = safe_torch_load(path, what="Fisher file")
+    if not isinstance(fisher, dict) or not fisher:
+        raise UserError(f"{path} is not a Fisher file (expected a dict of tensors from generate_fisher.py)")
+    return fisher
+
+
+def main(args):
+    """Writes one mask per threshold for each forget class."""
+    if not args.thresholds:
+        raise UserError("--thresholds needs at least one value")
+    for cls in args.forget_class:
+        folder = class_dir(args.mask_path, cls)
+        forget_fisher = load_fisher(os.path.join(folder, "forget_fisher.pt"))
+        remain_fisher = load_fisher(os.path.join(folder, "remain_fisher.pt"))
+        for th in args.thresholds:
+            mask = saliency_mask(forget_fisher, remain_fisher, th)
+            path = os.path.join(folder, mask_filename(th))
+            atomic_torch_save(mask, path)
+            print(f"class {cls} threshold {th}: sparsity {100 * sparsity(mask):.2f}% of weights frozen -> {path}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--mask-path", type=str, default="mask", help="folder holding <class>/*_fisher.pt")
+    parser.add_argument("--forget-class", nargs="+", type=int, required=True, help="class(es) to forget")
+    parser.add_argument("--thresholds", nargs="+", type=float, default=[0.5, 1, 3, 5, 10],
+                        help="saliency thresholds gamma")
+    run_main(main, parser.parse_args())

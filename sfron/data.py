@@ -1,0 +1,226 @@
+"""
+Forget and remain data. An ImageNet-style root holds <data-path>/train/<class folder>/<images>; a class index is
+the folder's position in sorted order (torchvision ImageFolder semantics). The forget set is the folder whose
+index is --forget-class, the remain set all the others.
+
+Batches are drawn from a deterministic stream: global batch k is the same images, flips, timesteps, noise and
+label drops whatever the number of processes (each process takes its slice), and a resumed run continues the
+stream where it stopped.
+"""
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+from .utils import UserError, seeded_generator
+from .vae import encode_moments, sample_latents
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+STREAMS = {"forget-fisher": 1, "remain-fisher": 2, "forget": 3, "remain": 4, "train": 5}
+
+
+def center_crop_arr(pil_image, image_size):
+    """ADM's center crop: halve with a box filter while the short side is >= 2x the target, resize, crop."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return Image.fromarray(arr[top: top + image_size, left: left + image_size])
+
+
+def find_class_folders(data_path):
+    """(train root, sorted class folder names) of an ImageNet-style root; clear errors when it is not one."""
+    root = os.path.join(data_path, "train")
+    if not os.path.isdir(data_path):
+        raise UserError(f"--data-path {data_path} does not exist")
+    if not os.path.isdir(root):
+        raise UserError(f"--data-path {data_path} has no train/ folder (expected <data-path>/train/<class>/<image>)")
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+    if not classes:
+        raise UserError(f"{root} has no class folders (expected {root}/<class>/<image>)")
+    return root, classes
+
+
+def list_images(root, classes, class_indices):
+    """[(path, class index)] of every image under the chosen class folders, in sorted order."""
+    samples = []
+    for idx in class_indices:
+        folder = os.path.join(root, classes[idx])
+        found = [os.path.join(dirpath, f) for dirpath, _, files in sorted(os.walk(folder, followlinks=True))
+                 for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
+        if not found:
+            raise UserError(f"class folder {folder} holds no images ({', '.join(IMG_EXTENSIONS)})")
+        samples += [(path, idx) for path in found]
+    return samples
+
+
+class ImageSet(Dataset):
+    """
+    Images of some classes, center-cropped to image_size and scaled to [-1, 1]. Indexed by (index, flip) so
+    that the random horizontal flip is part of the deterministic stream; a plain index means no flip.
+    """
+
+    def __init__(self, samples, image_size, classes):
+        self.samples = samples
+        self.image_size = image_size
+        self.classes = classes
+        self.targets = [label for _, label in samples]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def load(self, index, flip=False):
+        """The image (3, S, S) in [-1, 1] and its class index."""
+        path, label = self.samples[index]
+        try:
+            with open(path, "rb") as f:
+                image = Image.open(f).convert("RGB")
+        except (OSError, UnidentifiedImageError, SyntaxError) as e:
+            raise UserError(f"cannot read image {path} ({type(e).__name__}: {e})") from None
+        image = center_crop_arr(image, self.image_size)
+        if flip:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)  # (3, S, S)
+        return x / 127.5 - 1.0, label
+
+    def __getitem__(self, key):
+        index, flip = key if isinstance(key, tuple) else (key, False)
+        return self.load(index, flip)
+
+
+def unlearn_datasets(data_path, forget_class, image_size, num_classes):
+    """(forget set, remain set, class names) of an ImageNet-style root, checked against the model's classes."""
+    root, classes = find_class_folders(data_path)
+    if len(classes) > num_classes:
+        raise UserError(f"{root} has {len(classes)} class folders but the model has {num_classes} classes")
+    if not 0 <= forget_class < len(classes):
+        raise UserError(f"--forget-class {forget_class} is outside the {len(classes)} classes of {root} "
+                        f"(0..{len(classes) - 1})")
+    forget = ImageSet(list_images(root, classes, [forget_class]), image_size, classes)
+    remain_ids = [i for i in range(len(classes)) if i != forget_class]
+    if not remain_ids:
+        raise UserError(f"{root} has no class besides the forget class: the remain set would be empty")
+    remain = ImageSet(list_images(root, classes, remain_ids), image_size, classes)
+    return forget, remain, classes
+
+
+#################################################################################
+#                      The deterministic stream of batches                      #
+#################################################################################
+
+class SampleStream:
+    """
+    An endless stream of (index, flip) over n items: epoch e is a permutation seeded by (seed, stream, e), each
+    item with a fair coin for the horizontal flip. Position p of the stream is a pure function of p.
+    """
+
+    def __init__(self, n, seed, stream, flip=True):
+        self.n, self.seed, self.stream, self.flip = n, seed, stream, flip
+        self._epoch, self._perm, self._flips = None, None, None
+
+    def _load_epoch(self, epoch):
+        if epoch != self._epoch:
+            g = seeded_generator(self.seed, self.stream, epoch)
+            self._perm = torch.randperm(self.n, generator=g).tolist()
+            flips = torch.rand(self.n, generator=g) < 0.5
+            self._flips = flips.tolist() if self.flip else [False] * self.n
+            self._epoch = epoch
+
+    def take(self, start, count):
+        """Stream positions [start, start + count) as a list of (index, flip)."""
+        out = []
+        for p in range(start, start + count):
+            epoch, offset = divmod(p, self.n)
+            self._load_epoch(epoch)
+            out.append((self._perm[offset], self._flips[offset]))
+        return out
+
+
+class _RankBatches(torch.utils.data.Sampler):
+    """For steps start..stop-1: this rank's slice of global batch `step` of the stream."""
+
+    def __init__(self, stream, global_batch, shard, start, stop):
+        self.stream, self.global_batch, self.shard, self.start, self.stop = stream, global_batch, shard, start, stop
+
+    def __iter__(self):
+        lo, hi = self.shard
+        for step in range(self.start, self.stop):
+            yield self.stream.take(step * self.global_batch + lo, hi - lo)
+
+    def __len__(self):
+        return self.stop - self.start
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor          # (b, C, H, W) images or scaled latents
+    y: torch.Tensor          # (b,) class labels
+    t: torch.Tensor          # (b,) diffusion timesteps
+    noise: torch.Tensor      # (b, C, H, W) the noise of the diffusion loss
+    drop: torch.Tensor       # (b,) 1 where the label dropout of training mode replaces the label by the null class
+    step: int = 0
+
+
+class DiffusionBatches:
+    """
+    The batches one process sees for steps start..stop-1 of a stream: images (VAE-encoded for latent models,
+    or taken from a latent cache), with their timesteps, noise and label-dropout draws. The randomness of global
+    batch k comes from a generator seeded by (seed, stream, k), so it does not depend on the world size.
+    """
+
+    def __init__(self, dataset, stream, global_batch, dist, seed, num_timesteps, dropout_prob=0.0, vae=None,
+                 latent_cache=None, num_workers=0, start=0, stop=None, random_flip=True):
+        self.dataset, self.stream_id, self.global_batch, self.dist = dataset, STREAMS[stream], global_batch, dist
+        self.seed, self.num_timesteps, self.dropout_prob = seed, num_timesteps, dropout_prob
+        self.vae, self.latent_cache, self.num_workers = vae, latent_cache, num_workers
+        self.start, self.stop = start, stop
+        self.shard = dist.shard(global_batch)
+        self.stream = SampleStream(len(dataset), seed, self.stream_id, flip=random_flip)
+
+    def _keys(self):
+        return _RankBatches(self.stream, self.global_batch, self.shard, self.start, self.stop)
+
+    def _loader(self):
+        """(step, images or cached moments, labels) for each step, loaded in worker processes if asked."""
+        keys = self._keys()
+        if self.latent_cache is not None:
+            for step, batch_keys in zip(range(self.start, self.stop), keys):
+                moments, y = self.latent_cache.lookup(batch_keys)
+                yield step, moments, y
+            return
+        loader = DataLoader(self.dataset, batch_sampler=keys, num_workers=self.num_workers,
+                            pin_memory=self.dist.device.type == "cuda",
+                            persistent_workers=False)
+        for step, (x, y) in zip(range(self.start, self.stop), loader):
+            yield step, x, y
+
+    def _draws(self, step, shape):
+        """This rank's slice of the global batch's t, label drops, diffusion noise and VAE noise."""
+        g = seeded_generator(self.seed, self.stream_id, step)
+        n = self.global_batch
+        lo, hi = self.shard
+        t = torch.randint(0, self.num_timesteps, (n,), generator=g)[lo:hi]
+        drop = (torch.rand(n, generator=g) < self.dropout_prob).long()[lo:hi]
+        noise = torch.randn((n, *shape), generator=g)[lo:hi]
+        vae_eps = torch.randn((n, *shape), generator=g)[lo:hi] if self.vae is not None else None
+        return t, drop, noise, vae_eps
+
+    def __iter__(self):
+        device = self.dist.device
+        for step, x, y in self._loader():
+            x = x.to(device, non_blocking=True)
+            if self.vae is not None:  # x becomes a draw from the VAE posterior (cached moments: mean | std)
+                mean, std = encode_moments(self.vae, x) if self.latent_cache is None else x.chunk(2, dim=1)
+                x = mean
+            t, drop, noise, vae_eps = self._draws(step, tuple(x.shape[1:]))
+            if self.vae is not None:
+                x = sample_latents(mean, std, vae_eps.to(device))
+            yield Batch(x=x, y=y.to(device), t=t.to(device), noise=noise.to(device), drop=drop.to(device), step=step)
+
+    def __len__(self):
+        return self.stop - self.start

@@ -1,0 +1,145 @@
+"""
+The Fisher diagonal of SPEC section 3: F = E_x[(dL(x)/dtheta)^2], the mean of per-sample squared gradients of
+the diffusion loss. The official script gets it with batch 1; here a batch of any size gives the same quantity.
+
+Per-sample gradients cost no more than one backward pass: a linear layer's weight gradient for sample i is
+G_i = sum_tokens g_i^T a_i (output gradients g, inputs a), so hooks on each layer see a_i in forward and g_i
+in backward and add sum_i G_i^2 to a buffer. The whole-batch gradient is never formed.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .utils import UserError
+
+# per-sample weight gradients (B, out, in) are formed for at most this many elements at once
+_MAX_CHUNK_ELEMENTS = 1 << 26
+
+
+def _sum_sq_outer(g, a):
+    """sum_i (g_i^T a_i)^2 for g (B, T, out), a (B, T, in): (out, in), chunked over the batch to bound memory."""
+    out = g.new_zeros(g.shape[-1], a.shape[-1], dtype=torch.float32)
+    chunk = max(1, _MAX_CHUNK_ELEMENTS // (g.shape[-1] * a.shape[-1]))
+    for s in range(0, g.shape[0], chunk):
+        per_sample = torch.bmm(g[s:s + chunk].transpose(1, 2).float(), a[s:s + chunk].float())  # (b, out, in)
+        out += per_sample.square().sum(0)
+    return out
+
+
+class PerSampleSquaredGrads:
+    """
+    Hooks on every Linear, patch-Conv2d and Embedding of a model that add each sample's squared parameter
+    gradient into `sums` during backward. Use as a context manager; every trainable parameter must belong to a
+    supported layer. The loss to backpropagate is the SUM of per-sample losses (each sample's own gradient).
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.handles = []
+        self.sums = {}
+        self.outputs = []  # the hooked layers' outputs of the current forward pass
+        covered = set()
+        for module_name, module in model.named_modules():
+            params = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if not params:
+                continue
+            if not isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)) or \
+                    (isinstance(module, nn.Conv2d) and (module.kernel_size != module.stride or module.padding != (0, 0)
+                                                        or module.groups != 1 or module.dilation != (1, 1))):
+                raise UserError(f"per-sample Fisher: unsupported layer {module_name} ({type(module).__name__})")
+            prefix = f"{module_name}." if module_name else ""
+            for n, p in params:
+                self.sums[prefix + n] = torch.zeros_like(p, dtype=torch.float32)
+                covered.add(id(p))
+            self.handles.append(module.register_forward_hook(self._forward_hook(prefix)))
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
+        if missing:
+            raise UserError(f"per-sample Fisher: parameters outside supported layers: {missing[:3]}")
+
+    def _forward_hook(self, prefix):
+        def hook(module, inputs, output):
+            if not torch.is_grad_enabled() or not output.requires_grad:
+                return
+            a = inputs[0].detach()
+            output.register_hook(lambda g: self._accumulate(module, prefix, a, g.detach()))
+            self.outputs.append(output)
+        return hook
+
+    def backward(self, loss):
+        """
+        Backpropagates loss only as far as the hooked layers' outputs: the hooks get every output gradient,
+        and the usual batch weight gradients, which the Fisher does not need, are never computed.
+        """
+        outputs, self.outputs = self.outputs, []
+        torch.autograd.backward(loss, inputs=outputs)
+        for out in outputs:
+            out.grad = None
+
+    @torch.no_grad()
+    def _accumulate(self, module, prefix, a, g):
+        sums = self.sums
+        if isinstance(module, nn.Embedding):
+            # sample i touches only row a_i: its squared gradient there is g_i^2
+            rows = a.reshape(-1)
+            sums[prefix + "weight"].index_add_(0, rows, g.reshape(rows.numel(), -1).float().square())
+            return
+        if isinstance(module, nn.Conv2d):
+            # a patchifying convolution is a linear layer on flattened patches
+            a = F.unfold(a, kernel_size=module.kernel_size, stride=module.stride).transpose(1, 2)  # (B, T, C*p*p)
+            g = g.flatten(2).transpose(1, 2)                                                      # (B, T, D)
+        if a.ndim == 2:
+            # one token per sample: (g_i a_i^T)^2 = g_i^2 (a_i^2)^T, summed over i in one matmul
+            w = g.float().square().t() @ a.float().square()
+            b = g.float().square().sum(0)
+        else:
+            a, g = a.reshape(a.shape[0], -1, a.shape[-1]), g.reshape(g.shape[0], -1, g.shape[-1])
+            w = _sum_sq_outer(g, a)
+            b = g.float().sum(1).square().sum(0)
+        sums[prefix + "weight"] += w.view_as(sums[prefix + "weight"])
+        if prefix + "bias" in sums:
+            sums[prefix + "bias"] += b
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+def diffusion_loss(model, diffusion, batch, labels=None, force_drop_ids=None):
+    """Per-sample DiT training losses (b,) of a Batch (the labels may be replaced, e.g. for relabelling)."""
+    kwargs = dict(y=batch.y if labels is None else labels)
+    if force_drop_ids is not None:
+        kwargs["force_drop_ids"] = force_drop_ids
+    return diffusion.training_losses(model, batch.x, batch.t, kwargs, noise=batch.noise)["loss"]
+
+
+def fisher_diagonal(model, diffusion, batches, dist, desc="Fisher", autocast_dtype=None, log_every=0, logger=None):
+    """
+    Mean over every sample of every batch (all processes together) of the squared per-sample gradient of the
+    full diffusion loss, as {parameter name: float32 tensor}. The model runs in eval mode (no label dropout),
+    as in the official script.
+    """
+    was_training = model.training
+    model.eval()
+    count = torch.zeros((), dtype=torch.float64, device=dist.device)
+    with PerSampleSquaredGrads(model) as grads:
+        iterator = tqdm(batches, desc=desc, disable=not dist.is_main, dynamic_ncols=True)
+        for i, batch in enumerate(iterator):
+            with torch.autocast(dist.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                losses = diffusion_loss(model, diffusion, batch)
+            if not torch.isfinite(losses).all():
+                raise UserError(f"{desc}: non-finite loss at step {batch.step} (check the checkpoint and data)")
+            grads.backward(losses.float().sum())
+            count += losses.shape[0]
+            if logger is not None and log_every and (i + 1) % log_every == 0:
+                logger.info(f"{desc}: {i + 1}/{len(batches)} batches")
+    model.train(was_training)
+    dist.all_reduce_sum_(count)
+    fisher = {}
+    for name, total in grads.sums.items():
+        fisher[name] = (dist.all_reduce_sum_(total) / count).float().cpu()
+    return fisher
