@@ -8,6 +8,7 @@ the official DiT loader reads as the unlearned model. Runs on one CPU or GPU, or
 import argparse
 import os
 import time
+from copy import deepcopy
 from dataclasses import asdict
 from glob import glob
 
@@ -16,17 +17,18 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from diffusion import create_diffusion
 from sfron.build import add_model_args, autocast_dtype, load_model_and_vae
-from sfron.data import DiffusionBatches, unlearn_datasets
+from sfron.data import DiffusionBatches, forget_latent_cache, unlearn_datasets
 from sfron.dist import cleanup, init_distributed
 from sfron.mask import load_mask, resolve_mask_file
 from sfron.sampling import generate, grid_image, per_sample_noise, sampling_diffusion, snapshot_classes
 from sfron.unlearn import FORGET_LOSSES, METHODS, forget_alpha_at, relabel_class, unlearn_step
 from sfron.utils import (UserError, atomic_json_dump, atomic_save_image, atomic_torch_save, create_logger,
-                         run_main, safe_torch_load, start_experiment)
+                         run_main, safe_torch_load, start_experiment, update_ema)
 
 # Settings that define a run: a resumed run must not change them.
 RUN_KEYS = ("model", "forget_class", "method", "unlearn_loss", "lr", "batch_size", "n_iters", "forget_alpha",
-            "decay_forget_alpha", "remain_alpha", "grad_clip", "lambd", "seed", "forget_label_dropout", "precision")
+            "decay_forget_alpha", "remain_alpha", "grad_clip", "lambd", "seed", "forget_label_dropout", "precision",
+            "ema_decay")
 
 
 def experiment_name(args):
@@ -57,15 +59,27 @@ def merge_resumed_args(args, saved):
     return args
 
 
-def save_checkpoint(path, raw_model, opt, args, spec, step, history):
+def save_checkpoint(path, raw_model, ema, opt, args, spec, step, history):
     """
-    {"model", "ema", "opt", "args", "spec", "train_steps", "losses"}. "ema" holds the current (unlearned) weights,
-    the very tensors of "model" (stored once): the official loader prefers "ema", and an EMA with decay 0.9999
-    over a few hundred steps would still be ~95% the original model.
+    {"model", "ema", "opt", "args", "spec", "train_steps", "losses"}. The official loader prefers "ema": without
+    --ema-decay it holds the very tensors of "model" (stored once), the unlearned weights. (An EMA with decay
+    0.9999 over a few hundred steps, as the official script saves, would still be ~95% the original model.)
     """
     state = raw_model.state_dict()
-    atomic_torch_save({"model": state, "ema": state, "opt": opt.state_dict(), "args": vars(args),
-                       "spec": asdict(spec), "train_steps": step, "losses": history}, path)
+    atomic_torch_save({"model": state, "ema": ema.state_dict() if ema is not None else state,
+                       "opt": opt.state_dict(), "args": vars(args), "spec": asdict(spec), "train_steps": step,
+                       "losses": history}, path)
+
+
+def check_ema_decay(decay, n_iters):
+    """An EMA that would still hold much of the original model must not be saved as the unlearned model."""
+    if not 0 <= decay < 1:
+        raise UserError(f"--ema-decay must be in [0, 1), got {decay}")
+    left = decay ** n_iters
+    if left > 0.01:
+        raise UserError(f"--ema-decay {decay} over {n_iters} steps leaves {100 * left:.1f}% of the original "
+                        f"weights in the EMA that checkpoints save as the unlearned model; use 0 (no EMA) or a decay "
+                        f"below {0.01 ** (1 / n_iters):.4f}")
 
 
 def save_snapshot(model, vae, spec, args, classes, z, step, checkpoint_dir, logger):
@@ -91,6 +105,7 @@ def main(args):
         raise UserError(f"--method must be one of {METHODS} and --unlearn-loss one of {FORGET_LOSSES}")
     if args.n_iters < 1 or args.batch_size < 1:
         raise UserError("--n-iters and --batch-size must be positive")
+    check_ema_decay(args.ema_decay, args.n_iters)
     dist = init_distributed()
     try:
         torch.manual_seed(args.seed)
@@ -109,6 +124,27 @@ def main(args):
         cleanup(dist)
 
 
+def saliency_mask_for(args, model, dist, logger):
+    """The mask of --mask-path (a file, or the folder's fisher_<--threshold>.pt), or None."""
+    if not args.mask_path:
+        logger.info("No --mask-path: the forget step updates every weight")
+        return None
+    mask_file = resolve_mask_file(args.mask_path, args.forget_class, args.threshold)
+    mask = load_mask(mask_file, model, dist.device)
+    kept = sum(float(m.sum()) for m in mask.values()) / sum(m.numel() for m in mask.values())
+    logger.info(f"Saliency mask {mask_file}: {100 * kept:.2f}% of weights updated by the forget step")
+    return mask
+
+
+def restore(resumed, raw_model, ema, opt):
+    """Loads a resumed run's weights, EMA and optimizer; returns (its step, its loss history)."""
+    raw_model.load_state_dict(resumed["model"])  # the loader read "ema"; training continues from "model"
+    if ema is not None:
+        ema.load_state_dict(resumed["ema"])
+    opt.load_state_dict(resumed["opt"])
+    return resumed["train_steps"], list(resumed.get("losses", []))
+
+
 def run(args, dist, logger, experiment_dir, checkpoint_dir, resumed):
     """The unlearning loop of main()."""
     raw_model, vae, spec, _ = load_model_and_vae(args, dist.device, logger)
@@ -116,23 +152,14 @@ def run(args, dist, logger, experiment_dir, checkpoint_dir, resumed):
     forget_set, remain_set, _ = unlearn_datasets(args.data_path, args.forget_class, spec.image_size, spec.num_classes)
     logger.info(f"Forget set: {len(forget_set):,} images, remain set: {len(remain_set):,} images ({args.data_path})")
 
-    mask = None
-    if args.mask_path:
-        mask_file = resolve_mask_file(args.mask_path, args.forget_class, args.threshold)
-        mask = load_mask(mask_file, raw_model, dist.device)
-        kept = sum(float(m.sum()) for m in mask.values()) / sum(m.numel() for m in mask.values())
-        logger.info(f"Saliency mask {mask_file}: {100 * kept:.2f}% of weights updated by the forget step")
-    else:
-        logger.info("No --mask-path: the forget step updates every weight")
+    mask = saliency_mask_for(args, raw_model, dist, logger)
     relabel = relabel_class(args.forget_class, spec.num_classes) if args.unlearn_loss == "rl" else None
     if relabel is not None:
         logger.info(f"Relabelling forget images as class {relabel}")
 
     opt = torch.optim.AdamW([p for p in raw_model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0)
-    start, history = 0, []
-    if resumed is not None:
-        opt.load_state_dict(resumed["opt"])
-        start, history = resumed["train_steps"], list(resumed.get("losses", []))
+    ema = deepcopy(raw_model).requires_grad_(False).eval() if args.ema_decay > 0 else None
+    start, history = restore(resumed, raw_model, ema, opt) if resumed is not None else (0, [])
     model = DDP(raw_model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None) \
         if dist.enabled else raw_model
     raw_model.train()  # label dropout on, as in the official script
@@ -141,7 +168,9 @@ def run(args, dist, logger, experiment_dir, checkpoint_dir, resumed):
     common = dict(global_batch=args.batch_size, dist=dist, seed=args.seed, num_timesteps=diffusion.num_timesteps,
                   dropout_prob=raw_model.y_embedder.dropout_prob, vae=vae, num_workers=args.num_workers,
                   start=start, stop=args.n_iters, random_flip=spec.random_flip)
-    forget_batches = DiffusionBatches(forget_set, "forget", **common)
+    forget_batches = DiffusionBatches(forget_set, "forget",
+                                      latent_cache=forget_latent_cache(args, spec, forget_set, vae, dist, logger),
+                                      **common)
     remain_batches = DiffusionBatches(remain_set, "remain", **common)
 
     classes = snapshot_classes(args.forget_class, spec.num_classes)
@@ -162,6 +191,8 @@ def run(args, dist, logger, experiment_dir, checkpoint_dir, resumed):
         alpha = forget_alpha_at(train_steps, args.n_iters, args.forget_alpha, args.decay_forget_alpha)
         f_loss, r_loss = unlearn_step(model, raw_model, diffusion, opt, forget_batch, remain_batch, alpha=alpha,
                                       **step_kwargs)
+        if ema is not None:
+            update_ema(ema, raw_model, args.ema_decay)
         train_steps += 1
         history.append([train_steps, f_loss, r_loss])
         running[0] += f_loss
@@ -173,19 +204,22 @@ def run(args, dist, logger, experiment_dir, checkpoint_dir, resumed):
                         f"{running[1] / log_steps:.4f}, alpha: {alpha:.3g}, Train Steps/Sec: {log_steps / elapsed:.2f}")
             running, log_steps, start_time = [0.0, 0.0], 0, time.time()
         if dist.is_main and args.snapshot_every > 0 and train_steps % args.snapshot_every == 0:
-            save_snapshot(raw_model, vae, spec, args, classes, z, train_steps, checkpoint_dir, logger)
+            save_snapshot(ema if ema is not None else raw_model, vae, spec, args, classes, z, train_steps, checkpoint_dir, logger)
         if train_steps % args.ckpt_every == 0 or train_steps == args.n_iters:
             if dist.is_main:
                 path = os.path.join(checkpoint_dir, f"{train_steps:07d}.pt")
-                save_checkpoint(path, raw_model, opt, args, spec, train_steps, history)
+                save_checkpoint(path, raw_model, ema, opt, args, spec, train_steps, history)
                 atomic_json_dump({"columns": ["step", "forget_loss", "remain_loss"], "losses": history},
                                  os.path.join(experiment_dir, "losses.json"))
                 logger.info(f"Saved checkpoint to {path}")
             dist.barrier()
+    if dist.device.type == "cuda":
+        logger.info(f"Peak GPU memory: {torch.cuda.max_memory_allocated(dist.device) / 2 ** 30:.2f} GiB")
     logger.info("Done!")
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
+    """The command line (argv: a list of arguments instead of sys.argv)."""
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--data-path", type=str, required=True)
     parser.add_argument("--results-dir", type=str, default="results")
@@ -195,6 +229,10 @@ if __name__ == "__main__":
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-workers", type=int, default=4)
+    parser.add_argument("--cache-latents", action="store_true",
+                        help="encode the forget images (both flips) with the VAE once instead of at every draw")
+    parser.add_argument("--latent-cache-dir", type=str, default=None,
+                        help="keep the --cache-latents moments in this folder for the next script")
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint interval (and at the last step)")
     parser.add_argument("--snapshot-every", type=int, default=50, help="sample-grid interval (0: none)")
@@ -203,6 +241,10 @@ if __name__ == "__main__":
                         help="sampling steps of each snapshot (the official script used 1000 DDPM steps)")
     parser.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale of the snapshots")
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
+    parser.add_argument("--ema-decay", type=float, default=0.0,
+                        help="keep an EMA of the unlearned weights (saved as 'ema', sampled by the snapshots); "
+                             "0: none, 'ema' is the final weights. A decay that would leave over 1%% of the original "
+                             "model in the EMA is refused")
     parser.add_argument("--resume", type=str, default=None,
                         help="an experiment folder or checkpoint of an interrupted run to continue")
     # unlearning
@@ -217,11 +259,15 @@ if __name__ == "__main__":
     parser.add_argument("--decay-forget-alpha", action="store_true",
                         help="cosine decay of the forget weight: alpha (1 + cos(pi k / K)) / 2")
     parser.add_argument("--remain-alpha", type=float, default=1.0, help="weight of the remain loss")
-    parser.add_argument("--forget-label-dropout", action=argparse.BooleanOptionalAction, default=True,
-                        help="drop forget labels to the null class as in training mode (official); "
-                             "--no-forget-label-dropout drops labels on the remain step only")
+    parser.add_argument("--forget-label-dropout", action=argparse.BooleanOptionalAction, default=False,
+                        help="also drop forget labels to the null class, as training mode does in the official "
+                             "script (default: label dropout on the remain step only; see bench/label_dropout.py)")
     parser.add_argument("--mask-path", type=str, default=None,
                         help="a mask file, or the mask folder of generate_mask.py (then --threshold picks "
                              "<folder>/<cls>/fisher_<threshold>.pt); none: no mask")
     parser.add_argument("--threshold", type=float, default=1.0, help="the mask threshold gamma to use from a folder")
-    run_main(main, parser.parse_args())
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    run_main(main, parse_args())

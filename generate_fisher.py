@@ -11,7 +11,7 @@ import torch
 
 from diffusion import create_diffusion
 from sfron.build import add_model_args, autocast_dtype, load_model_and_vae
-from sfron.data import DiffusionBatches, unlearn_datasets
+from sfron.data import DiffusionBatches, forget_latent_cache, unlearn_datasets
 from sfron.dist import cleanup, init_distributed
 from sfron.fisher import fisher_diagonal
 from sfron.mask import class_dir
@@ -37,10 +37,12 @@ def main(args):
                     f"{dist.world_size} process(es)")
         diffusion = create_diffusion(timestep_respacing="")  # 1000 steps, linear schedule
         out_dir = class_dir(args.mask_path, args.forget_class)
+        caches = {"forget": forget_latent_cache(args, spec, forget_set, vae, dist, logger), "remain": None}
         for name, dataset in (("forget", forget_set), ("remain", remain_set)):
             batches = DiffusionBatches(dataset, f"{name}-fisher", args.batch_size, dist, args.seed,
-                                       diffusion.num_timesteps, vae=vae, num_workers=args.num_workers,
-                                       start=0, stop=args.n_iters, random_flip=spec.random_flip)
+                                       diffusion.num_timesteps, vae=vae, latent_cache=caches[name],
+                                       num_workers=args.num_workers, start=0, stop=args.n_iters,
+                                       random_flip=spec.random_flip)
             fisher = fisher_diagonal(model, diffusion, batches, dist, desc=f"Generate {name} fisher",
                                      autocast_dtype=autocast_dtype(args.precision), log_every=args.log_every,
                                      logger=logger)
@@ -53,7 +55,8 @@ def main(args):
         cleanup(dist)
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
+    """The command line (argv: a list of arguments instead of sys.argv)."""
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--data-path", type=str, required=True)
     parser.add_argument("--results-dir", type=str, default="results")
@@ -63,7 +66,15 @@ if __name__ == "__main__":
                         help="samples per iteration over all processes; any size gives the same estimator")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-workers", type=int, default=4)
+    parser.add_argument("--cache-latents", action="store_true",
+                        help="encode the forget images (both flips) with the VAE once instead of at every draw")
+    parser.add_argument("--latent-cache-dir", type=str, default=None,
+                        help="keep the --cache-latents moments in this folder for the next script")
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--forget-class", type=int, required=True, help="class to forget")
     parser.add_argument("--mask-path", type=str, default="mask", help="folder for <class>/*_fisher.pt")
-    run_main(main, parser.parse_args())
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    run_main(main, parse_args())

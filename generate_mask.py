@@ -33,10 +33,15 @@ def main(args):
             print(f"class {cls} threshold {th}: sparsity {100 * sparsity(mask):.2f}% of weights frozen -> {path}")
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
+    """The command line (argv: a list of arguments instead of sys.argv)."""
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--mask-path", type=str, default="mask", help="folder holding <class>/*_fisher.pt")
     parser.add_argument("--forget-class", nargs="+", type=int, required=True, help="class(es) to forget")
     parser.add_argument("--thresholds", nargs="+", type=float, default=[0.5, 1, 3, 5, 10],
                         help="saliency thresholds gamma")
-    run_main(main, parser.parse_args())
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    run_main(main, parse_args())

@@ -102,25 +102,32 @@ def build_dit(spec, in_channels):
         raise UserError(f"{spec.describe()}: {e}") from None
 
 
-def load_model_and_vae(args, device, logger=None):
-    """(DiT with the checkpoint's weights on device, VAE or None, ModelSpec, checkpoint name) for a script."""
+def load_model_and_vae(args, device, logger=None, with_vae=True):
+    """
+    (DiT with the checkpoint's weights on device, VAE or None, ModelSpec, checkpoint name) for a script.
+    with_vae=False skips loading the VAE (returned as None) when the caller already has it.
+    """
     ckpt = args.ckpt
     state_dict, recorded = find_checkpoint(ckpt) if ckpt else (None, {})
     spec = resolve_spec(args, state_dict, recorded)
     if state_dict is None:
         ckpt = default_checkpoint(spec.model, spec.image_size)
         state_dict, _ = find_checkpoint(ckpt)
-    vae = load_vae(spec.vae, device)
+    vae = load_vae(spec.vae, device) if with_vae else None
+    in_channels = 3 if spec.pixel_space else (latent_channels(vae) if vae is not None else 4)
     with torch.device("meta"):  # no random initialisation of weights that the checkpoint replaces
-        model = build_dit(spec, in_channels=3 if vae is None else latent_channels(vae))
+        model = build_dit(spec, in_channels=in_channels)
     load_model_weights(model, state_dict, ckpt, spec.describe(), assign=True)
     if logger is not None:
         logger.info(f"Model: {spec.describe()}, weights from {ckpt}")
     return model.to(device), vae, spec, ckpt
 
 
-def add_model_args(parser, default_model="DiT-XL/2"):
-    """The official model flags. --image-size, --num-classes and --vae default to what the checkpoint implies."""
+def add_model_args(parser, default_model="DiT-XL/2", several_ckpts=False):
+    """
+    The official model flags. --image-size, --num-classes and --vae default to what the checkpoint implies.
+    several_ckpts: --ckpt takes one or more checkpoints (drawn side by side by sample.py).
+    """
     parser.add_argument("--model", type=str, choices=list(DiT_models.keys()), default=default_model)
     parser.add_argument("--image-size", type=int, default=None,
                         help="image side in pixels (default: implied by the checkpoint, else 256)")
@@ -129,9 +136,10 @@ def add_model_args(parser, default_model="DiT-XL/2"):
     parser.add_argument("--vae", type=str, default=None,
                         help="ema | mse (stabilityai/sd-vae-ft-*), a local diffusers VAE folder, or none for a "
                              "pixel-space model (default: none for 3-channel checkpoints, else ema)")
-    parser.add_argument("--ckpt", type=str, default=None,
+    parser.add_argument("--ckpt", type=str, default=None, nargs="+" if several_ckpts else None,
                         help="a DiT checkpoint: a released name (DiT-XL-2-256x256.pt, downloaded when online) or a "
-                             "local file (default: the released checkpoint of --model at --image-size)")
+                             "local file (default: the released checkpoint of --model at --image-size)"
+                             + ("; several are drawn side by side from the same noise" if several_ckpts else ""))
     parser.add_argument("--random-flip", action=argparse.BooleanOptionalAction, default=None,
                         help="random horizontal flips of the data (default: as the checkpoint was trained, else on)")
     parser.add_argument("--precision", type=str, choices=["fp32", "bf16"], default="fp32",

@@ -3,11 +3,12 @@ Forget and remain data. An ImageNet-style root holds <data-path>/train/<class fo
 the folder's position in sorted order (torchvision ImageFolder semantics). The forget set is the folder whose
 index is --forget-class, the remain set all the others.
 
-Batches are drawn from a deterministic stream: global batch k is the same images, flips, timesteps, noise and
-label drops whatever the number of processes (each process takes its slice), and a resumed run continues the
-stream where it stopped.
+Batches are drawn from a deterministic stream: sample p of the stream has the same image, flip, timestep, noise
+and label drop whatever the batch size and the number of processes (each process takes its slice of a global
+batch), and a resumed run continues the stream where it stopped.
 """
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,8 +81,10 @@ class ImageSet(Dataset):
         try:
             with open(path, "rb") as f:
                 image = Image.open(f).convert("RGB")
-        except (OSError, UnidentifiedImageError, SyntaxError) as e:
-            raise UserError(f"cannot read image {path} ({type(e).__name__}: {e})") from None
+        except UnidentifiedImageError:
+            raise UserError(f"cannot read image {path}: not an image file PIL can decode") from None
+        except (OSError, SyntaxError) as e:
+            raise UserError(f"cannot read image {path}: {e}") from None
         image = center_crop_arr(image, self.image_size)
         if flip:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
@@ -156,6 +159,52 @@ class _RankBatches(torch.utils.data.Sampler):
         return self.stop - self.start
 
 
+class LatentCache:
+    """
+    VAE posterior moments (mean | std, scaled) of every image of a dataset under both flips, encoded once (the
+    processes share the work) and kept on the device, for data used more than once: the forget set is drawn
+    n_iters x batch-size times. Optionally saved to / loaded from a file.
+    """
+
+    def __init__(self, moments, labels):
+        self.moments = moments  # (N, 2 flips, 2C, h, w)
+        self.labels = labels    # (N,)
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, dataset, vae, dist, batch_size=32, num_workers=0, path=None):
+        """Encodes (or loads from path, if it holds this dataset's moments) the moments of every image."""
+        tag = {"samples": [p for p, _ in dataset.samples], "image_size": dataset.image_size}
+        if path and os.path.isfile(path):
+            from .utils import safe_torch_load
+            cached = safe_torch_load(path, what="latent cache")
+            if isinstance(cached, dict) and cached.get("tag") == tag:
+                return cls(cached["moments"].to(dist.device), torch.tensor(dataset.targets))
+        keys = [(i, f) for i in range(len(dataset)) for f in (False, True)]
+        per_rank = -(-len(keys) // dist.world_size)
+        mine = keys[dist.rank * per_rank:(dist.rank + 1) * per_rank]
+        loader = DataLoader(dataset, batch_sampler=[mine[i:i + batch_size] for i in range(0, len(mine), batch_size)],
+                            num_workers=num_workers)
+        side = dataset.image_size // 8
+        parts = [torch.empty((0, 2 * vae.config.latent_channels, side, side), device=dist.device)]
+        for x, _ in loader:
+            mean, std = encode_moments(vae, x.to(dist.device))
+            parts.append(torch.cat([mean, std], dim=1).float())
+        local = torch.cat(parts)
+        moments = dist.all_gather_padded(local, per_rank)[:len(keys)]
+        moments = moments.view(len(dataset), 2, *moments.shape[1:])
+        if path and dist.is_main:
+            from .utils import atomic_torch_save
+            atomic_torch_save({"tag": tag, "moments": moments.cpu()}, path)
+        return cls(moments, torch.tensor(dataset.targets))
+
+    def lookup(self, keys):
+        """(moments (b, 2C, h, w), labels (b,)) for a list of (index, flip)."""
+        index = torch.tensor([i for i, _ in keys])
+        flip = torch.tensor([int(f) for _, f in keys])
+        return self.moments[index.to(self.moments.device), flip.to(self.moments.device)], self.labels[index]
+
+
 @dataclass
 class Batch:
     x: torch.Tensor          # (b, C, H, W) images or scaled latents
@@ -169,8 +218,7 @@ class Batch:
 class DiffusionBatches:
     """
     The batches one process sees for steps start..stop-1 of a stream: images (VAE-encoded for latent models,
-    or taken from a latent cache), with their timesteps, noise and label-dropout draws. The randomness of global
-    batch k comes from a generator seeded by (seed, stream, k), so it does not depend on the world size.
+    or taken from a latent cache), with their timesteps, noise and label-dropout draws.
     """
 
     def __init__(self, dataset, stream, global_batch, dist, seed, num_timesteps, dropout_prob=0.0, vae=None,
@@ -200,15 +248,22 @@ class DiffusionBatches:
             yield step, x, y
 
     def _draws(self, step, shape):
-        """This rank's slice of the global batch's t, label drops, diffusion noise and VAE noise."""
-        g = seeded_generator(self.seed, self.stream_id, step)
-        n = self.global_batch
+        """
+        This rank's timesteps, label drops, diffusion noise and VAE noise. Each sample's draws come from a
+        generator seeded by its position in the stream, so they depend neither on the batch size nor on the
+        number of processes.
+        """
         lo, hi = self.shard
-        t = torch.randint(0, self.num_timesteps, (n,), generator=g)[lo:hi]
-        drop = (torch.rand(n, generator=g) < self.dropout_prob).long()[lo:hi]
-        noise = torch.randn((n, *shape), generator=g)[lo:hi]
-        vae_eps = torch.randn((n, *shape), generator=g)[lo:hi] if self.vae is not None else None
-        return t, drop, noise, vae_eps
+        t, drop, noise, vae_eps = [], [], [], []
+        for position in range(step * self.global_batch + lo, step * self.global_batch + hi):
+            g = seeded_generator(self.seed, self.stream_id, position)
+            t.append(torch.randint(0, self.num_timesteps, (), generator=g))
+            drop.append(torch.rand((), generator=g) < self.dropout_prob)
+            noise.append(torch.randn(shape, generator=g))
+            if self.vae is not None:
+                vae_eps.append(torch.randn(shape, generator=g))
+        return (torch.stack(t), torch.stack(drop).long(), torch.stack(noise),
+                torch.stack(vae_eps) if vae_eps else None)
 
     def __iter__(self):
         device = self.dist.device
@@ -224,3 +279,18 @@ class DiffusionBatches:
 
     def __len__(self):
         return self.stop - self.start
+
+
+def forget_latent_cache(args, spec, dataset, vae, dist, logger):
+    """With --cache-latents on a latent model: the forget set's VAE moments, encoded once (and kept in
+    --latent-cache-dir when given, so that generate_fisher.py and forget.py encode them only once)."""
+    if not getattr(args, "cache_latents", False) or vae is None:
+        return None
+    path = None
+    if args.latent_cache_dir:
+        vae_name = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(os.path.normpath(spec.vae)))
+        path = os.path.join(args.latent_cache_dir, f"forget-{args.forget_class}-{spec.image_size}-{vae_name}.pt")
+    cache = LatentCache.build(dataset, vae, dist, batch_size=32, num_workers=args.num_workers, path=path)
+    logger.info(f"Cached the VAE latents of {len(dataset):,} forget images x 2 flips"
+                + (f" ({path})" if path else ""))
+    return cache

@@ -39,6 +39,19 @@ class Dist:
             torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
         return tensor
 
+    def all_gather_padded(self, tensor, rows):
+        """Concatenates every rank's tensor (at most `rows` rows each, same trailing shape) in rank order."""
+        if not self.enabled:
+            return tensor
+        shape = tensor.shape[1:]
+        padded = tensor.new_zeros((rows, *shape))
+        padded[:len(tensor)] = tensor
+        counts = [torch.zeros((), dtype=torch.long, device=tensor.device) for _ in range(self.world_size)]
+        torch_dist.all_gather(counts, torch.tensor(len(tensor), device=tensor.device))
+        gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
+        torch_dist.all_gather(gathered, padded)
+        return torch.cat([g[:int(n)] for g, n in zip(gathered, counts)])
+
     def barrier(self):
         if self.enabled:
             torch_dist.barrier()

@@ -18,12 +18,17 @@ _MAX_CHUNK_ELEMENTS = 1 << 26
 
 
 def _sum_sq_outer(g, a):
-    """sum_i (g_i^T a_i)^2 for g (B, T, out), a (B, T, in): (out, in), chunked over the batch to bound memory."""
-    out = g.new_zeros(g.shape[-1], a.shape[-1], dtype=torch.float32)
-    chunk = max(1, _MAX_CHUNK_ELEMENTS // (g.shape[-1] * a.shape[-1]))
+    """sum_i (g_i^T a_i)^2 for g (B, T, out), a (B, T, in): (out, in)."""
+    out = torch.zeros(g.shape[-1], a.shape[-1], dtype=torch.float32, device=g.device)
+    g, a = g.float(), a.float()
+    if not g.is_cuda:  # on CPUs a loop of matmuls with in-place accumulation beats a batched matmul
+        for g_i, a_i in zip(g, a):
+            per_sample = g_i.t() @ a_i
+            out.addcmul_(per_sample, per_sample)
+        return out
+    chunk = max(1, _MAX_CHUNK_ELEMENTS // (g.shape[-1] * a.shape[-1]))  # bounds the (b, out, in) buffer
     for s in range(0, g.shape[0], chunk):
-        per_sample = torch.bmm(g[s:s + chunk].transpose(1, 2).float(), a[s:s + chunk].float())  # (b, out, in)
-        out += per_sample.square().sum(0)
+        out += torch.bmm(g[s:s + chunk].transpose(1, 2), a[s:s + chunk]).square().sum(0)
     return out
 
 

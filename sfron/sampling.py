@@ -19,6 +19,15 @@ OFFICIAL_SNAPSHOT_CLASSES = [207, 360, 387, 972, 89, 979, 417, 279, 270, 980]
 OFFICIAL_SAMPLE_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
 
 
+def add_sampling_args(parser, cfg_scale):
+    """The official sampling flags (--cfg-scale with the script's official default) and the sampler choice."""
+    parser.add_argument("--cfg-scale", type=float, default=cfg_scale)
+    parser.add_argument("--cfg-all-channels", action="store_true",
+                        help="guide every noise channel (the official code guides the first three)")
+    parser.add_argument("--num-sampling-steps", type=int, default=250)
+    parser.add_argument("--sampler", type=str, choices=["ddpm", "ddim"], default="ddpm")
+
+
 def snapshot_classes(forget_class, num_classes, count=10):
     """The forget class first, then the official snapshot classes that exist, then others, `count` in all."""
     picked = [forget_class]
@@ -92,15 +101,17 @@ def grid_image(images, nrow, padding=2):
     return Image.fromarray((grid.mul(255).add_(0.5).clamp_(0, 255)).permute(1, 2, 0).to(torch.uint8).numpy())
 
 
-def stack_vertically(images, gap=6):
-    """One PIL image with the given images one under the other, separated by white gaps."""
-    width = max(im.width for im in images)
-    height = sum(im.height for im in images) + gap * (len(images) - 1)
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    y = 0
+def side_by_side(images, gap=6, vertical=False):
+    """One PIL image holding the given ones side by side (or one under the other), with white gaps."""
+    if vertical:
+        size = (max(im.width for im in images), sum(im.height for im in images) + gap * (len(images) - 1))
+    else:
+        size = (sum(im.width for im in images) + gap * (len(images) - 1), max(im.height for im in images))
+    canvas = Image.new("RGB", size, (255, 255, 255))
+    offset = 0
     for im in images:
-        canvas.paste(im, (0, y))
-        y += im.height + gap
+        canvas.paste(im, (0, offset) if vertical else (offset, 0))
+        offset += (im.height if vertical else im.width) + gap
     return canvas
 
 

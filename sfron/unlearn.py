@@ -91,7 +91,8 @@ def unlearn_step(model, raw_model, diffusion, opt, forget_batch, remain_batch, *
                  remain_alpha, mask, grad_clip, dist, forget_drop_labels=True, lambd=0.5, relabel=None,
                  autocast_dtype=None):
     """
-    One SFR-on step on a forget and a remain batch; returns the mean forget and remain diffusion losses.
+    One SFR-on step on a forget and a remain batch; returns the mean forget and remain diffusion losses of the
+    global batch.
     model may be DDP-wrapped (raw_model is the module inside, whose parameter names the mask uses).
     """
     if method not in METHODS:
@@ -121,4 +122,6 @@ def unlearn_step(model, raw_model, diffusion, opt, forget_batch, remain_batch, *
             loss = remain_alpha * r_losses.mean() + alpha * forget_objective(f_losses, unlearn_loss, dist, lambd)
         check_finite(losses, "joint", forget_batch.step)
         optimizer_step(loss, params, named, opt, mask, grad_clip)
-    return f_losses.detach().float().mean().item(), r_losses.detach().float().mean().item()
+    means = torch.stack([f_losses.detach().float().mean(), r_losses.detach().float().mean()])
+    f_mean, r_mean = (dist.all_reduce_sum_(means) / dist.world_size).tolist()  # over the global batch
+    return f_mean, r_mean

@@ -23,7 +23,10 @@ def run_main(main, args):
     try:
         main(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        message = str(e)
+        if "Original Traceback" in message:  # re-raised from a DataLoader worker: keep the worker's own line
+            message = message.strip().splitlines()[-1].split("UserError: ", 1)[-1]
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -38,8 +41,11 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def atomic_write(path, write_fn):
-    """Calls write_fn(file object) on a temporary file beside `path`, then renames it over `path`."""
+def atomic_write(path, write_fn, durable=True):
+    """
+    Calls write_fn(file object) on a temporary file beside `path`, then renames it over `path`: readers see the
+    old file or the whole new one, never a part. durable=False skips the fsync (for many small files).
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
@@ -47,7 +53,8 @@ def atomic_write(path, write_fn):
         with os.fdopen(fd, "wb") as f:
             write_fn(f)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
@@ -66,9 +73,9 @@ def atomic_json_dump(obj, path):
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
-def atomic_save_image(image, path):
+def atomic_save_image(image, path, durable=True):
     """Saves a PIL image as PNG, atomically."""
-    atomic_write(path, lambda f: image.save(f, format="PNG"))
+    atomic_write(path, lambda f: image.save(f, format="PNG"), durable)
 
 
 def safe_torch_load(path, what="file"):
@@ -135,6 +142,13 @@ def start_experiment(dist, results_dir, suffix):
         os.makedirs(path)
     path = dist.broadcast_object(path)
     return path, create_logger(path, dist.rank)
+
+
+@torch.no_grad()
+def update_ema(ema_model, model, decay):
+    """Steps the EMA weights towards the model's: ema = decay * ema + (1 - decay) * model."""
+    for ema_p, p in zip(ema_model.parameters(), model.parameters()):
+        ema_p.mul_(decay).add_(p.detach(), alpha=1 - decay)
 
 
 def seeded_generator(*keys):

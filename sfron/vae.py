@@ -42,8 +42,13 @@ def latent_channels(vae):
 @torch.no_grad()
 def encode_moments(vae, x):
     """Mean and std (N, C, h, w) each of the VAE posterior for images x in [-1, 1], already scaled."""
-    dist = vae.encode(x).latent_dist
-    return dist.mean * LATENT_SCALE, dist.std * LATENT_SCALE
+    # On CPUs the encoder's large activations make batches slower per image than one image at a time
+    # (measured: 1.98 s vs 1.69 s per 256x256 image on 2 cores), so there it encodes image by image.
+    chunks = x.split(1) if x.device.type == "cpu" else (x,)
+    moments = [vae.encode(chunk).latent_dist for chunk in chunks]
+    mean = torch.cat([m.mean for m in moments])
+    std = torch.cat([m.std for m in moments])
+    return mean * LATENT_SCALE, std * LATENT_SCALE
 
 
 def sample_latents(mean, std, eps):

@@ -1,0 +1,148 @@
+"""
+The whole SFR-on pipeline on the embedded digits case, on a CPU in minutes: the shipped digits DiT forgets
+digit 0 with the seed README's commands (generate_fisher.py, generate_mask.py, forget.py --method ron), then
+the original, the unlearned and the retrained-without-0 models are sampled and evaluated with the shipped
+digits classifier. Writes <out>/report.json, <out>/report.md, <out>/samples.png (original | unlearned |
+retrained, from the same noise) and <out>/losses.png.
+"""
+import argparse
+import io
+import json
+import os
+import shlex
+import time
+
+import evaluate
+import forget
+import generate_fisher
+import generate_mask
+import prepare_digits
+import sample
+import sample_ddp
+from sfron.utils import UserError, atomic_json_dump, atomic_write, run_main
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+DIGITS_DIT = os.path.join(ASSETS, "digits_dit.pt")
+DIGITS_RETRAINED = os.path.join(ASSETS, "digits_dit_without_0.pt")
+DIGITS_CLASSIFIER = os.path.join(ASSETS, "digits_classifier.pt")
+FORGET_CLASS = 0  # the class the shipped retrained model never saw
+
+
+def step(script, argv):
+    """Prints the equivalent shell command, then runs the script's main() in this process."""
+    print(f"\n$ python {script.__name__}.py {' '.join(shlex.quote(str(a)) for a in argv)}", flush=True)
+    script.main(script.parse_args([str(a) for a in argv]))
+
+
+def sample_npz(ckpt, name, args):
+    """Evaluation samples of every digit from one model; returns the .npz path."""
+    sample_dir = os.path.join(args.out, "samples", name)
+    step(sample_ddp, ["--model", "DiT-T/2", "--ckpt", ckpt, "--sampler", "ddim", "--num-sampling-steps",
+                      args.sampling_steps, "--cfg-scale", args.cfg_scale, "--samples-per-class", args.samples_per_class,
+                      "--per-proc-batch-size", 10 * args.samples_per_class, "--sample-dir", sample_dir])
+    (npz,) = [os.path.join(sample_dir, f) for f in os.listdir(sample_dir) if f.endswith(".npz")]
+    return npz
+
+
+def plot_losses(losses_json, path):
+    """Forget and remain diffusion losses over the unlearning steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = json.load(open(losses_json))["losses"]
+    steps, forget_loss, remain_loss = zip(*rows)
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot(steps, forget_loss, label=f"forget (digit {FORGET_CLASS})")
+    ax.plot(steps, remain_loss, label="remain (other digits)")
+    ax.set_xlabel("unlearning step")
+    ax.set_ylabel("diffusion loss (MSE + VB)")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
+def common_flags(args):
+    """The flags the three steps share (the seed README's)."""
+    return ["--model", "DiT-T/2", "--data-path", args.data_path, "--batch-size", args.batch_size, "--ckpt",
+            DIGITS_DIT, "--num-workers", 0]
+
+
+def fisher_and_masks(args, mask_path, results):
+    """Steps 1 and 2: the Fisher diagonals and the saliency masks (and the digits folder if missing)."""
+    for path in (DIGITS_DIT, DIGITS_RETRAINED, DIGITS_CLASSIFIER):
+        if not os.path.isfile(path):
+            raise UserError(f"missing shipped file {path}: see 'The embedded digits case' in the README")
+    if not os.path.isdir(os.path.join(args.data_path, "train")):
+        step(prepare_digits, ["--out", args.data_path])
+    step(generate_fisher, common_flags(args) + ["--n-iters", args.fisher_iters, "--forget-class", FORGET_CLASS,
+                                                "--mask-path", mask_path, "--results-dir", results])
+    step(generate_mask, ["--mask-path", mask_path, "--forget-class", FORGET_CLASS, "--thresholds", *args.thresholds])
+
+
+def unlearn(args, mask_path, results, seed=0):
+    """Step 3, SFR-on with the seed README's flags; returns the run folder."""
+    step(forget, common_flags(args) + [
+        "--n-iters", args.forget_iters, "--snapshot-every", 50, "--lr", args.lr, "--forget-class", FORGET_CLASS,
+        "--method", "ron", "--unlearn-loss", "ga", "--forget-alpha", args.forget_alpha, "--decay-forget-alpha",
+        "--remain-alpha", 1.0, "--mask-path", mask_path, "--threshold", args.threshold, "--results-dir", results,
+        "--log-every", 25, "--seed", seed, "--ema-decay", args.ema_decay,
+        "--forget-label-dropout" if args.forget_label_dropout else "--no-forget-label-dropout"])
+    run = max((d for d in os.listdir(results) if "-forget-" in d), key=lambda d: int(d.split("-")[0]))
+    return os.path.join(results, run)
+
+
+def main(args):
+    """Runs the pipeline and writes the report."""
+    start = time.time()
+    os.makedirs(args.out, exist_ok=True)
+    mask_path, results = os.path.join(args.out, "mask"), os.path.join(args.out, "results")
+    fisher_and_masks(args, mask_path, results)
+    run = unlearn(args, mask_path, results)
+    models = {"original": DIGITS_DIT, "unlearned": os.path.join(run, "checkpoints", f"{args.forget_iters:07d}.pt"),
+              "retrained": DIGITS_RETRAINED}
+    npz = {name: sample_npz(ckpt, name, args) for name, ckpt in models.items()}
+    report_path = os.path.join(args.out, "report.json")
+    step(evaluate, ["--samples", *npz.values(), "--names", *npz.keys(), "--forget-class", FORGET_CLASS,
+                    "--classifier", "digits", "--classifier-weights", DIGITS_CLASSIFIER, "--data-path",
+                    args.data_path, "--fid-features", "classifier", "--fid-cache", os.path.join(args.out, "fid_cache"),
+                    "--out", report_path])
+    step(sample, ["--model", "DiT-T/2", "--ckpt", *models.values(), "--sampler", "ddim", "--num-sampling-steps",
+                  args.sampling_steps, "--cfg-scale", args.cfg_scale, "--class-labels", *range(10), "--nrow", 5,
+                  "--min-side", 96, "--out", os.path.join(args.out, "samples.png")])
+    plot_losses(os.path.join(run, "losses.json"), os.path.join(args.out, "losses.png"))
+
+    report = json.load(open(report_path))
+    report["about"].update(forget_run=run, seconds=round(time.time() - start, 1),
+                           figure="samples.png: original | unlearned | retrained, digits 0-9, same noise")
+    atomic_json_dump(report, report_path)
+    print(f"\nDigit {FORGET_CLASS} forgotten in {report['about']['seconds']} s; FID in the digits classifier's "
+          f"feature space. Results in {args.out}/")
+
+
+def parse_args(argv=None):
+    """The command line (argv: a list of arguments instead of sys.argv)."""
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--out", type=str, default="demo_results")
+    parser.add_argument("--data-path", type=str, default="data/digits")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--fisher-iters", type=int, default=8)
+    parser.add_argument("--thresholds", type=str, nargs="+", default=["0.5", "1", "3", "5", "10"])
+    parser.add_argument("--threshold", type=float, default=1.0)
+    parser.add_argument("--forget-iters", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=1.5e-4)
+    parser.add_argument("--forget-alpha", type=float, default=1.0)
+    parser.add_argument("--ema-decay", type=float, default=0.0)
+    parser.add_argument("--forget-label-dropout", action=argparse.BooleanOptionalAction, default=False,
+                        help="forget.py's switch: label dropout on the forget step too (official) or not")
+    parser.add_argument("--samples-per-class", type=int, default=100)
+    parser.add_argument("--sampling-steps", type=int, default=25)
+    parser.add_argument("--cfg-scale", type=float, default=2.0)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    run_main(main, parse_args())

@@ -1,0 +1,89 @@
+"""
+The classifiers that judge generated images (SPEC section 5): a torchvision ImageNet model read from a local
+weights file, or the small CNN of the embedded digits case. Both take images in [-1, 1] and return logits;
+`features` gives the penultimate activations (the digits FID is computed in that space).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .utils import UserError, safe_torch_load
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DigitsClassifier(nn.Module):
+    """A three-layer CNN for 8x8 digits, (N, 3, 8, 8) in [-1, 1] -> (N, num_classes) logits."""
+
+    def __init__(self, num_classes=10, width=32, feature_dim=128):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.conv3 = nn.Conv2d(2 * width, 4 * width, 3, padding=1)
+        self.fc = nn.Linear(4 * width * 2 * 2, feature_dim)
+        self.head = nn.Linear(feature_dim, num_classes)
+        self.input_size = 8
+
+    def features(self, x):
+        """Penultimate activations (N, feature_dim)."""
+        if x.shape[-1] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True,
+                              align_corners=False)
+        x = F.relu(self.conv1(x))                            # (N, w, 8, 8)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)           # (N, 2w, 4, 4)
+        x = F.max_pool2d(F.relu(self.conv3(x)), 2)           # (N, 4w, 2, 2)
+        return F.relu(self.fc(x.flatten(1)))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class TorchvisionClassifier(nn.Module):
+    """A torchvision ImageNet classifier on images in [-1, 1]: resized to 224 and normalised as it expects."""
+
+    def __init__(self, net, resolution=224):
+        super().__init__()
+        self.net = net
+        self.resolution = resolution
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def _prepare(self, x):
+        x = (x.clamp(-1, 1) + 1) / 2
+        if x.shape[-1] != self.resolution or x.shape[-2] != self.resolution:
+            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", antialias=True,
+                              align_corners=False)
+        return (x - self.mean) / self.std
+
+    def forward(self, x):
+        return self.net(self._prepare(x))
+
+
+def load_classifier(kind, weights_path, num_classes):
+    """'digits' (this repository's CNN) or a torchvision model name, with weights from a local file."""
+    if not weights_path:
+        raise UserError(f"--classifier {kind} needs --classifier-weights: a local weights file (nothing is downloaded)")
+    state = safe_torch_load(weights_path, what="classifier weights")
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if kind == "digits":
+        model = DigitsClassifier(num_classes=num_classes)
+    else:
+        import torchvision
+        if kind not in torchvision.models.list_models(module=torchvision.models):
+            raise UserError(f"--classifier {kind}: not 'digits' nor a torchvision classification model")
+        net = torchvision.models.get_model(kind, weights=None, num_classes=num_classes)
+        _load_into(net, state, weights_path, kind)
+        return TorchvisionClassifier(net).eval()
+    _load_into(model, state, weights_path, kind)
+    return model.eval()
+
+
+def _load_into(model, state, path, kind):
+    """load_state_dict(strict=True), with one clear line when the weights do not fit."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"classifier weights {path} do not fit {kind}: {first}") from None

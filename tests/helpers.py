@@ -1,0 +1,65 @@
+"""Small data, models and a script runner for the tests."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models import DiT_models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_image_folder(root, num_classes=3, per_class=6, size=(10, 12), seed=0):
+    """<root>/train/class<k>/<i>.png: RGB images whose brightness depends on the class."""
+    rng = np.random.default_rng(seed)
+    for c in range(num_classes):
+        folder = os.path.join(root, "train", f"class{c}")
+        os.makedirs(folder, exist_ok=True)
+        for i in range(per_class):
+            pixels = (rng.random((*size, 3)) * 60 + c * 255 / max(num_classes, 2)).clip(0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(os.path.join(folder, f"{i}.png"))
+    return root
+
+
+def make_checkpoint(path, model="DiT-T/2", input_size=8, in_channels=3, num_classes=3, seed=0, scale=0.05):
+    """A random-weight DiT state dict (every trainable weight N(0, scale^2), so gradients are not all zero)."""
+    torch.manual_seed(seed)
+    net = DiT_models[model](input_size=input_size, in_channels=in_channels, num_classes=num_classes)
+    for p in net.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, scale)
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def make_vae_folder(folder):
+    """A tiny diffusers AutoencoderKL with the SD-VAE layout (4 latent channels, 8x downsampling)."""
+    from diffusers.models import AutoencoderKL
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4, layers_per_block=1,
+                        block_out_channels=(8, 8, 8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    vae.save_pretrained(folder)
+    return folder
+
+
+def run_script(script, *args, cwd, nproc=None, timeout=600, check=True):
+    """Runs a top-level script (under torchrun with nproc processes if given); returns the CompletedProcess."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               os.path.join(ROOT, script)]
+    else:
+        cmd = [sys.executable, os.path.join(ROOT, script)]
+    proc = subprocess.run(cmd + [str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def experiment_dirs(results):
+    return sorted(os.path.join(results, d) for d in os.listdir(results))

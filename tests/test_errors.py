@@ -1,0 +1,104 @@
+"""SPEC section 7: each bad input gets one clear line, a non-zero exit and no partial file."""
+import os
+
+import pytest
+import torch
+
+from helpers import make_checkpoint, make_image_folder, run_script
+
+
+def all_files(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.strip().splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and proc.stderr.strip().endswith(errors[0]), proc.stderr  # progress bars may precede it
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("errors")
+    make_image_folder(root / "data", num_classes=3, per_class=2)
+    make_checkpoint(root / "tiny.pt", num_classes=3)
+    return root
+
+
+def fisher(setup, *args, data=None, ckpt=None, cls=1, model="DiT-T/2"):
+    return run_script("generate_fisher.py", "--model", model, "--data-path", data or setup / "data", "--ckpt",
+                      ckpt or setup / "tiny.pt", "--n-iters", 2, "--forget-class", cls, "--num-workers", 0,
+                      "--mask-path", setup / "mask", "--results-dir", setup / "results", *args, cwd=setup,
+                      check=False)
+
+
+def test_missing_and_empty_data_folders(setup):
+    assert_one_line_error(fisher(setup, data=setup / "nowhere"), "does not exist")
+    os.makedirs(setup / "no_train")
+    assert_one_line_error(fisher(setup, data=setup / "no_train"), "no train/ folder")
+    os.makedirs(setup / "no_classes" / "train")
+    assert_one_line_error(fisher(setup, data=setup / "no_classes"), "no class folders")
+    os.makedirs(setup / "empty_class" / "train" / "a")
+    make_image_folder(setup / "empty_class", num_classes=1, per_class=1)
+    assert_one_line_error(fisher(setup, data=setup / "empty_class", cls=0), "holds no images")
+
+
+def test_forget_class_outside_the_data_or_the_model(setup):
+    assert_one_line_error(fisher(setup, cls=3), "--forget-class 3 is outside the 3 classes")
+    assert_one_line_error(fisher(setup, cls=-1), "--forget-class -1")
+    make_checkpoint(setup / "two_classes.pt", num_classes=2)
+    assert_one_line_error(fisher(setup, ckpt=setup / "two_classes.pt"), "3 class folders but the model has 2")
+
+
+def test_checkpoint_that_does_not_fit(setup):
+    make_checkpoint(setup / "other.pt", num_classes=3, input_size=16)
+    assert_one_line_error(fisher(setup, "--image-size", 8, ckpt=setup / "other.pt"), "does not fit", "pos_embed")
+    (setup / "junk.pt").write_bytes(b"\x00" * 100)
+    assert_one_line_error(fisher(setup, ckpt=setup / "junk.pt"), "junk.pt")
+
+
+def test_corrupt_image_in_a_worker_process(setup):
+    make_image_folder(setup / "corrupt", num_classes=2, per_class=2)
+    (setup / "corrupt" / "train" / "class1" / "broken.png").write_bytes(b"this is no png")
+    proc = fisher(setup, "--num-workers", "2", "--n-iters", 3, data=setup / "corrupt", ckpt=setup / "two_classes.pt")
+    assert_one_line_error(proc, "cannot read image", "broken.png")
+
+
+def test_mask_of_another_model(setup):
+    other = {"blocks.0.attn.qkv.weight": torch.ones(3, 3, dtype=torch.bool)}
+    torch.save(other, setup / "other_mask.pt")
+    proc = run_script("forget.py", "--model", "DiT-T/2", "--data-path", setup / "data", "--ckpt", setup / "tiny.pt",
+                      "--forget-class", 1, "--n-iters", 2, "--mask-path", setup / "other_mask.pt", "--results-dir",
+                      setup / "results", "--num-workers", 0, cwd=setup, check=False)
+    assert_one_line_error(proc, "is for another model")
+    proc = run_script("forget.py", "--model", "DiT-T/2", "--data-path", setup / "data", "--ckpt", setup / "tiny.pt",
+                      "--forget-class", 1, "--n-iters", 2, "--mask-path", setup / "nomask", "--results-dir",
+                      setup / "results", "--num-workers", 0, cwd=setup, check=False)
+    assert_one_line_error(proc, "neither a mask file nor a mask folder")
+
+
+def test_non_finite_losses_stop_cleanly_and_keep_the_last_good_checkpoint(setup):
+    nan = torch.load(setup / "tiny.pt", weights_only=True)
+    nan["final_layer.linear.bias"][0] = float("nan")
+    torch.save(nan, setup / "nan.pt")
+    assert_one_line_error(fisher(setup, "--mask-path", setup / "nan_mask", ckpt=setup / "nan.pt"), "non-finite")
+    assert not os.path.exists(setup / "nan_mask")
+    # a learning rate large enough to blow gradient ascent up after a few steps
+    results = setup / "blowup"
+    proc = run_script("forget.py", "--model", "DiT-T/2", "--data-path", setup / "data", "--ckpt", setup / "tiny.pt",
+                      "--forget-class", 1, "--n-iters", 40, "--lr", "0.3", "--forget-alpha", 1, "--batch-size", 2,
+                      "--ckpt-every", 1, "--snapshot-every", 0, "--results-dir", results, "--num-workers", 0,
+                      cwd=setup, check=False)
+    assert_one_line_error(proc, "non-finite", "lower --lr")
+    (run,) = os.listdir(results)
+    for name in os.listdir(results / run / "checkpoints"):
+        state = torch.load(results / run / "checkpoints" / name, weights_only=True)["model"]
+        assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_no_temporary_files_are_left_behind(setup):
+    leftovers = [f for f in all_files(setup) if f.endswith(".tmp")]
+    assert leftovers == []

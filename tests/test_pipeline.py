@@ -1,0 +1,187 @@
+"""The seed README's three commands end to end, and the invariances the pipeline promises."""
+import os
+
+import pytest
+import torch
+
+from download import find_model
+from models import DiT_models
+from helpers import experiment_dirs, make_checkpoint, make_image_folder, make_vae_folder, run_script
+from sfron.mask import saliency_mask
+
+
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    make_image_folder(root / "data", num_classes=3, per_class=6)
+    make_checkpoint(root / "tiny.pt", num_classes=3)
+    return root
+
+
+def fisher_args(workdir, bz, iters, mask, *extra):
+    return ("--model", "DiT-T/2", "--data-path", workdir / "data", "--batch-size", bz, "--ckpt", workdir / "tiny.pt",
+            "--n-iters", iters, "--forget-class", 1, "--mask-path", mask, "--results-dir", workdir / "results",
+            "--num-workers", 0, *extra)
+
+
+def test_seed_commands_on_a_pixel_space_dit(workdir):
+    """generate_fisher.py, generate_mask.py, forget.py exactly as in the seed README (paths, model, iters aside)."""
+    mask = workdir / "mask"
+    run_script("generate_fisher.py", "--model", "DiT-T/2", "--data-path", workdir / "data", "--batch-size", 2,
+               "--ckpt", workdir / "tiny.pt", "--n-iters", 3, "--forget-class", 1, "--mask-path", mask, cwd=workdir)
+    forget_fisher, remain_fisher = load(mask / "1" / "forget_fisher.pt"), load(mask / "1" / "remain_fisher.pt")
+    model = DiT_models["DiT-T/2"](input_size=8, in_channels=3, num_classes=3)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(forget_fisher) == set(remain_fisher) == trainable
+    assert all(v.dtype == torch.float32 and (v >= 0).all() for v in forget_fisher.values())
+    assert sum(v.sum() for v in forget_fisher.values()) > 0
+
+    proc = run_script("generate_mask.py", "--mask-path", mask, "--forget-class", 1, "--thresholds", "0.5", "1", "3",
+                      "5", "10", cwd=workdir)
+    assert proc.stdout.count("sparsity") == 5
+    for th in ("0.5", "1.0", "3.0", "5.0", "10.0"):
+        assert (mask / "1" / f"fisher_{th}.pt").is_file()
+
+    run_script("forget.py", "--model", "DiT-T/2", "--data-path", workdir / "data", "--batch-size", 2, "--ckpt",
+               workdir / "tiny.pt", "--n-iters", 50, "--snapshot-every", 50, "--lr", "1e-4", "--forget-class", 1,
+               "--method", "ron", "--unlearn-loss", "ga", "--forget-alpha", "1e-3", "--decay-forget-alpha",
+               "--remain-alpha", "1.0", "--mask-path", mask, cwd=workdir)
+    (run,) = [d for d in experiment_dirs(workdir / "results") if "-forget-1-ron-ga-lr0.0001-f0.001-r1.0" in d]
+    assert os.path.basename(run).startswith("001-DiT-T-2-forget-1")
+    files = sorted(os.listdir(os.path.join(run, "checkpoints")))
+    assert files == ["0000000_sample.png", "0000050.pt", "0000050_sample.png"]
+    log = open(os.path.join(run, "log.txt")).read()
+    assert "fisher_1.0.pt" in log and "(step=0000050)" in log
+    # the official loader's reading of the checkpoint ("ema" first) is the unlearned model
+    unlearned, original = find_model(os.path.join(run, "checkpoints", "0000050.pt")), load(workdir / "tiny.pt")
+    ckpt = load(os.path.join(run, "checkpoints", "0000050.pt"))
+    assert all(torch.equal(ckpt["ema"][k], ckpt["model"][k]) for k in ckpt["model"])
+    assert max((unlearned[k] - original[k]).abs().max() for k in original) > 1e-4
+
+
+def test_seed_commands_on_dit_s8_with_a_local_vae(tmp_path):
+    make_image_folder(tmp_path / "data", num_classes=3, per_class=3)
+    make_checkpoint(tmp_path / "s8.pt", model="DiT-S/8", input_size=32, in_channels=4, num_classes=1000)
+    vae = make_vae_folder(tmp_path / "vae")
+    common = ("--model", "DiT-S/8", "--data-path", tmp_path / "data", "--batch-size", 2, "--ckpt", tmp_path / "s8.pt",
+              "--vae", vae)
+    run_script("generate_fisher.py", *common, "--n-iters", 2, "--forget-class", 2, "--mask-path", tmp_path / "mask",
+               cwd=tmp_path)
+    run_script("generate_mask.py", "--mask-path", tmp_path / "mask", "--forget-class", 2, "--thresholds", "1",
+               cwd=tmp_path)
+    run_script("forget.py", *common, "--n-iters", 2, "--snapshot-every", 50, "--lr", "1e-4", "--forget-class", 2,
+               "--method", "ron", "--unlearn-loss", "ga", "--forget-alpha", "1e-3", "--decay-forget-alpha",
+               "--remain-alpha", "1.0", "--mask-path", tmp_path / "mask", "--snapshot-steps", 5, cwd=tmp_path)
+    (run,) = experiment_dirs(tmp_path / "results")[1:]
+    assert "256x256, 1000 classes, latent space" in open(os.path.join(run, "log.txt")).read()
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["0000000_sample.png", "0000002.pt"]
+
+
+def test_fisher_is_the_same_at_any_batch_size(workdir):
+    """6 samples as 6 x 1, 3 x 2 and 2 x 3: the same per-sample draws, the same Fisher."""
+    results = []
+    for bz, iters in ((1, 6), (2, 3), (3, 2)):
+        mask = workdir / f"mask_bz{bz}"
+        run_script("generate_fisher.py", *fisher_args(workdir, bz, iters, mask), cwd=workdir)
+        results.append(load(mask / "1" / "forget_fisher.pt"))
+    for other in results[1:]:
+        for k in results[0]:
+            torch.testing.assert_close(other[k], results[0][k], rtol=1e-4, atol=1e-12)
+
+
+def test_fisher_under_torchrun_equals_one_process(workdir):
+    run_script("generate_fisher.py", *fisher_args(workdir, 2, 3, workdir / "mask_np1"), cwd=workdir)
+    run_script("generate_fisher.py", *fisher_args(workdir, 2, 3, workdir / "mask_np2"), cwd=workdir, nproc=2)
+    for name in ("forget_fisher.pt", "remain_fisher.pt"):
+        one, two = load(workdir / "mask_np1" / "1" / name), load(workdir / "mask_np2" / "1" / name)
+        for k in one:
+            torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-12)
+
+
+def test_generate_mask_is_the_threshold_rule(tmp_path):
+    folder = tmp_path / "m" / "4"
+    folder.mkdir(parents=True)
+    ff = {"a": torch.tensor([0.0, 1.0, 2.0, 6.0]), "b": torch.tensor([[1e-20, 3.0]])}
+    rf = {"a": torch.tensor([0.0, 2.0, 1.0, 2.0]), "b": torch.tensor([[0.0, 1.0]])}
+    torch.save(ff, folder / "forget_fisher.pt")
+    torch.save(rf, folder / "remain_fisher.pt")
+    proc = run_script("generate_mask.py", "--mask-path", tmp_path / "m", "--forget-class", 4, "--thresholds", "1",
+                      "3", cwd=tmp_path)
+    m1, m3 = load(folder / "fisher_1.0.pt"), load(folder / "fisher_3.0.pt")
+    # (f + 1e-15) / (r + 1e-15): 0/0 -> 1, 1/2, 2, 3, ~1.01, 3
+    assert m1["a"].tolist() == [True, False, True, True] and m1["b"].tolist() == [[True, True]]
+    assert m3["a"].tolist() == [False, False, False, True] and m3["b"].tolist() == [[False, True]]
+    assert m1["a"].dtype == torch.bool
+    assert "sparsity 16.67%" in proc.stdout and "sparsity 66.67%" in proc.stdout
+    torch.testing.assert_close(saliency_mask(ff, rf, 3.0)["a"], m3["a"])
+
+
+def test_resumed_run_ends_where_an_uninterrupted_one_does(workdir):
+    args = ("--model", "DiT-T/2", "--data-path", workdir / "data", "--batch-size", 2, "--ckpt", workdir / "tiny.pt",
+            "--n-iters", 6, "--ckpt-every", 3, "--snapshot-every", 0, "--forget-class", 0, "--forget-alpha", "0.1",
+            "--decay-forget-alpha", "--unlearn-loss", "adaga", "--results-dir", workdir / "resume", "--num-workers", 0)
+    run_script("forget.py", *args, cwd=workdir)
+    (full,) = experiment_dirs(workdir / "resume")
+    interrupted = full + "-interrupted"
+    os.makedirs(os.path.join(interrupted, "checkpoints"))
+    os.link(os.path.join(full, "checkpoints", "0000003.pt"), os.path.join(interrupted, "checkpoints", "0000003.pt"))
+    proc = run_script("forget.py", *args, "--resume", interrupted, cwd=workdir)
+    assert "from step 3" in proc.stdout
+    a = load(os.path.join(full, "checkpoints", "0000006.pt"))
+    b = load(os.path.join(interrupted, "checkpoints", "0000006.pt"))
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=0, atol=0)
+    assert a["losses"] == b["losses"] and len(a["losses"]) == 6
+    bad = run_script("forget.py", *args, "--lr", "1e-3", "--resume", interrupted, cwd=workdir, check=False)
+    assert bad.returncode == 1 and "--lr" in bad.stderr
+
+
+def test_cached_latents_give_the_same_fisher(tmp_path):
+    make_image_folder(tmp_path / "data", num_classes=3, per_class=3, size=(70, 80))
+    make_checkpoint(tmp_path / "latent.pt", input_size=8, in_channels=4, num_classes=3)
+    vae = make_vae_folder(tmp_path / "vae")
+    common = ("--model", "DiT-T/2", "--data-path", tmp_path / "data", "--batch-size", 2, "--ckpt",
+              tmp_path / "latent.pt", "--vae", vae, "--n-iters", 4, "--forget-class", 1, "--num-workers", 0,
+              "--results-dir", tmp_path / "results")
+    run_script("generate_fisher.py", *common, "--mask-path", tmp_path / "plain", cwd=tmp_path)
+    proc = run_script("generate_fisher.py", *common, "--mask-path", tmp_path / "cached", "--cache-latents",
+                      "--latent-cache-dir", tmp_path / "latents", cwd=tmp_path)
+    assert "Cached the VAE latents of 3 forget images x 2 flips" in proc.stdout
+    assert os.listdir(tmp_path / "latents") == ["forget-1-64-vae.pt"]
+    plain, cached = load(tmp_path / "plain" / "1" / "forget_fisher.pt"), load(tmp_path / "cached" / "1" / "forget_fisher.pt")
+    for k in plain:
+        torch.testing.assert_close(cached[k], plain[k], rtol=1e-3, atol=1e-12)
+
+
+def test_ema_option_and_stale_ema_refused(workdir):
+    args = ("--model", "DiT-T/2", "--data-path", workdir / "data", "--batch-size", 2, "--ckpt", workdir / "tiny.pt",
+            "--n-iters", 4, "--snapshot-every", 0, "--forget-class", 1, "--results-dir", workdir / "ema",
+            "--num-workers", 0)
+    stale = run_script("forget.py", *args, "--ema-decay", "0.9999", cwd=workdir, check=False)
+    assert stale.returncode == 1 and "of the original weights" in stale.stderr
+    run_script("forget.py", *args, "--ema-decay", "0.2", cwd=workdir)
+    (run,) = experiment_dirs(workdir / "ema")
+    ckpt = load(os.path.join(run, "checkpoints", "0000004.pt"))
+    diff = max((ckpt["ema"][k] - ckpt["model"][k]).abs().max() for k in ckpt["model"])
+    assert diff > 0  # the EMA differs from the last weights, and the loader returns it
+    assert torch.equal(find_model(os.path.join(run, "checkpoints", "0000004.pt"))["final_layer.linear.weight"],
+                       ckpt["ema"]["final_layer.linear.weight"])
+
+
+def test_forget_under_torchrun_follows_the_one_process_run(workdir):
+    """DDP on gloo: each process takes half of every batch; the run is the same as on one process."""
+    args = ("--model", "DiT-T/2", "--data-path", workdir / "data", "--batch-size", 4, "--ckpt", workdir / "tiny.pt",
+            "--n-iters", 4, "--snapshot-every", 0, "--forget-class", 2, "--unlearn-loss", "adaga", "--num-workers", 0)
+    run_script("forget.py", *args, "--results-dir", workdir / "ddp1", cwd=workdir)
+    proc = run_script("forget.py", *args, "--results-dir", workdir / "ddp2", cwd=workdir, nproc=2)
+    assert "on 2 process(es)" in proc.stdout
+    (one,), (two,) = experiment_dirs(workdir / "ddp1"), experiment_dirs(workdir / "ddp2")
+    a = load(os.path.join(one, "checkpoints", "0000004.pt"))
+    b = load(os.path.join(two, "checkpoints", "0000004.pt"))
+    torch.testing.assert_close(torch.tensor(b["losses"]), torch.tensor(a["losses"]), rtol=1e-4, atol=1e-6)
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=0, atol=2e-3)

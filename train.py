@@ -1,0 +1,127 @@
+"""
+Trains a class-conditional DiT on an ImageNet-style folder, in the manner of the official train.py (AdamW at
+a constant learning rate, an EMA of the weights, label dropout for guidance). --exclude-class leaves one class
+out: the model retrained without the forget class, the gold standard of unlearning. Used for the embedded
+digits models; runs on one CPU or GPU, or under torchrun / srun (DDP).
+"""
+import argparse
+import os
+import time
+from copy import deepcopy
+from dataclasses import asdict
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from diffusion import create_diffusion
+from sfron.build import ModelSpec, autocast_dtype, build_dit
+from sfron.data import DiffusionBatches, ImageSet, find_class_folders, list_images
+from sfron.dist import cleanup, init_distributed
+from sfron.fisher import diffusion_loss
+from sfron.unlearn import check_finite
+from sfron.utils import UserError, atomic_torch_save, run_main, start_experiment, update_ema
+from sfron.vae import latent_channels, load_vae
+from models import DiT_models
+
+
+def training_set(args, num_classes):
+    """The images of every class folder but --exclude-class, labelled by sorted folder position."""
+    root, classes = find_class_folders(args.data_path)
+    if len(classes) > num_classes:
+        raise UserError(f"{root} has {len(classes)} class folders but --num-classes is {num_classes}")
+    if args.exclude_class is not None and not 0 <= args.exclude_class < len(classes):
+        raise UserError(f"--exclude-class {args.exclude_class} is outside the {len(classes)} classes of {root}")
+    keep = [i for i in range(len(classes)) if i != args.exclude_class]
+    return ImageSet(list_images(root, classes, keep), args.image_size, classes)
+
+
+def main(args):
+    """Trains the DiT and writes results/NNN-<model>/checkpoints/NNNNNNN.pt."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    dist = init_distributed()
+    try:
+        torch.manual_seed(args.global_seed)
+        suffix = args.model.replace("/", "-") + (f"-without-{args.exclude_class}" if args.exclude_class is not None else "")
+        experiment_dir, logger = start_experiment(dist, args.results_dir, suffix)
+        checkpoint_dir = os.path.join(experiment_dir, "checkpoints")
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        spec = ModelSpec(model=args.model, image_size=args.image_size, num_classes=args.num_classes, vae=args.vae,
+                         random_flip=args.random_flip)
+        if args.model not in DiT_models:
+            raise UserError(f"unknown --model {args.model}")
+        vae = load_vae(spec.vae, dist.device)
+        model = build_dit(spec, in_channels=3 if vae is None else latent_channels(vae)).to(dist.device)
+        ema = deepcopy(model).requires_grad_(False).eval()
+        logger.info(f"{spec.describe()}: {sum(p.numel() for p in model.parameters()):,} parameters")
+        dataset = training_set(args, args.num_classes)
+        logger.info(f"Training on {len(dataset):,} images of {args.data_path}"
+                    + (f" without class {args.exclude_class}" if args.exclude_class is not None else ""))
+
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
+        ddp = DDP(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None) if dist.enabled else model
+        model.train()
+        diffusion = create_diffusion(timestep_respacing="")
+        steps = args.max_steps or args.epochs * (len(dataset) // args.global_batch_size)
+        batches = DiffusionBatches(dataset, "train", args.global_batch_size, dist, args.global_seed,
+                                   diffusion.num_timesteps, dropout_prob=model.y_embedder.dropout_prob, vae=vae,
+                                   num_workers=args.num_workers, start=0, stop=steps, random_flip=args.random_flip)
+        logger.info(f"Training for {steps} steps of {args.global_batch_size} images")
+        running, log_steps, start_time = 0.0, 0, time.time()
+        for batch in batches:
+            with torch.autocast(dist.device.type, dtype=autocast_dtype(args.precision),
+                                enabled=args.precision == "bf16"):
+                losses = diffusion_loss(ddp, diffusion, batch, force_drop_ids=batch.drop)
+            check_finite(losses, "training", batch.step)
+            opt.zero_grad(set_to_none=True)
+            losses.mean().backward()
+            opt.step()
+            update_ema(ema, model, args.ema_decay)
+            running += losses.detach().mean().item()
+            log_steps += 1
+            train_steps = batch.step + 1
+            if train_steps % args.log_every == 0:
+                logger.info(f"(step={train_steps:07d}) Train Loss: {running / log_steps:.4f}, "
+                            f"Train Steps/Sec: {log_steps / (time.time() - start_time):.2f}")
+                running, log_steps, start_time = 0.0, 0, time.time()
+            if (train_steps % args.ckpt_every == 0 or train_steps == steps) and dist.is_main:
+                path = os.path.join(checkpoint_dir, f"{train_steps:07d}.pt")
+                atomic_torch_save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                                   "args": vars(args), "spec": asdict(spec)}, path)
+                logger.info(f"Saved checkpoint to {path}")
+        if args.export and dist.is_main:
+            atomic_torch_save({"ema": ema.state_dict(), "spec": asdict(spec), "args": vars(args)}, args.export)
+            logger.info(f"Exported the EMA weights to {args.export}")
+        logger.info("Done!")
+    finally:
+        cleanup(dist)
+
+
+def parse_args(argv=None):
+    """The command line (argv: a list of arguments instead of sys.argv)."""
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--data-path", type=str, required=True)
+    parser.add_argument("--results-dir", type=str, default="results")
+    parser.add_argument("--model", type=str, choices=list(DiT_models.keys()), default="DiT-XL/2")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--epochs", type=int, default=1400)
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (overrides --epochs)")
+    parser.add_argument("--global-batch-size", type=int, default=256)
+    parser.add_argument("--global-seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--ema-decay", type=float, default=0.9999)
+    parser.add_argument("--vae", type=str, default="ema", help="ema | mse | a local VAE folder | none (pixel space)")
+    parser.add_argument("--random-flip", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--precision", type=str, choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--num-workers", type=int, default=4)
+    parser.add_argument("--log-every", type=int, default=100)
+    parser.add_argument("--ckpt-every", type=int, default=50_000)
+    parser.add_argument("--export", type=str, default=None,
+                        help="also write the final EMA weights and settings, without optimizer state, to this file")
+    parser.add_argument("--exclude-class", type=int, default=None,
+                        help="leave this class out of training (a retrained-without-the-class reference)")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    run_main(main, parse_args())
