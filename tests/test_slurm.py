@@ -1,0 +1,112 @@
+"""
+A real single-node SLURM on this machine (Debian's slurm-wlm and munge; .ci/run installs them): the example
+batch script runs generate_fisher.py on the embedded digits case as 2 SLURM tasks, and its Fisher equals the
+one of a single process. Skipped, with the reason, where SLURM cannot be started.
+"""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from helpers import ROOT, run_script
+
+DIGITS_DIT = os.path.join(ROOT, "assets", "digits_dit.pt")
+
+
+def _run(cmd, **kw):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, **kw)
+
+
+def _slurm_conf(host, spool):
+    return "\n".join([
+        "ClusterName=local", f"SlurmctldHost={host}", "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
+        "SlurmUser=root", "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
+        "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
+        f"StateSaveLocation={spool}/ctld", f"SlurmdSpoolDir={spool}/d", "SlurmctldPidFile=/run/slurmctld.pid",
+        "SlurmdPidFile=/run/slurmd.pid", "ReturnToService=2", "MpiDefault=none",
+        f"NodeName={host} CPUs={os.cpu_count()} State=UNKNOWN",
+        f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP", ""])
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """Starts munged, slurmctld and slurmd; stops them afterwards."""
+    missing = [b for b in ("munged", "slurmctld", "slurmd", "sbatch", "sinfo") if shutil.which(b) is None]
+    if missing:
+        pytest.skip(f"SLURM is not installed ({', '.join(missing)} missing): apt-get install slurm-wlm munge")
+    if os.geteuid() != 0:
+        pytest.skip("starting slurmctld/slurmd needs root")
+    if _run(["sinfo", "-h"]).returncode == 0 and "idle" in _run(["sinfo", "-h"]).stdout:
+        yield None  # a running cluster: use it
+        return
+    host = socket.gethostname()
+    spool = tmp_path_factory.mktemp("slurm-spool")
+    os.makedirs(spool / "ctld")
+    os.makedirs(spool / "d")
+    started = []
+    try:
+        if not os.path.isfile("/etc/munge/munge.key"):
+            os.makedirs("/etc/munge", exist_ok=True)
+            with open("/etc/munge/munge.key", "wb") as f:
+                f.write(os.urandom(1024))
+            shutil.chown("/etc/munge/munge.key", "munge", "munge")
+            os.chmod("/etc/munge/munge.key", 0o400)
+        os.makedirs("/run/munge", exist_ok=True)
+        shutil.chown("/run/munge", "munge", "munge")
+        if _run(["munge", "-n"]).returncode != 0:
+            munged = subprocess.Popen(["runuser", "-u", "munge", "--", "munged", "-F"], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL)
+            started.append(munged)
+            for _ in range(50):
+                if _run(["munge", "-n"]).returncode == 0:
+                    break
+                time.sleep(0.2)
+        os.makedirs("/etc/slurm", exist_ok=True)
+        with open("/etc/slurm/slurm.conf", "w") as f:
+            f.write(_slurm_conf(host, spool))
+        for daemon in ("slurmctld", "slurmd"):
+            started.append(subprocess.Popen([daemon, "-D"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            time.sleep(1)
+        for _ in range(60):
+            if "idle" in _run(["sinfo", "-h", "-o", "%T"]).stdout:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.skip(f"SLURM did not come up: {_run(['sinfo']).stdout.strip()}")
+        yield host
+    finally:
+        for proc in reversed(started):
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def test_example_batch_script_runs_two_tasks(slurm, tmp_path):
+    data = tmp_path / "digits"
+    run_script("prepare_digits.py", "--out", data, cwd=tmp_path)
+    flags = ["--model", "DiT-T/2", "--data-path", str(data), "--ckpt", DIGITS_DIT, "--batch-size", "4",
+             "--n-iters", "3", "--forget-class", "0", "--num-workers", "0"]
+    out = tmp_path / "job.out"
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    proc = subprocess.run(["sbatch", "--wait", "-N", "1", "-n", "2", "--ntasks-per-node=2", "-c", "1", "-o", str(out),
+                           os.path.join(ROOT, "slurm", "single_node.sbatch"), os.path.join(ROOT, "generate_fisher.py"),
+                           *flags, "--mask-path", str(tmp_path / "mask_slurm"), "--results-dir",
+                           str(tmp_path / "results")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    log = out.read_text() if out.exists() else ""
+    assert proc.returncode == 0, proc.stdout + proc.stderr + log
+    assert "2 process(es)" in log, log
+    run_script("generate_fisher.py", *flags, "--mask-path", tmp_path / "mask_one", "--results-dir",
+               tmp_path / "results", cwd=tmp_path)
+    for name in ("forget_fisher.pt", "remain_fisher.pt"):
+        two = torch.load(tmp_path / "mask_slurm" / "0" / name, weights_only=True)
+        one = torch.load(tmp_path / "mask_one" / "0" / name, weights_only=True)
+        for k in one:
+            torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-12)
