@@ -136,7 +136,7 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=1.5e-4)
     parser.add_argument("--forget-alpha", type=float, default=1.0)
     parser.add_argument("--ema-decay", type=float, default=0.0)
-    parser.add_argument("--forget-label-dropout", action=argparse.BooleanOptionalAction, default=False,
+    parser.add_argument("--forget-label-dropout", action=argparse.BooleanOptionalAction, default=True,
                         help="forget.py's switch: label dropout on the forget step too (official) or not")
     parser.add_argument("--samples-per-class", type=int, default=100)
     parser.add_argument("--sampling-steps", type=int, default=25)

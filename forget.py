@@ -259,9 +259,10 @@ def parse_args(argv=None):
     parser.add_argument("--decay-forget-alpha", action="store_true",
                         help="cosine decay of the forget weight: alpha (1 + cos(pi k / K)) / 2")
     parser.add_argument("--remain-alpha", type=float, default=1.0, help="weight of the remain loss")
-    parser.add_argument("--forget-label-dropout", action=argparse.BooleanOptionalAction, default=False,
-                        help="also drop forget labels to the null class, as training mode does in the official "
-                             "script (default: label dropout on the remain step only; see bench/label_dropout.py)")
+    parser.add_argument("--forget-label-dropout", action=argparse.BooleanOptionalAction, default=True,
+                        help="drop forget labels to the null class as training mode does in the official script "
+                             "(default); --no-forget-label-dropout drops labels on the remain step only "
+                             "(see bench/label_dropout.py)")
     parser.add_argument("--mask-path", type=str, default=None,
                         help="a mask file, or the mask folder of generate_mask.py (then --threshold picks "
                              "<folder>/<cls>/fisher_<threshold>.pt); none: no mask")

@@ -10,23 +10,15 @@ import torch.nn.functional as F
 
 from sfron.classifier import DigitsClassifier
 from sfron.data import ImageSet, find_class_folders, list_images
-from sfron.utils import UserError, atomic_torch_save, run_main
+from sfron.utils import atomic_torch_save, run_main
 
 
 def load_split(data_path, split):
     """All images of a split as one tensor (N, 3, 8, 8) in [-1, 1] and labels (N,)."""
-    root, classes = find_class_folders(data_path) if split == "train" else _val_root(data_path)
+    root, classes = find_class_folders(data_path, split)
     dataset = ImageSet(list_images(root, classes, range(len(classes))), 8, classes)
     x, y = zip(*(dataset[i] for i in range(len(dataset))))
     return torch.stack(x), torch.tensor(y)
-
-
-def _val_root(data_path):
-    import os
-    root = os.path.join(data_path, "val")
-    if not os.path.isdir(root):
-        raise UserError(f"{data_path} has no val/ folder for the held-out accuracy")
-    return root, sorted(d.name for d in os.scandir(root) if d.is_dir())
 
 
 def random_shift(x, generator):

@@ -34,13 +34,14 @@ def center_crop_arr(pil_image, image_size):
     return Image.fromarray(arr[top: top + image_size, left: left + image_size])
 
 
-def find_class_folders(data_path):
-    """(train root, sorted class folder names) of an ImageNet-style root; clear errors when it is not one."""
-    root = os.path.join(data_path, "train")
+def find_class_folders(data_path, split="train"):
+    """(split root, sorted class folder names) of an ImageNet-style root; clear errors when it is not one."""
+    root = os.path.join(data_path, split)
     if not os.path.isdir(data_path):
         raise UserError(f"--data-path {data_path} does not exist")
     if not os.path.isdir(root):
-        raise UserError(f"--data-path {data_path} has no train/ folder (expected <data-path>/train/<class>/<image>)")
+        raise UserError(f"--data-path {data_path} has no {split}/ folder "
+                        f"(expected <data-path>/{split}/<class>/<image>)")
     classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
     if not classes:
         raise UserError(f"{root} has no class folders (expected {root}/<class>/<image>)")

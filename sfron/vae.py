@@ -27,7 +27,7 @@ def load_vae(vae_spec, device):
     if source == vae_spec and not os.path.isdir(vae_spec):
         raise UserError(f"--vae {vae_spec}: expected 'ema', 'mse', 'none' or a local diffusers VAE folder")
     try:
-        vae = AutoencoderKL.from_pretrained(source)
+        vae = AutoencoderKL.from_pretrained(source, low_cpu_mem_usage=False)
     except Exception as e:  # offline without a cached copy, a folder without config.json, ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"could not load the VAE {source} ({first}); without network access, download it "

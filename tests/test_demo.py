@@ -6,7 +6,7 @@ import torch
 
 from helpers import ROOT, run_script
 from sfron.classifier import load_classifier
-from sfron.data import ImageSet, list_images
+from sfron.data import ImageSet, find_class_folders, list_images
 
 ASSETS = os.path.join(ROOT, "assets")
 
@@ -23,9 +23,8 @@ def test_shipped_files_are_small_and_load(tmp_path):
 
 def test_classifier_held_out_accuracy(tmp_path):
     run_script("prepare_digits.py", "--out", tmp_path / "digits", cwd=tmp_path)
-    root = tmp_path / "digits" / "val"
-    classes = sorted(os.listdir(root))
-    val = ImageSet(list_images(str(root), classes, range(10)), 8, classes)
+    root, classes = find_class_folders(str(tmp_path / "digits"), "val")
+    val = ImageSet(list_images(root, classes, range(10)), 8, classes)
     x, y = zip(*(val[i] for i in range(len(val))))
     classifier = load_classifier("digits", os.path.join(ASSETS, "digits_classifier.pt"), 10)
     with torch.no_grad():

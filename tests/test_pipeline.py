@@ -6,7 +6,8 @@ import torch
 
 from download import find_model
 from models import DiT_models
-from helpers import experiment_dirs, make_checkpoint, make_image_folder, make_vae_folder, run_script
+from helpers import (assert_fisher_close, experiment_dirs, make_checkpoint, make_image_folder, make_vae_folder,
+                     run_script)
 from sfron.mask import saliency_mask
 
 
@@ -89,17 +90,14 @@ def test_fisher_is_the_same_at_any_batch_size(workdir):
         run_script("generate_fisher.py", *fisher_args(workdir, bz, iters, mask), cwd=workdir)
         results.append(load(mask / "1" / "forget_fisher.pt"))
     for other in results[1:]:
-        for k in results[0]:
-            torch.testing.assert_close(other[k], results[0][k], rtol=1e-4, atol=1e-12)
+        assert_fisher_close(other, results[0])
 
 
 def test_fisher_under_torchrun_equals_one_process(workdir):
     run_script("generate_fisher.py", *fisher_args(workdir, 2, 3, workdir / "mask_np1"), cwd=workdir)
     run_script("generate_fisher.py", *fisher_args(workdir, 2, 3, workdir / "mask_np2"), cwd=workdir, nproc=2)
     for name in ("forget_fisher.pt", "remain_fisher.pt"):
-        one, two = load(workdir / "mask_np1" / "1" / name), load(workdir / "mask_np2" / "1" / name)
-        for k in one:
-            torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-12)
+        assert_fisher_close(load(workdir / "mask_np2" / "1" / name), load(workdir / "mask_np1" / "1" / name))
 
 
 def test_generate_mask_is_the_threshold_rule(tmp_path):
@@ -109,8 +107,13 @@ def test_generate_mask_is_the_threshold_rule(tmp_path):
     rf = {"a": torch.tensor([0.0, 2.0, 1.0, 2.0]), "b": torch.tensor([[0.0, 1.0]])}
     torch.save(ff, folder / "forget_fisher.pt")
     torch.save(rf, folder / "remain_fisher.pt")
-    proc = run_script("generate_mask.py", "--mask-path", tmp_path / "m", "--forget-class", 4, "--thresholds", "1",
+    other = tmp_path / "m" / "9"  # several classes at once, as in the seed README
+    other.mkdir()
+    torch.save(rf, other / "forget_fisher.pt")
+    torch.save(ff, other / "remain_fisher.pt")
+    proc = run_script("generate_mask.py", "--mask-path", tmp_path / "m", "--forget-class", 4, 9, "--thresholds", "1",
                       "3", cwd=tmp_path)
+    assert load(other / "fisher_3.0.pt")["a"].tolist() == [False, False, False, False]
     m1, m3 = load(folder / "fisher_1.0.pt"), load(folder / "fisher_3.0.pt")
     # (f + 1e-15) / (r + 1e-15): 0/0 -> 1, 1/2, 2, 3, ~1.01, 3
     assert m1["a"].tolist() == [True, False, True, True] and m1["b"].tolist() == [[True, True]]

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from helpers import ROOT, run_script
+from helpers import ROOT, assert_fisher_close, run_script
 
 DIGITS_DIT = os.path.join(ROOT, "assets", "digits_dit.pt")
 
@@ -108,5 +108,4 @@ def test_example_batch_script_runs_two_tasks(slurm, tmp_path):
     for name in ("forget_fisher.pt", "remain_fisher.pt"):
         two = torch.load(tmp_path / "mask_slurm" / "0" / name, weights_only=True)
         one = torch.load(tmp_path / "mask_one" / "0" / name, weights_only=True)
-        for k in one:
-            torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-12)
+        assert_fisher_close(two, one)
