@@ -16,7 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from .utils import UserError, seeded_generator
+from .utils import UserError, atomic_torch_save, safe_torch_load, seeded_generator
 from .vae import encode_moments, sample_latents
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -177,7 +177,6 @@ class LatentCache:
         """Encodes (or loads from path, if it holds this dataset's moments) the moments of every image."""
         tag = {"samples": [p for p, _ in dataset.samples], "image_size": dataset.image_size}
         if path and os.path.isfile(path):
-            from .utils import safe_torch_load
             cached = safe_torch_load(path, what="latent cache")
             if isinstance(cached, dict) and cached.get("tag") == tag:
                 return cls(cached["moments"].to(dist.device), torch.tensor(dataset.targets))
@@ -195,7 +194,6 @@ class LatentCache:
         moments = dist.all_gather_padded(local, per_rank)[:len(keys)]
         moments = moments.view(len(dataset), 2, *moments.shape[1:])
         if path and dist.is_main:
-            from .utils import atomic_torch_save
             atomic_torch_save({"tag": tag, "moments": moments.cpu()}, path)
         return cls(moments, torch.tensor(dataset.targets))
 
