@@ -47,8 +47,6 @@ def main(args):
         os.makedirs(checkpoint_dir, exist_ok=True)
         spec = ModelSpec(model=args.model, image_size=args.image_size, num_classes=args.num_classes, vae=args.vae,
                          random_flip=args.random_flip)
-        if args.model not in DiT_models:
-            raise UserError(f"unknown --model {args.model}")
         vae = load_vae(spec.vae, dist.device)
         model = build_dit(spec, in_channels=3 if vae is None else latent_channels(vae)).to(dist.device)
         ema = deepcopy(model).requires_grad_(False).eval()

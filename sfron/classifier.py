@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .utils import UserError, safe_torch_load
+from .utils import UserError, first_line, safe_torch_load
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -68,22 +68,15 @@ def load_classifier(kind, weights_path, num_classes):
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if kind == "digits":
-        model = DigitsClassifier(num_classes=num_classes)
+        net = model = DigitsClassifier(num_classes=num_classes)
     else:
         import torchvision
         if kind not in torchvision.models.list_models(module=torchvision.models):
             raise UserError(f"--classifier {kind}: not 'digits' nor a torchvision classification model")
         net = torchvision.models.get_model(kind, weights=None, num_classes=num_classes)
-        _load_into(net, state, weights_path, kind)
-        return TorchvisionClassifier(net).eval()
-    _load_into(model, state, weights_path, kind)
-    return model.eval()
-
-
-def _load_into(model, state, path, kind):
-    """load_state_dict(strict=True), with one clear line when the weights do not fit."""
+        model = TorchvisionClassifier(net)
     try:
-        model.load_state_dict(state, strict=True)
+        net.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, AttributeError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise UserError(f"classifier weights {path} do not fit {kind}: {first}") from None
+        raise UserError(f"classifier weights {weights_path} do not fit {kind}: {first_line(e)}") from None
+    return model.eval()

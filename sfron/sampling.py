@@ -101,17 +101,14 @@ def grid_image(images, nrow, padding=2):
     return Image.fromarray((grid.mul(255).add_(0.5).clamp_(0, 255)).permute(1, 2, 0).to(torch.uint8).numpy())
 
 
-def side_by_side(images, gap=6, vertical=False):
-    """One PIL image holding the given ones side by side (or one under the other), with white gaps."""
-    if vertical:
-        size = (max(im.width for im in images), sum(im.height for im in images) + gap * (len(images) - 1))
-    else:
-        size = (sum(im.width for im in images) + gap * (len(images) - 1), max(im.height for im in images))
+def side_by_side(images, gap=6):
+    """One PIL image holding the given ones side by side, with white gaps."""
+    size = (sum(im.width for im in images) + gap * (len(images) - 1), max(im.height for im in images))
     canvas = Image.new("RGB", size, (255, 255, 255))
-    offset = 0
+    x = 0
     for im in images:
-        canvas.paste(im, (0, offset) if vertical else (offset, 0))
-        offset += (im.height if vertical else im.width) + gap
+        canvas.paste(im, (x, 0))
+        x += im.width + gap
     return canvas
 
 

@@ -18,6 +18,12 @@ class UserError(Exception):
     """Bad input or a failed run: the scripts print its message as one line and exit with status 1."""
 
 
+def first_line(error):
+    """The first line of an exception's message (its type name when it has none), for one-line errors."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def run_main(main, args):
     """Runs main(args); a UserError becomes one 'error: ...' line on stderr and exit status 1."""
     try:
@@ -89,12 +95,10 @@ def safe_torch_load(path, what="file"):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"refusing to load {path}: it holds objects other than tensors and plain containers "
-                        f"({first})") from None
+                        f"({first_line(e)})") from None
     except Exception as e:  # a truncated archive, a text file, an old non-zip pickle ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is not a readable torch {what} ({type(e).__name__}: {first})") from None
+        raise UserError(f"{path} is not a readable torch {what} ({type(e).__name__}: {first_line(e)})") from None
 
 
 def strip_module_prefix(state_dict):

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from .utils import UserError
+from .utils import UserError, first_line
 
 LATENT_SCALE = 0.18215  # latents are scaled to roughly unit variance, as in DiT and LDM
 VAE_DOWNSAMPLE = 8
@@ -29,8 +29,7 @@ def load_vae(vae_spec, device):
     try:
         vae = AutoencoderKL.from_pretrained(source, low_cpu_mem_usage=False)
     except Exception as e:  # offline without a cached copy, a folder without config.json, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"could not load the VAE {source} ({first}); without network access, download it "
+        raise UserError(f"could not load the VAE {source} ({first_line(e)}); without network access, download it "
                         f"beforehand or pass --vae with a local diffusers AutoencoderKL folder") from None
     return vae.to(device).eval().requires_grad_(False)
 
