@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from diffusion import create_diffusion
 from sfron.build import add_model_args, autocast_dtype, load_model_and_vae
 from sfron.data import DiffusionBatches, forget_latent_cache, unlearn_datasets
-from sfron.dist import cleanup, init_distributed
+from sfron.dist import distributed
 from sfron.mask import load_mask, resolve_mask_file
 from sfron.sampling import generate, grid_image, per_sample_noise, sampling_diffusion, snapshot_classes
 from sfron.unlearn import FORGET_LOSSES, METHODS, forget_alpha_at, relabel_class, unlearn_step
@@ -106,8 +106,7 @@ def main(args):
     if args.n_iters < 1 or args.batch_size < 1:
         raise UserError("--n-iters and --batch-size must be positive")
     check_ema_decay(args.ema_decay, args.n_iters)
-    dist = init_distributed()
-    try:
+    with distributed() as dist:
         torch.manual_seed(args.seed)
         if checkpoint is None:
             experiment_dir, logger = start_experiment(dist, args.results_dir, experiment_name(args))
@@ -120,8 +119,6 @@ def main(args):
         checkpoint_dir = os.path.join(experiment_dir, "checkpoints")
         os.makedirs(checkpoint_dir, exist_ok=True)
         run(args, dist, logger, experiment_dir, checkpoint_dir, checkpoint)
-    finally:
-        cleanup(dist)
 
 
 def saliency_mask_for(args, model, dist, logger):

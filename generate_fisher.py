@@ -12,7 +12,7 @@ import torch
 from diffusion import create_diffusion
 from sfron.build import add_model_args, autocast_dtype, load_model_and_vae
 from sfron.data import DiffusionBatches, forget_latent_cache, unlearn_datasets
-from sfron.dist import cleanup, init_distributed
+from sfron.dist import distributed
 from sfron.fisher import fisher_diagonal
 from sfron.mask import class_dir
 from sfron.utils import UserError, atomic_torch_save, run_main, start_experiment
@@ -24,8 +24,7 @@ def main(args):
     torch.backends.cudnn.allow_tf32 = True
     if args.n_iters < 1 or args.batch_size < 1:
         raise UserError("--n-iters and --batch-size must be positive")
-    dist = init_distributed()
-    try:
+    with distributed() as dist:
         torch.manual_seed(args.seed)
         experiment_dir, logger = start_experiment(dist, args.results_dir, f"{args.model.replace('/', '-')}-fisher")
         logger.info(f"Experiment directory created at {experiment_dir}")
@@ -51,8 +50,6 @@ def main(args):
                 atomic_torch_save(fisher, path)
                 logger.info(f"Saved {name} Fisher ({len(fisher)} tensors) to {path}")
         logger.info("Done!")
-    finally:
-        cleanup(dist)
 
 
 def parse_args(argv=None):

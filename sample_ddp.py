@@ -15,7 +15,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from sfron.build import add_model_args, autocast_dtype, load_model_and_vae
-from sfron.dist import cleanup, init_distributed
+from sfron.dist import distributed
 from sfron.sampling import StepNoise, add_sampling_args, generate, per_sample_noise, sampling_diffusion, to_uint8
 from sfron.utils import UserError, atomic_save_image, atomic_write, run_main, seeded_generator
 
@@ -55,8 +55,7 @@ def save_npz(folder, labels):
 def main(args):
     """Writes the PNGs and the .npz."""
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
-    dist = init_distributed()
-    try:
+    with distributed() as dist:
         model, vae, spec, _ = load_model_and_vae(args, dist.device)
         model.eval()
         labels = sample_labels(args, spec.num_classes)
@@ -83,8 +82,6 @@ def main(args):
         if dist.is_main:
             save_npz(folder, labels)
         dist.barrier()
-    finally:
-        cleanup(dist)
 
 
 def parse_args(argv=None):

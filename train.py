@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from diffusion import create_diffusion
 from sfron.build import ModelSpec, autocast_dtype, build_dit
 from sfron.data import DiffusionBatches, ImageSet, find_class_folders, list_images
-from sfron.dist import cleanup, init_distributed
+from sfron.dist import distributed
 from sfron.fisher import diffusion_loss
 from sfron.unlearn import check_finite
 from sfron.utils import UserError, atomic_torch_save, run_main, start_experiment, update_ema
@@ -38,8 +38,7 @@ def training_set(args, num_classes):
 def main(args):
     """Trains the DiT and writes results/NNN-<model>/checkpoints/NNNNNNN.pt."""
     torch.backends.cuda.matmul.allow_tf32 = True
-    dist = init_distributed()
-    try:
+    with distributed() as dist:
         torch.manual_seed(args.global_seed)
         suffix = args.model.replace("/", "-") + (f"-without-{args.exclude_class}" if args.exclude_class is not None else "")
         experiment_dir, logger = start_experiment(dist, args.results_dir, suffix)
@@ -90,8 +89,6 @@ def main(args):
             atomic_torch_save({"ema": ema.state_dict(), "spec": asdict(spec), "args": vars(args)}, args.export)
             logger.info(f"Exported the EMA weights to {args.export}")
         logger.info("Done!")
-    finally:
-        cleanup(dist)
 
 
 def parse_args(argv=None):

@@ -4,6 +4,7 @@ One code path for one CPU, one GPU, or many processes. Under torchrun (RANK / WO
 a process group is started: NCCL on GPUs, gloo on the CPU. Otherwise everything is a single process.
 """
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -93,6 +94,17 @@ def init_distributed(device=None):
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
-def cleanup(dist):
-    if dist.enabled and torch_dist.is_initialized():
-        torch_dist.destroy_process_group()
+@contextmanager
+def distributed(device=None):
+    """
+    The Dist of init_distributed() for the body of a script. On success every process waits for the others
+    (rank 0 may still be writing files) before the process group is destroyed: tearing gloo down while a peer
+    is still busy aborts the process.
+    """
+    dist = init_distributed(device)
+    try:
+        yield dist
+        dist.barrier()
+    finally:
+        if dist.enabled and torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
