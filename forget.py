@@ -21,7 +21,8 @@ from sfron.data import DiffusionBatches, forget_latent_cache, unlearn_datasets
 from sfron.dist import distributed
 from sfron.mask import load_mask, resolve_mask_file
 from sfron.sampling import generate, grid_image, per_sample_noise, sampling_diffusion, snapshot_classes
-from sfron.unlearn import FORGET_LOSSES, METHODS, forget_alpha_at, relabel_class, unlearn_step
+from sfron.unlearn import (FORGET_LOSSES, METHODS, check_finite_weights, forget_alpha_at, make_optimizer, relabel_class,
+                           unlearn_step)
 from sfron.utils import (UserError, atomic_json_dump, atomic_save_image, atomic_torch_save, create_logger,
                          run_main, safe_torch_load, start_experiment, update_ema)
 
@@ -154,7 +155,7 @@ def run(args, dist, logger, experiment_dir, checkpoint_dir, resumed):
     if relabel is not None:
         logger.info(f"Relabelling forget images as class {relabel}")
 
-    opt = torch.optim.AdamW([p for p in raw_model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0)
+    opt = make_optimizer([p for p in raw_model.parameters() if p.requires_grad], args.lr)
     ema = deepcopy(raw_model).requires_grad_(False).eval() if args.ema_decay > 0 else None
     start, history = restore(resumed, raw_model, ema, opt) if resumed is not None else (0, [])
     model = DDP(raw_model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None) \
@@ -164,7 +165,8 @@ def run(args, dist, logger, experiment_dir, checkpoint_dir, resumed):
     diffusion = create_diffusion(timestep_respacing="")
     common = dict(global_batch=args.batch_size, dist=dist, seed=args.seed, num_timesteps=diffusion.num_timesteps,
                   dropout_prob=raw_model.y_embedder.dropout_prob, vae=vae, num_workers=args.num_workers,
-                  start=start, stop=args.n_iters, random_flip=spec.random_flip)
+                  start=start, stop=args.n_iters, random_flip=spec.random_flip,
+                  autocast_dtype=autocast_dtype(args.precision))
     forget_batches = DiffusionBatches(forget_set, "forget",
                                       latent_cache=forget_latent_cache(args, spec, forget_set, vae, dist, logger),
                                       **common)
@@ -203,6 +205,7 @@ def run(args, dist, logger, experiment_dir, checkpoint_dir, resumed):
         if dist.is_main and args.snapshot_every > 0 and train_steps % args.snapshot_every == 0:
             save_snapshot(ema if ema is not None else raw_model, vae, spec, args, classes, z, train_steps, checkpoint_dir, logger)
         if train_steps % args.ckpt_every == 0 or train_steps == args.n_iters:
+            check_finite_weights(raw_model, train_steps)  # on every process: identical weights, all stop together
             if dist.is_main:
                 path = os.path.join(checkpoint_dir, f"{train_steps:07d}.pt")
                 save_checkpoint(path, raw_model, ema, opt, args, spec, train_steps, history)

@@ -37,13 +37,14 @@ def main(args):
         diffusion = create_diffusion(timestep_respacing="")  # 1000 steps, linear schedule
         out_dir = class_dir(args.mask_path, args.forget_class)
         caches = {"forget": forget_latent_cache(args, spec, forget_set, vae, dist, logger), "remain": None}
+        amp = autocast_dtype(args.precision)  # the DiT and the per-batch VAE encodes
         for name, dataset in (("forget", forget_set), ("remain", remain_set)):
             batches = DiffusionBatches(dataset, f"{name}-fisher", args.batch_size, dist, args.seed,
                                        diffusion.num_timesteps, vae=vae, latent_cache=caches[name],
                                        num_workers=args.num_workers, start=0, stop=args.n_iters,
-                                       random_flip=spec.random_flip)
+                                       random_flip=spec.random_flip, autocast_dtype=amp)
             fisher = fisher_diagonal(model, diffusion, batches, dist, desc=f"Generate {name} fisher",
-                                     autocast_dtype=autocast_dtype(args.precision), log_every=args.log_every,
+                                     autocast_dtype=amp, log_every=args.log_every,
                                      logger=logger)
             if dist.is_main:
                 path = os.path.join(out_dir, f"{name}_fisher.pt")

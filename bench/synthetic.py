@@ -28,6 +28,17 @@ def sd_vae(device="cpu"):
     return vae.to(device).eval().requires_grad_(False)
 
 
+def random_dit(name, image_size, device="cpu"):
+    """A registry DiT for 1000 classes at image_size with N(0, 0.02^2) weights: non-zero everywhere, so that every
+    gradient is exercised."""
+    torch.manual_seed(0)
+    model = DiT_models[name](input_size=image_size // 8, num_classes=1000)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.02)
+    return model.to(device)
+
+
 def main(args):
     """Writes <out>/data/train/<class>/*.jpg, <out>/dit.pt and <out>/vae/."""
     rng = np.random.default_rng(0)
@@ -37,12 +48,7 @@ def main(args):
         for i in range(args.images_per_class):
             pixels = rng.integers(0, 256, (args.image_size + 32, args.image_size + 64, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(os.path.join(folder, f"{i:05d}.jpg"), quality=90)
-    torch.manual_seed(0)
-    model = DiT_models[args.model](input_size=args.image_size // 8, num_classes=1000)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data.normal_(0, 0.02)
-    torch.save(model.state_dict(), os.path.join(args.out, "dit.pt"))
+    torch.save(random_dit(args.model, args.image_size).state_dict(), os.path.join(args.out, "dit.pt"))
     sd_vae().save_pretrained(os.path.join(args.out, "vae"))
     print(f"Wrote {args.classes} x {args.images_per_class} images, dit.pt ({args.model}) and vae/ to {args.out}")
 

@@ -2,10 +2,13 @@
 Times this repository's Fisher and forget steps against loops with the official semantics, on the same samples:
   reference Fisher: batch 1, the VAE encode in the loop, every squared gradient copied to the CPU each step;
   reference forget: float32, the VAE encode of both batches in the loop (as the official forget.py);
-  ours: per-sample Fisher at --batch-size (hooks), --precision autocast, forget latents cached once.
-Prints samples/s, the speedups, peak memory and the model FLOP utilisation against a measured matmul peak;
-the last line is JSON: {"fisher_speedup": ..., "forget_speedup": ..., "device": ...}. Random weights (the VAE is
-the Stable Diffusion VAE architecture built from its config): this measures speed, not quality.
+  ours: per-sample Fisher at --batch-size (hooks), --precision autocast (the DiT and the VAE encodes), forget
+  latents cached once, fused AdamW, the VAE as load_vae gives it (channels-last on CPUs).
+Prints samples/s, the speedups, peak memory and the model FLOP utilisation (MFU) against a measured matmul peak,
+of the whole forget loop and of the forget step alone (latents ready) at each --mfu-batch-sizes;
+the last line is JSON: {"fisher_speedup": ..., "forget_speedup": ..., "device": ..., "forget_step_mfu": ...}.
+Random weights (the VAE is the Stable Diffusion VAE architecture built from its config): this measures speed,
+not quality.
 
     python bench/throughput.py --model DiT-S/2 --image-size 256
 """
@@ -27,9 +30,9 @@ from models import DiT_models  # noqa: E402
 from sfron.data import Batch  # noqa: E402
 from sfron.dist import Dist  # noqa: E402
 from sfron.fisher import PerSampleSquaredGrads, diffusion_loss  # noqa: E402
-from sfron.unlearn import unlearn_step  # noqa: E402
-from sfron.vae import encode_moments, sample_latents  # noqa: E402
-from synthetic import sd_vae  # noqa: E402
+from sfron.unlearn import make_optimizer, unlearn_step  # noqa: E402
+from sfron.vae import encode_moments, sample_latents, with_fast_layout  # noqa: E402
+from synthetic import random_dit, sd_vae  # noqa: E402
 
 
 def sync(device):
@@ -97,7 +100,7 @@ def our_fisher(model, vae, diffusion, images, labels, t, noise, eps, batch_size,
     with PerSampleSquaredGrads(model) as grads:
         for s in range(0, len(images), batch_size):
             sl = slice(s, s + batch_size)
-            mean, std = encode_moments(vae, images[sl].to(device))
+            mean, std = encode_moments(vae, images[sl].to(device), amp_dtype)
             b = Batch(x=sample_latents(mean, std, eps[sl].to(device)), y=labels[sl].to(device), t=t[sl].to(device),
                       noise=noise[sl].to(device), drop=torch.zeros(len(images[sl]), dtype=torch.long, device=device))
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -116,7 +119,7 @@ def forget_data(steps, batch_size, pool, image_size, latent, seed=1):
                 noise=torch.randn((2, n, *latent), generator=g), eps=torch.randn((2, n, *latent), generator=g))
 
 
-def forget_batches(vae, data, steps, batch_size, device, cached=None):
+def forget_batches(vae, data, steps, batch_size, device, cached=None, amp_dtype=None):
     """The (forget, remain) Batch pairs of each step; `cached` holds the pool's pre-encoded moments."""
     pool = len(data["forget"])
     for step in range(steps):
@@ -126,7 +129,7 @@ def forget_batches(vae, data, steps, batch_size, device, cached=None):
             forget = (cached[0][index], cached[1][index])
         else:  # the official loop encodes every draw
             forget = encode_moments(vae, data["forget"][index].to(device))
-        remain = encode_moments(vae, data["remain"][draws].to(device))
+        remain = encode_moments(vae, data["remain"][draws].to(device), amp_dtype)
         yield [Batch(x=sample_latents(mean, std, data["eps"][k, draws].to(device)),
                      y=data["labels"][k, draws].to(device), t=data["t"][k, draws].to(device),
                      noise=data["noise"][k, draws].to(device),
@@ -134,25 +137,117 @@ def forget_batches(vae, data, steps, batch_size, device, cached=None):
                for k, (mean, std) in enumerate((forget, remain))]
 
 
-def run_forget(model, vae, diffusion, data, steps, batch_size, amp_dtype, mask, cached=None):
-    """The ron loop of forget.py on the benchmark data."""
+def ron_step(model, diffusion, opt, fb, rb, mask, amp_dtype):
+    """One step of forget.py's default ron loop."""
+    unlearn_step(model, model, diffusion, opt, fb, rb, method="ron", unlearn_loss="ga", alpha=1e-3, remain_alpha=1.0,
+                 mask=mask, grad_clip=1.0, dist=Dist(device=next(model.parameters()).device), autocast_dtype=amp_dtype)
+
+
+def run_forget(model, vae, diffusion, data, steps, batch_size, amp_dtype, mask, cached=None, official=False):
+    """The ron loop on the benchmark data: the official AdamW (foreach) or ours (fused)."""
     device = next(model.parameters()).device
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0)
-    for fb, rb in forget_batches(vae, data, steps, batch_size, device, cached):
-        unlearn_step(model, model, diffusion, opt, fb, rb, method="ron", unlearn_loss="ga", alpha=1e-3,
-                     remain_alpha=1.0, mask=mask, grad_clip=1.0, dist=Dist(device=device), autocast_dtype=amp_dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0) if official else make_optimizer(params, 1e-4)
+    for fb, rb in forget_batches(vae, data, steps, batch_size, device, cached, amp_dtype):
+        ron_step(model, diffusion, opt, fb, rb, mask, amp_dtype)
 
 
 def step_flops(model, diffusion, batch_size, shape, device):
-    """Model FLOPs of one forget step (forward + backward on a forget and a remain batch), counted by torch."""
-    x = torch.randn(batch_size, *shape, device=device)
-    b = Batch(x=x, y=torch.zeros(batch_size, dtype=torch.long, device=device),
-              t=torch.full((batch_size,), 500, device=device), noise=torch.randn_like(x),
-              drop=torch.zeros(batch_size, dtype=torch.long, device=device))
+    """
+    Model FLOPs of one forget step (forward + backward on a forget and a remain batch), counted by torch on one
+    sample (every operation is per sample) and scaled to the batch.
+    """
+    x = torch.randn(1, *shape, device=device)
+    b = Batch(x=x, y=torch.zeros(1, dtype=torch.long, device=device), t=torch.full((1,), 500, device=device),
+              noise=torch.randn_like(x), drop=torch.zeros(1, dtype=torch.long, device=device))
     with FlopCounterMode(display=False) as counter:
         diffusion_loss(model, diffusion, b).mean().backward()
     model.zero_grad(set_to_none=True)
-    return 2 * counter.get_total_flops()
+    return 2 * counter.get_total_flops() * batch_size
+
+
+def forget_step_mfu(model, diffusion, batch_size, latent, mask, amp_dtype, peak, steps=5):
+    """MFU (%) of the ron step alone, on latents already on the device (no VAE, no data loading)."""
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(2)
+
+    def latent_batch():
+        x = torch.randn((batch_size, *latent), generator=g)
+        return Batch(x=x.to(device), y=torch.randint(0, 1000, (batch_size,), generator=g).to(device),
+                     t=torch.randint(0, 1000, (batch_size,), generator=g).to(device),
+                     noise=torch.randn_like(x).to(device), drop=torch.zeros(batch_size, dtype=torch.long, device=device))
+    fb, rb = latent_batch(), latent_batch()
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], 1e-4)
+    for _ in range(2):  # warm-up: kernel selection, allocator, optimizer state
+        ron_step(model, diffusion, opt, fb, rb, mask, amp_dtype)
+    elapsed, _ = timed(lambda: [ron_step(model, diffusion, opt, fb, rb, mask, amp_dtype) for _ in range(steps)],
+                       device)
+    return 100 * step_flops(model, diffusion, batch_size, latent, device) * steps / elapsed / 1e12 / peak
+
+
+def race(reference, ours, full, warmup, device, repeats, before=lambda: None):
+    """
+    Both loops on `full` units (samples or steps): one untimed warm-up of each on `warmup` units (kernel
+    selection, allocator, caches), then `repeats` alternating timed runs, the fastest of each kept (`before`
+    runs ahead of every run). Returns (reference s, ours s, reference output, our output, our peak memory).
+    """
+    for fn in (reference, ours):
+        before()
+        fn(warmup)
+    ref_s, our_s, our_mem = [], [], 0.0
+    for _ in range(repeats):
+        before()
+        seconds, ref_out = timed(lambda: reference(full), device)
+        ref_s.append(seconds)
+        before()
+        reset_peak(device)
+        seconds, our_out = timed(lambda: ours(full), device)
+        our_s.append(seconds)
+        our_mem = max(our_mem, peak_memory_gb(device))
+    return min(ref_s), min(our_s), ref_out, our_out, our_mem
+
+
+def compare_fisher(model, vaes, diffusion, args, amp_dtype, device):
+    """Times both Fisher loops on the same samples (vaes: the official VAE, ours as load_vae gives it)."""
+    n, latent = args.fisher_samples, (4, args.image_size // 8, args.image_size // 8)
+    images, labels, t, g = draws(n, (3, args.image_size, args.image_size), 0)
+    noise, eps = torch.randn((n, *latent), generator=g), torch.randn((n, *latent), generator=g)
+    model.eval()
+    ref_t, our_t, ref_f, our_f, mem = race(
+        lambda k: reference_fisher(model, vaes[0], diffusion, images[:k], labels[:k], t[:k], noise[:k], eps[:k]),
+        lambda k: our_fisher(model, vaes[1], diffusion, images[:k], labels[:k], t[:k], noise[:k], eps[:k],
+                             args.batch_size, amp_dtype),
+        n, min(n, args.batch_size), device, args.repeats)
+    num = sum(float((our_f[k] - ref_f[k]).abs().sum()) for k in ref_f)
+    den = sum(float(ref_f[k].abs().sum()) for k in ref_f)
+    print(f"Fisher:  reference {n / ref_t:8.2f} samples/s | ours {n / our_t:8.2f} samples/s | speedup "
+          f"{ref_t / our_t:5.2f}x | relative L1 difference of the Fisher {num / den:.2e} | peak memory {mem:.2f} GB")
+    return ref_t / our_t
+
+
+def compare_forget(model, vaes, diffusion, args, amp_dtype, device, mask, peak):
+    """
+    Times both forget loops on the same draws (the reference encodes both batches every step in float32; ours
+    encodes the forget pool once); returns the speedup.
+    """
+    steps, latent = args.forget_steps, (4, args.image_size // 8, args.image_size // 8)
+    data = forget_data(steps, args.batch_size, args.forget_pool or args.batch_size, args.image_size, latent)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+
+    def ours(k):
+        cached = encode_moments(vaes[1], data["forget"].to(device))  # once (--cache-latents: both flips)
+        run_forget(model, vaes[1], diffusion, data, k, args.batch_size, amp_dtype, mask, cached)
+    ref_t, our_t, _, _, mem = race(
+        lambda k: run_forget(model, vaes[0], diffusion, data, k, args.batch_size, None, mask, official=True), ours,
+        steps, 1, device, args.repeats, before=lambda: model.load_state_dict(state))
+    flops = step_flops(model, diffusion, args.batch_size, latent, device) * steps
+    print(f"Forget:  reference {steps / ref_t:8.3f} steps/s | ours {steps / our_t:8.3f} steps/s | speedup "
+          f"{ref_t / our_t:5.2f}x | peak memory {mem:.2f} GB")
+    print(f"Model FLOP utilisation of our forget loop (VAE time included, its FLOPs not counted): "
+          f"{flops / our_t / 1e12:.2f} TFLOP/s of a measured {peak:.2f} TFLOP/s matmul peak = "
+          f"{100 * flops / our_t / 1e12 / peak:.1f}% (reference loop: {100 * flops / ref_t / 1e12 / peak:.1f}%)")
+    return ref_t / our_t
 
 
 def main(args):
@@ -161,60 +256,29 @@ def main(args):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     amp_dtype = {"bf16": torch.bfloat16, "fp32": None}[args.precision or ("bf16" if device.type == "cuda" else "fp32")]
-    torch.manual_seed(0)
-    model = DiT_models[args.model](input_size=args.image_size // 8, num_classes=1000).to(device)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data.normal_(0, 0.02)  # non-zero everywhere, so that every gradient is exercised
-    vae = sd_vae(device)
-    diffusion = create_diffusion("")
-    latent = (4, args.image_size // 8, args.image_size // 8)
-    n = args.fisher_samples
-    images, labels, t, g = draws(n, (3, args.image_size, args.image_size), 0)
-    noise, eps = torch.randn((n, *latent), generator=g), torch.randn((n, *latent), generator=g)
-    model.eval()
+    args.repeats = args.repeats or (1 if device.type == "cuda" else 2)
+    model, diffusion = random_dit(args.model, args.image_size, device), create_diffusion("")
+    vaes = sd_vae(device), with_fast_layout(sd_vae(device))  # the official layout; ours as load_vae gives it
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{args.model} at {args.image_size}x{args.image_size} on {device_name}, ours in "
-          f"{'bf16' if amp_dtype else 'fp32'}, batch {args.batch_size}")
-
-    # Fisher
-    ref_t, ref_f = timed(lambda: reference_fisher(model, vae, diffusion, images[:n], labels[:n], t[:n], noise[:n],
-                                                  eps[:n]), device)
-    reset_peak(device)
-    our_t, our_f = timed(lambda: our_fisher(model, vae, diffusion, images[:n], labels[:n], t[:n], noise[:n], eps[:n],
-                                            args.batch_size, amp_dtype), device)
-    fisher_mem = peak_memory_gb(device)
-    num = sum(float((our_f[k] - ref_f[k]).abs().sum()) for k in ref_f)
-    den = sum(float(ref_f[k].abs().sum()) for k in ref_f)
-    fisher_speedup = ref_t / our_t
-    print(f"Fisher:  reference {n / ref_t:8.2f} samples/s | ours {n / our_t:8.2f} samples/s | speedup "
-          f"{ref_t / our_t:5.2f}x | relative L1 difference of the Fisher {num / den:.2e} | peak memory "
-          f"{fisher_mem:.2f} GB")
-
-    # Forget: the reference encodes both batches every step in float32; ours encodes the forget pool once
-    model.train()
-    steps = args.forget_steps
-    data = forget_data(steps, args.batch_size, args.forget_pool or args.batch_size, args.image_size, latent)
-    mask = {k: torch.ones_like(p) for k, p in model.named_parameters() if p.requires_grad}
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    ref_t, _ = timed(lambda: run_forget(model, vae, diffusion, data, steps, args.batch_size, None, mask), device)
-    model.load_state_dict(state)
-    reset_peak(device)
-
-    def ours():
-        cached = encode_moments(vae, data["forget"].to(device))  # once (forget.py --cache-latents: both flips)
-        run_forget(model, vae, diffusion, data, steps, args.batch_size, amp_dtype, mask, cached)
-    our_t, _ = timed(ours, device)
-    forget_mem = peak_memory_gb(device)
-    flops = step_flops(model, diffusion, args.batch_size, latent, device) * steps
+          f"{'bf16' if amp_dtype else 'fp32'}, batch {args.batch_size}, best of {args.repeats} after a warm-up")
+    fisher_speedup = compare_fisher(model, vaes, diffusion, args, amp_dtype, device)
+    mask = {k: torch.ones_like(p, dtype=torch.bool) for k, p in model.named_parameters() if p.requires_grad}
     peak = matmul_peak_tflops(device, amp_dtype or torch.float32)
-    print(f"Forget:  reference {steps / ref_t:8.3f} steps/s | ours {steps / our_t:8.3f} steps/s | speedup "
-          f"{ref_t / our_t:5.2f}x | peak memory {forget_mem:.2f} GB")
-    print(f"Model FLOP utilisation of our forget loop: {flops / our_t / 1e12:.2f} TFLOP/s of a measured "
-          f"{peak:.2f} TFLOP/s matmul peak = {100 * flops / our_t / 1e12 / peak:.1f}% "
-          f"(reference loop: {100 * flops / ref_t / 1e12 / peak:.1f}%)")
-    print(json.dumps({"fisher_speedup": round(fisher_speedup, 3), "forget_speedup": round(ref_t / our_t, 3),
-                      "device": device_name}))
+    forget_speedup = compare_forget(model, vaes, diffusion, args, amp_dtype, device, mask, peak)
+    latent = (4, args.image_size // 8, args.image_size // 8)
+    step_mfu = {}
+    for batch_size in args.mfu_batch_sizes or [args.batch_size]:
+        try:
+            step_mfu[batch_size] = round(forget_step_mfu(model, diffusion, batch_size, latent, mask, amp_dtype, peak), 1)
+            print(f"MFU of the forget step alone (latents ready) at batch {batch_size}: {step_mfu[batch_size]:.1f}%")
+        except torch.OutOfMemoryError:
+            print(f"MFU of the forget step alone at batch {batch_size}: out of memory")
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(json.dumps({"fisher_speedup": round(fisher_speedup, 3), "forget_speedup": round(forget_speedup, 3),
+                      "device": device_name, "forget_step_mfu": step_mfu}))
 
 
 def parse_args(argv=None):
@@ -230,6 +294,11 @@ def parse_args(argv=None):
                              "step; the official 600-step DiT-XL/2 run at batch 8 draws each of 1,300 about 4 times)")
     parser.add_argument("--precision", type=str, choices=["fp32", "bf16"], default=None,
                         help="ours: bf16 on GPUs, fp32 on the CPU by default (the reference is always fp32)")
+    parser.add_argument("--mfu-batch-sizes", type=int, nargs="*", default=None,
+                        help="batch sizes at which to time the forget step alone (default: --batch-size)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed runs of each loop after the warm-up, the fastest kept (default: 2 on the CPU, "
+                             "whose timings are noisier, 1 on GPUs)")
     parser.add_argument("--device", type=str, default=None)
     return parser.parse_args(argv)
 

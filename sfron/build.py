@@ -143,7 +143,8 @@ def add_model_args(parser, default_model="DiT-XL/2", several_ckpts=False):
     parser.add_argument("--random-flip", action=argparse.BooleanOptionalAction, default=None,
                         help="random horizontal flips of the data (default: as the checkpoint was trained, else on)")
     parser.add_argument("--precision", type=str, choices=["fp32", "bf16"], default="fp32",
-                        help="bf16 runs the model under autocast (weights and optimizer stay float32)")
+                        help="bf16 runs the DiT and the per-batch VAE encodes under autocast (weights, optimizer "
+                             "and latent caches stay float32)")
 
 
 def autocast_dtype(precision):

@@ -217,14 +217,16 @@ class Batch:
 class DiffusionBatches:
     """
     The batches one process sees for steps start..stop-1 of a stream: images (VAE-encoded for latent models,
-    or taken from a latent cache), with their timesteps, noise and label-dropout draws.
+    under autocast_dtype if given, or taken from a latent cache), with their timesteps, noise and label-dropout
+    draws.
     """
 
     def __init__(self, dataset, stream, global_batch, dist, seed, num_timesteps, dropout_prob=0.0, vae=None,
-                 latent_cache=None, num_workers=0, start=0, stop=None, random_flip=True):
+                 latent_cache=None, num_workers=0, start=0, stop=None, random_flip=True, autocast_dtype=None):
         self.dataset, self.stream_id, self.global_batch, self.dist = dataset, STREAMS[stream], global_batch, dist
         self.seed, self.num_timesteps, self.dropout_prob = seed, num_timesteps, dropout_prob
         self.vae, self.latent_cache, self.num_workers = vae, latent_cache, num_workers
+        self.autocast_dtype = autocast_dtype
         self.start, self.stop = start, stop
         self.shard = dist.shard(global_batch)
         self.stream = SampleStream(len(dataset), seed, self.stream_id, flip=random_flip)
@@ -269,7 +271,8 @@ class DiffusionBatches:
         for step, x, y in self._loader():
             x = x.to(device, non_blocking=True)
             if self.vae is not None:  # x becomes a draw from the VAE posterior (cached moments: mean | std)
-                mean, std = encode_moments(self.vae, x) if self.latent_cache is None else x.chunk(2, dim=1)
+                mean, std = encode_moments(self.vae, x, self.autocast_dtype) if self.latent_cache is None \
+                    else x.chunk(2, dim=1)
                 x = mean
             t, drop, noise, vae_eps = self._draws(step, tuple(x.shape[1:]))
             if self.vae is not None:

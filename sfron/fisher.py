@@ -17,11 +17,12 @@ from .utils import UserError
 _MAX_CHUNK_ELEMENTS = 1 << 26
 
 
-def _sum_sq_outer(g, a):
-    """sum_i (g_i^T a_i)^2 for g (B, T, out), a (B, T, in): (out, in)."""
+def _sum_sq_outer(g, a, batched=None):
+    """sum_i (g_i^T a_i)^2 for g (B, T, out), a (B, T, in): (out, in). batched: chunked bmm (default on GPUs)."""
     out = torch.zeros(g.shape[-1], a.shape[-1], dtype=torch.float32, device=g.device)
     g, a = g.float(), a.float()
-    if not g.is_cuda:  # on CPUs a loop of matmuls with in-place accumulation beats a batched matmul
+    if not (g.is_cuda if batched is None else batched):
+        # on CPUs a loop of matmuls with in-place accumulation beats a batched matmul
         for g_i, a_i in zip(g, a):
             per_sample = g_i.t() @ a_i
             out.addcmul_(per_sample, per_sample)

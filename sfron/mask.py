@@ -54,7 +54,10 @@ def resolve_mask_file(mask_path, forget_class, threshold):
 
 
 def load_mask(path, model, device):
-    """A saved mask checked against the model: {name: float 0/1 tensor on device} for every trainable parameter."""
+    """
+    A saved mask checked against the model: {name: bool tensor on device} for every trainable parameter (a
+    quarter of the memory of float 0/1 tensors: 0.7 GB instead of 2.7 GB for DiT-XL/2).
+    """
     raw = safe_torch_load(path, what="mask")
     if not isinstance(raw, dict):
         raise UserError(f"{path} is not a mask file (expected a dict of boolean tensors)")
@@ -70,4 +73,6 @@ def load_mask(path, model, device):
         if raw[n].shape != p.shape:
             raise UserError(f"mask {path} is for another model: {n} has shape {tuple(raw[n].shape)}, "
                             f"the model's is {tuple(p.shape)}")
-    return {n: raw[n].to(device=device, dtype=p.dtype) for n, p in params.items()}
+        if raw[n].dtype != torch.bool and not ((raw[n] == 0) | (raw[n] == 1)).all():
+            raise UserError(f"mask {path}: {n} holds values other than 0 and 1")
+    return {n: raw[n].to(device=device, dtype=torch.bool) for n in params}

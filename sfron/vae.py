@@ -31,7 +31,24 @@ def load_vae(vae_spec, device):
     except Exception as e:  # offline without a cached copy, a folder without config.json, ...
         raise UserError(f"could not load the VAE {source} ({first_line(e)}); without network access, download it "
                         f"beforehand or pass --vae with a local diffusers AutoencoderKL folder") from None
-    return vae.to(device).eval().requires_grad_(False)
+    return with_fast_layout(vae.to(device).eval().requires_grad_(False))
+
+
+def with_fast_layout(vae):
+    """
+    On CPUs, the VAE's weights in channels-last layout, in which its inputs are then given too: the encoder runs
+    about 9% faster on 2 cores, the same numbers up to float rounding (latents within 2e-5 relative). GPUs keep
+    the default layout.
+    """
+    weight = next(vae.parameters())
+    return vae.to(memory_format=torch.channels_last) if weight.device.type == "cpu" else vae
+
+
+def _input_layout(vae):
+    """The memory format of the VAE's weights, for its inputs."""
+    conv = vae.encoder.conv_in.weight
+    return torch.channels_last if conv.is_contiguous(memory_format=torch.channels_last) and not \
+        conv.is_contiguous() else torch.contiguous_format
 
 
 def latent_channels(vae):
@@ -39,14 +56,19 @@ def latent_channels(vae):
 
 
 @torch.no_grad()
-def encode_moments(vae, x):
-    """Mean and std (N, C, h, w) each of the VAE posterior for images x in [-1, 1], already scaled."""
+def encode_moments(vae, x, autocast_dtype=None):
+    """
+    Mean and std (N, C, h, w) each, float32 and already scaled, of the VAE posterior for images x in [-1, 1];
+    autocast_dtype (bf16) runs the encoder under autocast.
+    """
     # On CPUs the encoder's large activations make batches slower per image than one image at a time
     # (measured: 1.98 s vs 1.69 s per 256x256 image on 2 cores), so there it encodes image by image.
     chunks = x.split(1) if x.device.type == "cpu" else (x,)
-    moments = [vae.encode(chunk).latent_dist for chunk in chunks]
-    mean = torch.cat([m.mean for m in moments])
-    std = torch.cat([m.std for m in moments])
+    chunks = [chunk.contiguous(memory_format=_input_layout(vae)) for chunk in chunks]
+    with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        moments = [vae.encode(chunk).latent_dist for chunk in chunks]
+    mean = torch.cat([m.mean for m in moments]).float().contiguous()  # (N, C, h, w) in the default layout
+    std = torch.cat([m.std for m in moments]).float().contiguous()
     return mean * LATENT_SCALE, std * LATENT_SCALE
 
 

@@ -35,6 +35,18 @@ def make_checkpoint(path, model="DiT-T/2", input_size=8, in_channels=3, num_clas
     return path
 
 
+def tiny_dit(input_size=8, hidden_size=32, depth=2, num_classes=4, scale=0.1, seed=0):
+    """A DiT small enough to check by hand (patch 2, 3 channels, 2 heads), every trainable weight N(0, scale^2)."""
+    from models import DiT
+    torch.manual_seed(seed)
+    model = DiT(input_size=input_size, patch_size=2, in_channels=3, hidden_size=hidden_size, depth=depth,
+                num_heads=2, num_classes=num_classes)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, scale)
+    return model
+
+
 def make_vae_folder(folder):
     """A tiny diffusers AutoencoderKL with the SD-VAE layout (4 latent channels, 8x downsampling)."""
     from diffusers.models import AutoencoderKL

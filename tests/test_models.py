@@ -5,6 +5,7 @@ from timm.layers import Mlp as TimmMlp
 from timm.layers import PatchEmbed as TimmPatchEmbed
 from timm.models.vision_transformer import Attention as TimmAttention
 
+from helpers import tiny_dit
 from models import DiT, DiT_models, get_2d_sincos_pos_embed
 
 # Parameter counts of the official models at 256x256 (32x32 latents), 1000 classes.
@@ -85,11 +86,7 @@ def test_guidance_channels():
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
-    torch.manual_seed(0)
-    model = DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=4)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data.normal_(0, 0.1)
+    model = tiny_dit()
     x, t, y = torch.randn(3, 3, 8, 8), torch.tensor([1, 500, 999]), torch.tensor([0, 1, 3])
     drop = torch.zeros(3, dtype=torch.long)
     grads = []

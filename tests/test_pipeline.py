@@ -9,6 +9,7 @@ from models import DiT_models
 from helpers import (assert_fisher_close, experiment_dirs, make_checkpoint, make_image_folder, make_vae_folder,
                      run_script)
 from sfron.mask import saliency_mask
+from sfron.vae import encode_moments
 
 
 def load(path):
@@ -158,6 +159,17 @@ def test_cached_latents_give_the_same_fisher(tmp_path):
     plain, cached = load(tmp_path / "plain" / "1" / "forget_fisher.pt"), load(tmp_path / "cached" / "1" / "forget_fisher.pt")
     for k in plain:
         torch.testing.assert_close(cached[k], plain[k], rtol=1e-3, atol=1e-12)
+
+
+def test_bf16_vae_encode_is_close_to_float32(tmp_path):
+    from diffusers.models import AutoencoderKL
+    vae = AutoencoderKL.from_pretrained(make_vae_folder(tmp_path / "vae")).eval()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    (mean32, std32), (mean16, std16) = encode_moments(vae, x), encode_moments(vae, x, torch.bfloat16)
+    assert mean16.dtype == std16.dtype == torch.float32 and mean16.shape == (2, 4, 4, 4)
+    assert not torch.equal(mean16, mean32)  # the encoder did run in bf16
+    assert float((mean16 - mean32).norm() / mean32.norm()) < 0.05
+    torch.testing.assert_close(std16, std32, rtol=0.05, atol=1e-4)
 
 
 def test_ema_option_and_stale_ema_refused(workdir):

@@ -6,22 +6,20 @@ import torch
 from torch.func import functional_call, grad
 
 from diffusion import create_diffusion
-from models import DiT
+from helpers import tiny_dit
 from sfron.data import Batch
 from sfron.dist import Dist
-from sfron.unlearn import (forget_alpha_at, forget_conditioning, forget_objective, relabel_class, unlearn_step)
+from sfron.mask import load_mask
+from sfron.unlearn import (forget_alpha_at, forget_conditioning, forget_objective, make_optimizer, relabel_class,
+                           unlearn_step)
+from sfron.utils import UserError
 
 DIST = Dist()
 LR, EPS, BETAS = 1e-2, 1e-8, (0.9, 0.999)
 
 
 def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    model = DiT(input_size=4, patch_size=2, in_channels=3, hidden_size=16, depth=1, num_heads=2, num_classes=3)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data.normal_(0, 0.2)
-    return model.train()
+    return tiny_dit(input_size=4, hidden_size=16, depth=1, num_classes=3, scale=0.2, seed=seed).train()
 
 
 def batch(seed, label, n=2):
@@ -164,3 +162,50 @@ def test_forget_label_dropout_switch_changes_the_step():
     a = run_step(tiny_model(), fb, rb, forget_drop_labels=True)
     b = run_step(tiny_model(), fb, rb, forget_drop_labels=False)
     assert max((a[k] - b[k]).abs().max() for k in a) > 0
+
+
+def test_fused_optimizer_follows_the_official_adamw():
+    official, ours = tiny_model(), tiny_model()
+    params = [[p for p in m.parameters() if p.requires_grad] for m in (official, ours)]
+    opts = torch.optim.AdamW(params[0], lr=LR, weight_decay=0), make_optimizer(params[1], LR)
+    assert opts[1].defaults["fused"] and opts[1].defaults["weight_decay"] == 0
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=g) for p in params[0]]
+        for group, opt in zip(params, opts):
+            for p, gr in zip(group, grads):
+                p.grad = gr.clone()
+            opt.step()
+    start = [p for p in tiny_model().parameters() if p.requires_grad]
+    moved = max(float((a - b).detach().abs().max()) for a, b in zip(params[0], start))
+    assert moved > 1e-3
+    for a, b in zip(*params):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_bool_and_float_masks_give_the_same_step():
+    fb, rb = batch(1, 0), batch(2, 1)
+    names = [n for n, p in tiny_model().named_parameters() if p.requires_grad]
+    bool_mask = {n: torch.rand_like(p) > 0.5 for n, p in tiny_model().named_parameters() if p.requires_grad}
+    a = run_step(tiny_model(), fb, rb, mask=bool_mask)
+    b = run_step(tiny_model(), fb, rb, mask={n: bool_mask[n].float() for n in names})
+    for n in names:
+        torch.testing.assert_close(a[n], b[n], rtol=0, atol=0)
+
+
+def test_masks_load_as_bool_and_soft_masks_are_refused(tmp_path):
+    model = tiny_model()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    torch.save({n: (torch.rand_like(p) > 0.5).float() for n, p in params.items()}, tmp_path / "float.pt")
+    mask = load_mask(tmp_path / "float.pt", model, "cpu")
+    assert all(m.dtype == torch.bool for m in mask.values()) and mask.keys() == params.keys()
+    torch.save({n: torch.full_like(p, 0.5) for n, p in params.items()}, tmp_path / "soft.pt")
+    with pytest.raises(UserError, match="values other than 0 and 1"):
+        load_mask(tmp_path / "soft.pt", model, "cpu")
+
+
+def test_a_non_finite_loss_stops_the_step_with_its_name():
+    model, fb, rb = tiny_model(), batch(1, 0), batch(2, 1)
+    fb.x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(UserError, match="non-finite forget loss at step 0"):
+        run_step(model, fb, rb)
