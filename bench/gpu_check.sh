@@ -5,21 +5,24 @@
 #   3.   forget.py at batch 2 with a saliency mask (from a short generate_fisher.py + generate_mask.py) on
 #        synthetic images with the SD-VAE architecture: its peak GPU memory (the paper used a 24 GB RTX 4090).
 # Usage, from the repository root: bash bench/gpu_check.sh [work folder]
+# (MODEL=DiT-S/8 IMAGE_SIZE=64 bash bench/gpu_check.sh runs the same checks small, e.g. on a CPU, as a rehearsal.)
 # The whole DiT-XL/2 run (2000 + 2000 Fisher samples, masks, 600 forget steps) is a second call:
 #   python bench/full_run.py --reference-fisher-samples 16 --reference-forget-steps 8
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=${1:-/tmp/sfron-gpu-check}
 py=${PYTHON:-python}
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-$py bench/throughput.py --model DiT-XL/2 --image-size 256 --batch-size 1 --fisher-samples 16 --forget-steps 8
-$py bench/throughput.py --model DiT-XL/2 --image-size 256 --batch-size 8 --fisher-samples 64 --forget-steps 8 \
+model=${MODEL:-DiT-XL/2}
+size=${IMAGE_SIZE:-256}
+if command -v nvidia-smi > /dev/null; then nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; fi
+$py bench/throughput.py --model "$model" --image-size "$size" --batch-size 1 --fisher-samples 16 --forget-steps 8
+$py bench/throughput.py --model "$model" --image-size "$size" --batch-size 8 --fisher-samples 64 --forget-steps 8 \
     --mfu-batch-sizes 8 32 64
-$py bench/synthetic.py --out "$work" --model DiT-XL/2 --image-size 256 --classes 4 --images-per-class 16
-data=(--model DiT-XL/2 --data-path "$work/data" --ckpt "$work/dit.pt" --vae "$work/vae" --num-classes 1000
+$py bench/synthetic.py --out "$work" --model "$model" --image-size "$size" --classes 4 --images-per-class 16
+data=(--model "$model" --data-path "$work/data" --ckpt "$work/dit.pt" --vae "$work/vae" --num-classes 1000
       --forget-class 0 --precision bf16 --results-dir "$work/results" --num-workers 4)
 $py generate_fisher.py "${data[@]}" --batch-size 8 --n-iters 2 --mask-path "$work/mask" > /dev/null
 $py generate_mask.py --mask-path "$work/mask" --forget-class 0 --thresholds 1
 $py forget.py "${data[@]}" --batch-size 2 --n-iters 20 --snapshot-every 0 --log-every 10 --forget-alpha 1e-3 \
     --decay-forget-alpha --lr 1e-4 --mask-path "$work/mask" --threshold 1 \
-    | grep -E "Saliency mask|Train Steps/Sec|Peak GPU memory"
+    | grep -E "Saliency mask|Train Steps/Sec|Peak GPU memory|Done"
