@@ -167,9 +167,10 @@ class LatentCache:
     n_iters x batch-size times. Optionally saved to / loaded from a file.
     """
 
-    def __init__(self, moments, labels):
+    def __init__(self, moments, labels, loaded=False):
         self.moments = moments  # (N, 2 flips, 2C, h, w)
         self.labels = labels    # (N,)
+        self.loaded = loaded    # read from a file rather than encoded
 
     @classmethod
     @torch.no_grad()
@@ -179,7 +180,7 @@ class LatentCache:
         if path and os.path.isfile(path):
             cached = safe_torch_load(path, what="latent cache")
             if isinstance(cached, dict) and cached.get("tag") == tag:
-                return cls(cached["moments"].to(dist.device), torch.tensor(dataset.targets))
+                return cls(cached["moments"].to(dist.device), torch.tensor(dataset.targets), loaded=True)
         keys = [(i, f) for i in range(len(dataset)) for f in (False, True)]
         per_rank = -(-len(keys) // dist.world_size)
         mine = keys[dist.rank * per_rank:(dist.rank + 1) * per_rank]
@@ -293,6 +294,6 @@ def forget_latent_cache(args, spec, dataset, vae, dist, logger):
         vae_name = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(os.path.normpath(spec.vae)))
         path = os.path.join(args.latent_cache_dir, f"forget-{args.forget_class}-{spec.image_size}-{vae_name}.pt")
     cache = LatentCache.build(dataset, vae, dist, batch_size=32, num_workers=args.num_workers, path=path)
-    logger.info(f"Cached the VAE latents of {len(dataset):,} forget images x 2 flips"
-                + (f" ({path})" if path else ""))
+    logger.info(f"{'Loaded' if cache.loaded else 'Cached'} the VAE latents of {len(dataset):,} forget images x 2 "
+                f"flips" + (f" ({path})" if path else ""))
     return cache

@@ -156,9 +156,13 @@ def test_cached_latents_give_the_same_fisher(tmp_path):
                       "--latent-cache-dir", tmp_path / "latents", cwd=tmp_path)
     assert "Cached the VAE latents of 3 forget images x 2 flips" in proc.stdout
     assert os.listdir(tmp_path / "latents") == ["forget-1-64-vae.pt"]
-    plain, cached = load(tmp_path / "plain" / "1" / "forget_fisher.pt"), load(tmp_path / "cached" / "1" / "forget_fisher.pt")
+    proc = run_script("generate_fisher.py", *common, "--mask-path", tmp_path / "reused", "--cache-latents",
+                      "--latent-cache-dir", tmp_path / "latents", cwd=tmp_path)
+    assert "Loaded the VAE latents of 3 forget images x 2 flips" in proc.stdout  # the next script encodes nothing
+    plain, cached, reused = (load(tmp_path / name / "1" / "forget_fisher.pt") for name in ("plain", "cached", "reused"))
     for k in plain:
         torch.testing.assert_close(cached[k], plain[k], rtol=1e-3, atol=1e-12)
+        torch.testing.assert_close(reused[k], cached[k], rtol=0, atol=0)
 
 
 def test_bf16_vae_encode_is_close_to_float32(tmp_path):
