@@ -64,18 +64,17 @@ def run_reference(args, device):
     """Seconds of the official-semantics loops on part of the work, projected to all of it."""
     model = synthetic.random_dit(args.model, args.image_size, device)
     vae, diffusion = synthetic.sd_vae(device), create_diffusion("")
-    latent = (4, args.image_size // 8, args.image_size // 8)
     n, steps = args.reference_fisher_samples, args.reference_forget_steps
-    images, labels, t, g = throughput.draws(n, (3, args.image_size, args.image_size), 0)
-    noise, eps = torch.randn((n, *latent), generator=g), torch.randn((n, *latent), generator=g)
+    images, labels, t, noise, eps = throughput.draws(n, args.image_size, 0)
     model.eval()
     fisher_s, _ = throughput.timed(lambda: throughput.reference_fisher(model, vae, diffusion, images, labels, t, noise,
                                                                        eps), device)
     model.train()
-    data = throughput.forget_data(steps, args.batch_size, args.batch_size, args.image_size, latent)
-    mask = {k: torch.ones_like(p) for k, p in model.named_parameters() if p.requires_grad}
+    data = throughput.forget_data(steps, args.batch_size, args.batch_size, args.image_size,
+                                  throughput.latent_shape(args.image_size))
     forget_s, _ = throughput.timed(lambda: throughput.run_forget(model, vae, diffusion, data, steps, args.batch_size,
-                                                                 None, mask, official=True), device)
+                                                                 None, throughput.all_ones_mask(model), official=True),
+                                   device)
     # two Fisher passes (forget and remain) of --fisher-samples each
     projected = 2 * args.fisher_samples * fisher_s / n + args.forget_steps * forget_s / steps
     print(f"official semantics: {n / fisher_s:.2f} Fisher samples/s, {steps / forget_s:.3f} forget steps/s "

@@ -68,13 +68,24 @@ def matmul_peak_tflops(device, dtype):
     return 2 * n ** 3 / best / 1e12
 
 
-def draws(n, shape, seed):
+def latent_shape(image_size):
+    """(C, h, w) of the SD-VAE latents of image_size images."""
+    return 4, image_size // 8, image_size // 8
+
+
+def all_ones_mask(model):
+    """A saliency mask that updates every weight, as load_mask gives it (booleans)."""
+    return {k: torch.ones_like(p, dtype=torch.bool) for k, p in model.named_parameters() if p.requires_grad}
+
+
+def draws(n, image_size, seed):
     """n (image, label, t, noise, vae eps) samples, identical for both loops."""
     g = torch.Generator().manual_seed(seed)
-    images = torch.rand((n, *shape), generator=g) * 2 - 1
+    images = torch.rand((n, 3, image_size, image_size), generator=g) * 2 - 1
     labels = torch.randint(0, 1000, (n,), generator=g)
     t = torch.randint(0, 1000, (n,), generator=g)
-    return images, labels, t, g
+    noise, eps = (torch.randn((n, *latent_shape(image_size)), generator=g) for _ in range(2))
+    return images, labels, t, noise, eps
 
 
 def reference_fisher(model, vae, diffusion, images, labels, t, noise, eps):
@@ -209,9 +220,8 @@ def race(reference, ours, full, warmup, device, repeats, before=lambda: None):
 
 def compare_fisher(model, vaes, diffusion, args, amp_dtype, device):
     """Times both Fisher loops on the same samples (vaes: the official VAE, ours as load_vae gives it)."""
-    n, latent = args.fisher_samples, (4, args.image_size // 8, args.image_size // 8)
-    images, labels, t, g = draws(n, (3, args.image_size, args.image_size), 0)
-    noise, eps = torch.randn((n, *latent), generator=g), torch.randn((n, *latent), generator=g)
+    n = args.fisher_samples
+    images, labels, t, noise, eps = draws(n, args.image_size, 0)
     model.eval()
     ref_t, our_t, ref_f, our_f, mem = race(
         lambda k: reference_fisher(model, vaes[0], diffusion, images[:k], labels[:k], t[:k], noise[:k], eps[:k]),
@@ -230,7 +240,7 @@ def compare_forget(model, vaes, diffusion, args, amp_dtype, device, mask, peak):
     Times both forget loops on the same draws (the reference encodes both batches every step in float32; ours
     encodes the forget pool once); returns the speedup.
     """
-    steps, latent = args.forget_steps, (4, args.image_size // 8, args.image_size // 8)
+    steps, latent = args.forget_steps, latent_shape(args.image_size)
     data = forget_data(steps, args.batch_size, args.forget_pool or args.batch_size, args.image_size, latent)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()
@@ -263,10 +273,10 @@ def main(args):
     print(f"{args.model} at {args.image_size}x{args.image_size} on {device_name}, ours in "
           f"{'bf16' if amp_dtype else 'fp32'}, batch {args.batch_size}, best of {args.repeats} after a warm-up")
     fisher_speedup = compare_fisher(model, vaes, diffusion, args, amp_dtype, device)
-    mask = {k: torch.ones_like(p, dtype=torch.bool) for k, p in model.named_parameters() if p.requires_grad}
+    mask = all_ones_mask(model)
     peak = matmul_peak_tflops(device, amp_dtype or torch.float32)
     forget_speedup = compare_forget(model, vaes, diffusion, args, amp_dtype, device, mask, peak)
-    latent = (4, args.image_size // 8, args.image_size // 8)
+    latent = latent_shape(args.image_size)
     step_mfu = {}
     for batch_size in args.mfu_batch_sizes or [args.batch_size]:
         try:

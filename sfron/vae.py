@@ -64,7 +64,8 @@ def encode_moments(vae, x, autocast_dtype=None):
     # On CPUs the encoder's large activations make batches slower per image than one image at a time
     # (measured: 1.98 s vs 1.69 s per 256x256 image on 2 cores), so there it encodes image by image.
     chunks = x.split(1) if x.device.type == "cpu" else (x,)
-    chunks = [chunk.contiguous(memory_format=_input_layout(vae)) for chunk in chunks]
+    layout = _input_layout(vae)
+    chunks = [chunk.contiguous(memory_format=layout) for chunk in chunks]
     with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         moments = [vae.encode(chunk).latent_dist for chunk in chunks]
     mean = torch.cat([m.mean for m in moments]).float().contiguous()  # (N, C, h, w) in the default layout
