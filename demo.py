@@ -1,9 +1,9 @@
 """
-The whole SFR-on pipeline on the embedded digits case, on a CPU in minutes: the shipped digits DiT forgets
-digit 0 with the seed README's commands (generate_fisher.py, generate_mask.py, forget.py --method ron), then
-the original, the unlearned and the retrained-without-0 models are sampled and evaluated with the shipped
-digits classifier. Writes <out>/report.json, <out>/report.md, <out>/samples.png (original | unlearned |
-retrained, from the same noise) and <out>/losses.png.
+The whole SFR-on pipeline on the embedded digits case, on a CPU in minutes: the shipped digits DiT forgets one
+digit (--forget-class, default 0) with the seed README's commands (generate_fisher.py, generate_mask.py, forget.py
+--method ron), then the original, the unlearned and the retrained-without-that-digit models are sampled and
+evaluated with the shipped digits classifier. Writes <out>/report.json, <out>/report.md, <out>/samples.png
+(original | unlearned | retrained, from the same noise) and <out>/losses.png.
 """
 import argparse
 import io
@@ -19,13 +19,17 @@ import generate_mask
 import prepare_digits
 import sample
 import sample_ddp
-from sfron.utils import UserError, atomic_json_dump, atomic_write, run_main
+import train
+from sfron.files import atomic_json_dump, atomic_write
+from sfron.utils import UserError, check_class_index, run_main
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 DIGITS_DIT = os.path.join(ASSETS, "digits_dit.pt")
-DIGITS_RETRAINED = os.path.join(ASSETS, "digits_dit_without_0.pt")
 DIGITS_CLASSIFIER = os.path.join(ASSETS, "digits_classifier.pt")
-FORGET_CLASS = 0  # the class the shipped retrained model never saw
+# the recipe of the shipped digits DiT (README: the embedded digits case); a retrained reference leaves one digit out
+TRAIN_FLAGS = ["--model", "DiT-T/2", "--image-size", 8, "--num-classes", 10, "--vae", "none", "--no-random-flip",
+               "--global-batch-size", 128, "--max-steps", 6000, "--lr", "1e-3", "--ema-decay", 0.999,
+               "--num-workers", 0]
 
 
 def step(script, argv):
@@ -44,7 +48,25 @@ def sample_npz(ckpt, name, args):
     return npz
 
 
-def plot_losses(losses_json, path):
+def retrained_reference(forget_class, reference_dir, data_path, train_missing=True):
+    """
+    The digits DiT retrained without forget_class: shipped in assets/, or kept in reference_dir, or trained there
+    now with train.py (about 10 minutes on 2 CPU cores) when train_missing; None when absent.
+    """
+    name = f"digits_dit_without_{forget_class}.pt"
+    for folder in (ASSETS, reference_dir):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    if not train_missing:
+        return None
+    path = os.path.join(reference_dir, name)
+    print(f"\nNo retrained reference for digit {forget_class}: training one (once; kept in {path})", flush=True)
+    step(train, ["--data-path", data_path, *TRAIN_FLAGS, "--exclude-class", forget_class, "--results-dir",
+                 os.path.join(reference_dir, "runs"), "--export", path])
+    return path
+
+
+def plot_losses(losses_json, path, forget_class):
     """Forget and remain diffusion losses over the unlearning steps."""
     import matplotlib
     matplotlib.use("Agg")
@@ -52,7 +74,7 @@ def plot_losses(losses_json, path):
     rows = json.load(open(losses_json))["losses"]
     steps, forget_loss, remain_loss = zip(*rows)
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    ax.plot(steps, forget_loss, label=f"forget (digit {FORGET_CLASS})")
+    ax.plot(steps, forget_loss, label=f"forget (digit {forget_class})")
     ax.plot(steps, remain_loss, label="remain (other digits)")
     ax.set_xlabel("unlearning step")
     ax.set_ylabel("diffusion loss (MSE + VB)")
@@ -73,20 +95,22 @@ def common_flags(args):
 
 def fisher_and_masks(args, mask_path, results):
     """Steps 1 and 2: the Fisher diagonals and the saliency masks (and the digits folder if missing)."""
-    for path in (DIGITS_DIT, DIGITS_RETRAINED, DIGITS_CLASSIFIER):
+    for path in (DIGITS_DIT, DIGITS_CLASSIFIER):
         if not os.path.isfile(path):
             raise UserError(f"missing shipped file {path}: see 'The embedded digits case' in the README")
+    check_class_index(args.forget_class, 10, "--forget-class", "the digits")
     if not os.path.isdir(os.path.join(args.data_path, "train")):
         step(prepare_digits, ["--out", args.data_path])
-    step(generate_fisher, common_flags(args) + ["--n-iters", args.fisher_iters, "--forget-class", FORGET_CLASS,
+    step(generate_fisher, common_flags(args) + ["--n-iters", args.fisher_iters, "--forget-class", args.forget_class,
                                                 "--mask-path", mask_path, "--results-dir", results])
-    step(generate_mask, ["--mask-path", mask_path, "--forget-class", FORGET_CLASS, "--thresholds", *args.thresholds])
+    step(generate_mask, ["--mask-path", mask_path, "--forget-class", args.forget_class, "--thresholds",
+                         *args.thresholds])
 
 
 def unlearn(args, mask_path, results, seed=0):
     """Step 3, SFR-on with the seed README's flags; returns the run folder."""
     step(forget, common_flags(args) + [
-        "--n-iters", args.forget_iters, "--snapshot-every", 50, "--lr", args.lr, "--forget-class", FORGET_CLASS,
+        "--n-iters", args.forget_iters, "--snapshot-every", 50, "--lr", args.lr, "--forget-class", args.forget_class,
         "--method", "ron", "--unlearn-loss", "ga", "--forget-alpha", args.forget_alpha, "--decay-forget-alpha",
         "--remain-alpha", 1.0, "--mask-path", mask_path, "--threshold", args.threshold, "--results-dir", results,
         "--log-every", 25, "--seed", seed, "--ema-decay", args.ema_decay,
@@ -101,46 +125,57 @@ def main(args):
     os.makedirs(args.out, exist_ok=True)
     mask_path, results = os.path.join(args.out, "mask"), os.path.join(args.out, "results")
     fisher_and_masks(args, mask_path, results)
+    retrained = retrained_reference(args.forget_class, args.reference_dir, args.data_path, args.train_reference)
     run = unlearn(args, mask_path, results)
-    models = {"original": DIGITS_DIT, "unlearned": os.path.join(run, "checkpoints", f"{args.forget_iters:07d}.pt"),
-              "retrained": DIGITS_RETRAINED}
+    models = {"original": DIGITS_DIT, "unlearned": os.path.join(run, "checkpoints", f"{args.forget_iters:07d}.pt")}
+    if retrained is not None:
+        models["retrained"] = retrained
     npz = {name: sample_npz(ckpt, name, args) for name, ckpt in models.items()}
     report_path = os.path.join(args.out, "report.json")
-    step(evaluate, ["--samples", *npz.values(), "--names", *npz.keys(), "--forget-class", FORGET_CLASS,
+    step(evaluate, ["--samples", *npz.values(), "--names", *npz.keys(), "--forget-class", args.forget_class,
                     "--classifier", "digits", "--classifier-weights", DIGITS_CLASSIFIER, "--data-path",
                     args.data_path, "--fid-features", "classifier", "--fid-cache", os.path.join(args.out, "fid_cache"),
                     "--out", report_path])
     step(sample, ["--model", "DiT-T/2", "--ckpt", *models.values(), "--sampler", "ddim", "--num-sampling-steps",
                   args.sampling_steps, "--cfg-scale", args.cfg_scale, "--class-labels", *range(10), "--nrow", 5,
-                  "--min-side", 96, "--out", os.path.join(args.out, "samples.png")])
-    plot_losses(os.path.join(run, "losses.json"), os.path.join(args.out, "losses.png"))
+                  "--min-side", 96, "--titles", *models.keys(), "--out", os.path.join(args.out, "samples.png")])
+    plot_losses(os.path.join(run, "losses.json"), os.path.join(args.out, "losses.png"), args.forget_class)
 
     report = json.load(open(report_path))
-    report["about"].update(forget_run=run, seconds=round(time.time() - start, 1),
-                           figure="samples.png: original | unlearned | retrained, digits 0-9, same noise")
+    report["about"].update(forget_run=run, seconds=round(time.time() - start, 1), retrained=retrained or
+                           f"absent: no digits_dit_without_{args.forget_class}.pt in assets/ or {args.reference_dir}",
+                           figure=f"samples.png: {' | '.join(models)}, digits 0-9, same noise")
     atomic_json_dump(report, report_path)
-    print(f"\nDigit {FORGET_CLASS} forgotten in {report['about']['seconds']} s; FID in the digits classifier's "
+    print(f"\nDigit {args.forget_class} forgotten in {report['about']['seconds']} s; FID in the digits classifier's "
           f"feature space. Results in {args.out}/")
 
 
 def parse_args(argv=None):
     """The command line (argv: a list of arguments instead of sys.argv)."""
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--out", type=str, default="demo_results")
-    parser.add_argument("--data-path", type=str, default="data/digits")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--fisher-iters", type=int, default=8)
-    parser.add_argument("--thresholds", type=str, nargs="+", default=["0.5", "1", "3", "5", "10"])
-    parser.add_argument("--threshold", type=float, default=1.0)
-    parser.add_argument("--forget-iters", type=int, default=100)
-    parser.add_argument("--lr", type=float, default=1.5e-4)
-    parser.add_argument("--forget-alpha", type=float, default=1.0)
-    parser.add_argument("--ema-decay", type=float, default=0.0)
+    parser.add_argument("--out", type=str, default="demo_results", help="output folder")
+    parser.add_argument("--data-path", type=str, default="data/digits",
+                        help="the digits as an ImageNet-style folder (written by prepare_digits.py if missing)")
+    parser.add_argument("--forget-class", type=int, default=0, help="the digit to forget (0-9)")
+    parser.add_argument("--reference-dir", type=str, default="retrained",
+                        help="where retrained references not shipped in assets/ are kept (trained once)")
+    parser.add_argument("--train-reference", action=argparse.BooleanOptionalAction, default=True,
+                        help="train a missing retrained reference with train.py (about 10 minutes on 2 CPU cores); "
+                             "--no-train-reference reports it as absent")
+    parser.add_argument("--batch-size", type=int, default=128, help="samples per step of the three scripts")
+    parser.add_argument("--fisher-iters", type=int, default=8, help="generate_fisher.py --n-iters")
+    parser.add_argument("--thresholds", type=str, nargs="+", default=["0.5", "1", "3", "5", "10"],
+                        help="generate_mask.py --thresholds")
+    parser.add_argument("--threshold", type=float, default=1.0, help="the mask threshold forget.py uses")
+    parser.add_argument("--forget-iters", type=int, default=100, help="forget.py --n-iters")
+    parser.add_argument("--lr", type=float, default=1.5e-4, help="forget.py --lr")
+    parser.add_argument("--forget-alpha", type=float, default=1.0, help="forget.py --forget-alpha (cosine-decayed)")
+    parser.add_argument("--ema-decay", type=float, default=0.0, help="forget.py --ema-decay")
     parser.add_argument("--forget-label-dropout", action=argparse.BooleanOptionalAction, default=True,
                         help="forget.py's switch: label dropout on the forget step too (official) or not")
-    parser.add_argument("--samples-per-class", type=int, default=100)
-    parser.add_argument("--sampling-steps", type=int, default=25)
-    parser.add_argument("--cfg-scale", type=float, default=2.0)
+    parser.add_argument("--samples-per-class", type=int, default=100, help="generated images per digit to evaluate")
+    parser.add_argument("--sampling-steps", type=int, default=25, help="DDIM steps of the evaluation samples")
+    parser.add_argument("--cfg-scale", type=float, default=2.0, help="guidance scale of the evaluation samples")
     return parser.parse_args(argv)
 
 

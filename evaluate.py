@@ -11,9 +11,11 @@ import torch
 
 from sfron.classifier import load_classifier
 from sfron.data import ImageSet, find_class_folders, list_images
+from sfron.files import atomic_json_dump, atomic_write_text
 from sfron.metrics import (FeatureNet, classification_report, classify, fid_against, load_samples, make_fid,
                            markdown_table, reference_statistics)
-from sfron.utils import UserError, atomic_json_dump, atomic_write, run_main
+from sfron.sampling import to_uint8
+from sfron.utils import UserError, check_class_index, run_main
 
 
 def real_image_batches(data_path, class_indices, image_size, per_class, batch_size):
@@ -25,12 +27,11 @@ def real_image_batches(data_path, class_indices, image_size, per_class, batch_si
         found = list_images(root, classes, [c])
         step = max(1, len(found) // per_class) if per_class else 1
         samples += found[::step][:per_class] if per_class else found
-    dataset = ImageSet(samples, image_size, classes)
+    dataset = ImageSet(samples, image_size, classes, root)
 
     def batches():
         for i in range(0, len(dataset), batch_size):
-            x = torch.stack([dataset[j][0] for j in range(i, min(i + batch_size, len(dataset)))])
-            yield ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+            yield to_uint8(torch.stack([dataset[j][0] for j in range(i, min(i + batch_size, len(dataset)))]))
     return batches
 
 
@@ -54,9 +55,8 @@ def evaluate_models(samples, forget_class, classifier, fid_metric=None, referenc
 
 def fid_setup(args, classifier, image_size, device):
     """(FID metric, {'remain', 'forget'} real-image statistics, description of the feature space)."""
-    _, classes = find_class_folders(args.data_path)
-    if not 0 <= args.forget_class < len(classes):
-        raise UserError(f"--forget-class {args.forget_class} is outside the {len(classes)} classes of {args.data_path}")
+    root, classes = find_class_folders(args.data_path)
+    check_class_index(args.forget_class, len(classes), "--forget-class", root)
     if args.fid_features == "inception":
         metric, about = make_fid("inception", args.inception_weights), "InceptionV3 pool3 (2048-d)"
     else:
@@ -92,7 +92,7 @@ def main(args):
                      "samples": dict(zip(names, args.samples))}, **reports}
     atomic_json_dump(out, args.out)
     table = markdown_table(reports)
-    atomic_write(os.path.splitext(args.out)[0] + ".md", lambda f: f.write(table.encode()))
+    atomic_write_text(table, os.path.splitext(args.out)[0] + ".md")
     print(table, end="")
     print(f"Saved {args.out} and its Markdown table")
 

@@ -9,206 +9,171 @@ import argparse
 import os
 import time
 from copy import deepcopy
-from dataclasses import asdict
-from glob import glob
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from cli import add_data_args, add_model_args, latent_cache_options, model_request
 from diffusion import create_diffusion
-from sfron.build import add_model_args, autocast_dtype, load_model_and_vae
-from sfron.data import DiffusionBatches, forget_latent_cache, unlearn_datasets
+from sfron.build import autocast_dtype, load_model_and_vae
+from sfron.data import (DiffusionBatches, LatentEncoder, StreamConfig, dataset_fingerprint, forget_latent_cache,
+                        unlearn_datasets)
 from sfron.dist import distributed
-from sfron.mask import load_mask, resolve_mask_file
-from sfron.sampling import generate, grid_image, per_sample_noise, sampling_diffusion, snapshot_classes
-from sfron.unlearn import (FORGET_LOSSES, METHODS, check_finite_weights, forget_alpha_at, make_optimizer, relabel_class,
-                           unlearn_step)
-from sfron.utils import (UserError, atomic_json_dump, atomic_save_image, atomic_torch_save, create_logger,
-                         run_main, safe_torch_load, start_experiment, update_ema)
-
-# Settings that define a run: a resumed run must not change them.
-RUN_KEYS = ("model", "forget_class", "method", "unlearn_loss", "lr", "batch_size", "n_iters", "forget_alpha",
-            "decay_forget_alpha", "remain_alpha", "grad_clip", "lambd", "seed", "forget_label_dropout", "precision",
-            "ema_decay")
+from sfron.files import atomic_json_dump, atomic_torch_save
+from sfron.loss import check_finite_weights
+from sfron.mask import MaskChoice, kept_share, saliency_mask_for
+from sfron.optim import update_ema
+from sfron.resume import check_same_run, find_resume_checkpoint, pinned_record
+from sfron.sampling import SnapshotGrid, SnapshotOptions, per_sample_noise, snapshot_classes
+from sfron.unlearn import FORGET_LOSSES, METHODS, NON_FINITE_HINT, Unlearner, UnlearnSettings
+from sfron.utils import create_logger, run_main, start_experiment
 
 
-def experiment_name(args):
+@dataclass(frozen=True)
+class DataSource:
+    """The data a run unlearns on: the root folder and a fingerprint of the forget and remain images."""
+    data_path: str
+    fingerprint: str
+
+
+def unlearn_settings(args):
+    """The UnlearnSettings of the command line."""
+    return UnlearnSettings(
+        forget_class=args.forget_class, method=args.method, unlearn_loss=args.unlearn_loss, n_iters=args.n_iters,
+        batch_size=args.batch_size, lr=args.lr, forget_alpha=args.forget_alpha,
+        decay_forget_alpha=args.decay_forget_alpha, remain_alpha=args.remain_alpha, grad_clip=args.grad_clip,
+        lambd=args.lambd, forget_label_dropout=args.forget_label_dropout, seed=args.seed, precision=args.precision,
+        ema_decay=args.ema_decay)
+
+
+def experiment_name(settings, model):
     """The official folder suffix: <model>-forget-<cls>-<method>-<loss>-lr<lr>-f<alpha>-r<alpha>."""
-    return (f"{args.model.replace('/', '-')}-forget-{args.forget_class}-{args.method}-{args.unlearn_loss}"
-            f"-lr{args.lr}-f{args.forget_alpha}-r{args.remain_alpha}")
+    s = settings
+    return (f"{model.replace('/', '-')}-forget-{s.forget_class}-{s.method}-{s.unlearn_loss}"
+            f"-lr{s.lr}-f{s.forget_alpha}-r{s.remain_alpha}")
 
 
-def find_resume_checkpoint(path):
-    """The checkpoint to resume: a file, or the newest checkpoints/NNNNNNN.pt of an experiment folder."""
-    if os.path.isdir(path):
-        found = sorted(glob(os.path.join(path, "checkpoints", "[0-9]" * 7 + ".pt")))
-        if not found:
-            raise UserError(f"--resume {path}: no checkpoints/NNNNNNN.pt in that folder")
-        path = found[-1]
-    checkpoint = safe_torch_load(path, what="checkpoint")
-    if not isinstance(checkpoint, dict) or not {"model", "opt", "args", "train_steps"} <= checkpoint.keys():
-        raise UserError(f"--resume {path} is not a forget.py checkpoint (it lacks optimizer state or step)")
-    return path, checkpoint
-
-
-def merge_resumed_args(args, saved):
-    """The resumed run's settings; any run-defining flag given differently on the command line is an error."""
-    for key in RUN_KEYS:
-        if key in saved and getattr(args, key) != saved[key]:
-            raise UserError(f"--{key.replace('_', '-')} {getattr(args, key)} differs from the resumed run's "
-                            f"{saved[key]}; resume with the original command")
-    return args
-
-
-def save_checkpoint(path, raw_model, ema, opt, args, spec, step, history):
+def save_checkpoint(path, unlearner, ema, run, history):
     """
-    {"model", "ema", "opt", "args", "spec", "train_steps", "losses"}. The official loader prefers "ema": without
-    --ema-decay it holds the very tensors of "model" (stored once), the unlearned weights. (An EMA with decay
-    0.9999 over a few hundred steps, as the official script saves, would still be ~95% the original model.)
+    {"model", "ema", "opt", "args", "spec", "run", "train_steps", "losses"}. The official loader prefers "ema":
+    without --ema-decay it holds the very tensors of "model" (stored once), the unlearned weights. (An EMA with
+    decay 0.9999 over a few hundred steps, as the official script saves, would still be ~95% the original model.)
+    "run" pins what a resumed run must keep; "args" and "spec" are what other scripts read back.
     """
-    state = raw_model.state_dict()
+    state = unlearner.raw_model.state_dict()
     atomic_torch_save({"model": state, "ema": ema.state_dict() if ema is not None else state,
-                       "opt": opt.state_dict(), "args": vars(args), "spec": asdict(spec), "train_steps": step,
-                       "losses": history}, path)
+                       "opt": unlearner.opt.state_dict(), "args": {**run["settings"], "model": run["model"]["model"]},
+                       "spec": run["model"], "run": run, "train_steps": len(history), "losses": history}, path)
 
 
-def check_ema_decay(decay, n_iters):
-    """An EMA that would still hold much of the original model must not be saved as the unlearned model."""
-    if not 0 <= decay < 1:
-        raise UserError(f"--ema-decay must be in [0, 1), got {decay}")
-    left = decay ** n_iters
-    if left > 0.01:
-        raise UserError(f"--ema-decay {decay} over {n_iters} steps leaves {100 * left:.1f}% of the original "
-                        f"weights in the EMA that checkpoints save as the unlearned model; use 0 (no EMA) or a decay "
-                        f"below {0.01 ** (1 / n_iters):.4f}")
-
-
-def save_snapshot(model, vae, spec, args, classes, z, step, checkpoint_dir, logger):
-    """A grid of the forget class and other classes, from the same noise at every snapshot."""
-    diffusion = sampling_diffusion(args.snapshot_sampler, args.snapshot_steps)
-    labels = torch.tensor(classes, device=z.device)
-    images = generate(model, diffusion, vae, labels, z, args.cfg_scale, sampler=args.snapshot_sampler,
-                      autocast_dtype=autocast_dtype(args.precision))
-    path = os.path.join(checkpoint_dir, f"{step:07d}_sample.png")
-    atomic_save_image(grid_image(images, nrow=5), path)
-    logger.info(f"Saved sample grid (classes {classes}) to {path}")
+def restore(resumed, unlearner, ema):
+    """Loads a resumed run's weights, EMA and optimizer; returns its loss history."""
+    unlearner.raw_model.load_state_dict(resumed["model"])  # the loader read "ema"; training continues from "model"
+    if ema is not None:
+        ema.load_state_dict(resumed["ema"])
+    unlearner.opt.load_state_dict(resumed["opt"])
+    return list(resumed.get("losses", []))
 
 
 def main(args):
     """Unlearns --forget-class from the DiT."""
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    resume_path = checkpoint = None
+    settings = unlearn_settings(args)
+    settings.check()
+    request, resumed_path, resumed = model_request(args), None, None
     if args.resume:
-        resume_path, checkpoint = find_resume_checkpoint(args.resume)
-        args = merge_resumed_args(args, checkpoint["args"])
-    if args.method not in METHODS or args.unlearn_loss not in FORGET_LOSSES:
-        raise UserError(f"--method must be one of {METHODS} and --unlearn-loss one of {FORGET_LOSSES}")
-    if args.n_iters < 1 or args.batch_size < 1:
-        raise UserError("--n-iters and --batch-size must be positive")
-    check_ema_decay(args.ema_decay, args.n_iters)
+        resumed_path, resumed = find_resume_checkpoint(args.resume)
+        # the resumed checkpoint's recorded spec gives image size, classes, VAE and flips where no flag does
+        request = replace(request, ckpt=resumed_path)
     with distributed() as dist:
-        torch.manual_seed(args.seed)
-        if checkpoint is None:
-            experiment_dir, logger = start_experiment(dist, args.results_dir, experiment_name(args))
+        torch.manual_seed(settings.seed)
+        if resumed is None:
+            experiment_dir, logger = start_experiment(dist, args.results_dir, experiment_name(settings, args.model))
             logger.info(f"Experiment directory created at {experiment_dir}")
         else:
-            experiment_dir = os.path.dirname(os.path.dirname(os.path.abspath(resume_path)))
+            experiment_dir = os.path.dirname(os.path.dirname(os.path.abspath(resumed_path)))
             logger = create_logger(experiment_dir, dist.rank)
-            logger.info(f"Resuming {experiment_dir} from {resume_path} (step {checkpoint['train_steps']})")
-            args.ckpt = resume_path  # its recorded spec gives image size, classes, VAE and flips
-        checkpoint_dir = os.path.join(experiment_dir, "checkpoints")
-        os.makedirs(checkpoint_dir, exist_ok=True)
-        run(args, dist, logger, experiment_dir, checkpoint_dir, checkpoint)
+            logger.info(f"Resuming {experiment_dir} from {resumed_path} (step {resumed['train_steps']})")
+        run(args, settings, request, dist, logger, experiment_dir, resumed)
 
 
-def saliency_mask_for(args, model, dist, logger):
-    """The mask of --mask-path (a file, or the folder's fisher_<--threshold>.pt), or None."""
-    if not args.mask_path:
-        logger.info("No --mask-path: the forget step updates every weight")
-        return None
-    mask_file = resolve_mask_file(args.mask_path, args.forget_class, args.threshold)
-    mask = load_mask(mask_file, model, dist.device)
-    kept = sum(float(m.sum()) for m in mask.values()) / sum(m.numel() for m in mask.values())
-    logger.info(f"Saliency mask {mask_file}: {100 * kept:.2f}% of weights updated by the forget step")
-    return mask
-
-
-def restore(resumed, raw_model, ema, opt):
-    """Loads a resumed run's weights, EMA and optimizer; returns (its step, its loss history)."""
-    raw_model.load_state_dict(resumed["model"])  # the loader read "ema"; training continues from "model"
-    if ema is not None:
-        ema.load_state_dict(resumed["ema"])
-    opt.load_state_dict(resumed["opt"])
-    return resumed["train_steps"], list(resumed.get("losses", []))
-
-
-def run(args, dist, logger, experiment_dir, checkpoint_dir, resumed):
+def run(args, settings, request, dist, logger, experiment_dir, resumed):
     """The unlearning loop of main()."""
-    raw_model, vae, spec, _ = load_model_and_vae(args, dist.device, logger)
+    raw_model, vae, spec, _ = load_model_and_vae(request, dist.device, logger)
     raw_model.grad_checkpointing = args.grad_checkpointing
-    forget_set, remain_set, _ = unlearn_datasets(args.data_path, args.forget_class, spec.image_size, spec.num_classes)
+    forget_set, remain_set, _ = unlearn_datasets(args.data_path, settings.forget_class, spec.image_size,
+                                                 spec.num_classes)
     logger.info(f"Forget set: {len(forget_set):,} images, remain set: {len(remain_set):,} images ({args.data_path})")
+    mask, mask_record = saliency_mask_for(MaskChoice(args.mask_path, args.threshold), settings.forget_class,
+                                          raw_model, dist.device)
+    record = pinned_record(settings=settings, model=spec, mask=mask_record,
+                           data=DataSource(os.path.abspath(args.data_path), dataset_fingerprint(forget_set, remain_set)))
+    if resumed is not None:
+        check_same_run(resumed["run"], record)
+    logger.info(f"Saliency mask {mask_record.file}: {100 * kept_share(mask):.2f}% of weights updated by the forget "
+                f"step" if mask is not None else "No --mask-path: the forget step updates every weight")
 
-    mask = saliency_mask_for(args, raw_model, dist, logger)
-    relabel = relabel_class(args.forget_class, spec.num_classes) if args.unlearn_loss == "rl" else None
-    if relabel is not None:
-        logger.info(f"Relabelling forget images as class {relabel}")
-
-    opt = make_optimizer([p for p in raw_model.parameters() if p.requires_grad], args.lr)
-    ema = deepcopy(raw_model).requires_grad_(False).eval() if args.ema_decay > 0 else None
-    start, history = restore(resumed, raw_model, ema, opt) if resumed is not None else (0, [])
+    ema = deepcopy(raw_model).requires_grad_(False).eval() if settings.ema_decay > 0 else None
     model = DDP(raw_model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None) \
         if dist.enabled else raw_model
+    diffusion = create_diffusion(timestep_respacing="")
+    unlearner = Unlearner(model, diffusion, settings, dist, mask)
+    if unlearner.relabel is not None:
+        logger.info(f"Relabelling forget images as class {unlearner.relabel}")
+    history = restore(resumed, unlearner, ema) if resumed is not None else []
     raw_model.train()  # label dropout on, as in the official script
 
-    diffusion = create_diffusion(timestep_respacing="")
-    common = dict(global_batch=args.batch_size, dist=dist, seed=args.seed, num_timesteps=diffusion.num_timesteps,
-                  dropout_prob=raw_model.y_embedder.dropout_prob, vae=vae, num_workers=args.num_workers,
-                  start=start, stop=args.n_iters, random_flip=spec.random_flip,
-                  autocast_dtype=autocast_dtype(args.precision))
-    forget_batches = DiffusionBatches(forget_set, "forget",
-                                      latent_cache=forget_latent_cache(args, spec, forget_set, vae, dist, logger),
-                                      **common)
-    remain_batches = DiffusionBatches(remain_set, "remain", **common)
+    start, amp = len(history), autocast_dtype(settings.precision)
+    streams = {}
+    for name, dataset in (("forget", forget_set), ("remain", remain_set)):
+        config = StreamConfig(stream=name, seed=settings.seed, global_batch=settings.batch_size,
+                              num_timesteps=diffusion.num_timesteps, dropout_prob=raw_model.y_embedder.dropout_prob,
+                              random_flip=spec.random_flip)
+        cache = forget_latent_cache(latent_cache_options(args), settings.forget_class, spec, dataset, vae, dist,
+                                    logger) if name == "forget" else None
+        encoder = LatentEncoder(vae, amp, cache) if vae is not None else None
+        streams[name] = DiffusionBatches(dataset, config, dist, range(start, settings.n_iters), encoder,
+                                         args.num_workers)
 
-    classes = snapshot_classes(args.forget_class, spec.num_classes)
-    shape = (raw_model.in_channels, raw_model.input_size, raw_model.input_size)
-    z = per_sample_noise([(args.seed, 7, i) for i in range(len(classes))], shape, dist.device)
-    if dist.is_main and args.snapshot_every > 0 and start == 0:
-        save_snapshot(raw_model, vae, spec, args, classes, z, 0, checkpoint_dir, logger)
+    classes = snapshot_classes(settings.forget_class, spec.num_classes)
+    noise = per_sample_noise([(settings.seed, 7, i) for i in range(len(classes))],
+                             (raw_model.in_channels, raw_model.input_size, raw_model.input_size), dist.device)
+    snapshots = SnapshotGrid(SnapshotOptions(args.snapshot_every, args.snapshot_sampler, args.snapshot_steps,
+                                             args.cfg_scale), classes, noise, vae, amp)
+    checkpoint_dir = os.path.join(experiment_dir, "checkpoints")
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    if dist.is_main and snapshots.due(start) and start == 0:
+        snapshots.save(raw_model, checkpoint_dir, 0, logger)
 
-    logger.info(f"Unlearning for {args.n_iters} steps (from step {start}) with {args.method}/{args.unlearn_loss}, "
-                f"lr {args.lr}, forget alpha {args.forget_alpha}{' (cosine decay)' if args.decay_forget_alpha else ''}, "
-                f"remain alpha {args.remain_alpha}, batch {args.batch_size} on {dist.world_size} process(es)")
-    step_kwargs = dict(method=args.method, unlearn_loss=args.unlearn_loss, remain_alpha=args.remain_alpha, mask=mask,
-                       grad_clip=args.grad_clip, dist=dist, forget_drop_labels=args.forget_label_dropout,
-                       lambd=args.lambd, relabel=relabel, autocast_dtype=autocast_dtype(args.precision))
+    s = settings
+    logger.info(f"Unlearning for {s.n_iters} steps (from step {start}) with {s.method}/{s.unlearn_loss}, "
+                f"lr {s.lr}, forget alpha {s.forget_alpha}{' (cosine decay)' if s.decay_forget_alpha else ''}, "
+                f"remain alpha {s.remain_alpha}, batch {s.batch_size} on {dist.world_size} process(es)")
     running, log_steps, start_time = [0.0, 0.0], 0, time.time()
-    train_steps = start
-    for forget_batch, remain_batch in zip(forget_batches, remain_batches):
-        alpha = forget_alpha_at(train_steps, args.n_iters, args.forget_alpha, args.decay_forget_alpha)
-        f_loss, r_loss = unlearn_step(model, raw_model, diffusion, opt, forget_batch, remain_batch, alpha=alpha,
-                                      **step_kwargs)
+    for forget_batch, remain_batch in zip(streams["forget"], streams["remain"]):
+        alpha = s.forget_alpha_at(len(history))
+        f_loss, r_loss = unlearner.step(forget_batch, remain_batch, alpha)
         if ema is not None:
-            update_ema(ema, raw_model, args.ema_decay)
-        train_steps += 1
-        history.append([train_steps, f_loss, r_loss])
+            update_ema(ema, raw_model, s.ema_decay)
+        history.append([len(history) + 1, f_loss, r_loss])
+        train_steps = len(history)
         running[0] += f_loss
         running[1] += r_loss
         log_steps += 1
-        if train_steps % args.log_every == 0 or train_steps == args.n_iters:
+        if train_steps % args.log_every == 0 or train_steps == s.n_iters:
             elapsed = time.time() - start_time
             logger.info(f"(step={train_steps:07d}) Forget Loss: {running[0] / log_steps:.4f}, Remain Loss: "
                         f"{running[1] / log_steps:.4f}, alpha: {alpha:.3g}, Train Steps/Sec: {log_steps / elapsed:.2f}")
             running, log_steps, start_time = [0.0, 0.0], 0, time.time()
-        if dist.is_main and args.snapshot_every > 0 and train_steps % args.snapshot_every == 0:
-            save_snapshot(ema if ema is not None else raw_model, vae, spec, args, classes, z, train_steps, checkpoint_dir, logger)
-        if train_steps % args.ckpt_every == 0 or train_steps == args.n_iters:
-            check_finite_weights(raw_model, train_steps)  # on every process: identical weights, all stop together
+        if dist.is_main and snapshots.due(train_steps):
+            snapshots.save(ema if ema is not None else raw_model, checkpoint_dir, train_steps, logger)
+        if train_steps % args.ckpt_every == 0 or train_steps == s.n_iters:
+            check_finite_weights(raw_model, train_steps, NON_FINITE_HINT)  # every process: all stop together
             if dist.is_main:
                 path = os.path.join(checkpoint_dir, f"{train_steps:07d}.pt")
-                save_checkpoint(path, raw_model, ema, opt, args, spec, train_steps, history)
+                save_checkpoint(path, unlearner, ema, record, history)
                 atomic_json_dump({"columns": ["step", "forget_loss", "remain_loss"], "losses": history},
                                  os.path.join(experiment_dir, "losses.json"))
                 logger.info(f"Saved checkpoint to {path}")
@@ -221,19 +186,9 @@ def run(args, dist, logger, experiment_dir, checkpoint_dir, resumed):
 def parse_args(argv=None):
     """The command line (argv: a list of arguments instead of sys.argv)."""
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--data-path", type=str, required=True)
-    parser.add_argument("--results-dir", type=str, default="results")
     add_model_args(parser)
-    parser.add_argument("--n-iters", type=int, default=2000, help="unlearning steps")
-    parser.add_argument("--batch-size", type=int, default=1, help="forget and remain samples per step, all processes")
+    add_data_args(parser, n_iters_help="unlearning steps")
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-workers", type=int, default=4)
-    parser.add_argument("--cache-latents", action="store_true",
-                        help="encode the forget images (both flips) with the VAE once instead of at every draw")
-    parser.add_argument("--latent-cache-dir", type=str, default=None,
-                        help="keep the --cache-latents moments in this folder for the next script")
-    parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint interval (and at the last step)")
     parser.add_argument("--snapshot-every", type=int, default=50, help="sample-grid interval (0: none)")
     parser.add_argument("--snapshot-sampler", type=str, choices=["ddim", "ddpm"], default="ddim")
@@ -246,13 +201,14 @@ def parse_args(argv=None):
                              "0: none, 'ema' is the final weights. A decay that would leave over 1%% of the original "
                              "model in the EMA is refused")
     parser.add_argument("--resume", type=str, default=None,
-                        help="an experiment folder or checkpoint of an interrupted run to continue")
+                        help="an experiment folder or checkpoint of an interrupted run to continue; the run's "
+                             "settings, data and mask must be those it started with")
     # unlearning
-    parser.add_argument("--forget-class", type=int, required=True, help="class to forget")
     parser.add_argument("--method", type=str, choices=METHODS, default="ron",
                         help="ron: fast forget step then slow remain step (SFR-on); joint: one step on both losses")
     parser.add_argument("--unlearn-loss", type=str, choices=FORGET_LOSSES, default="ga",
-                        help="ga: gradient ascent; adaga: adaptive gradient ascent; rl: relabelling")
+                        help="ga: gradient ascent; adaga: adaptive gradient ascent; rl: relabelling to (cls+100) "
+                             "mod K, or (cls+1) mod K where that is cls itself")
     parser.add_argument("--lambd", type=float, default=0.5, help="lambda of adaga (weights 1 / loss^lambda)")
     parser.add_argument("--grad-clip", type=float, default=1.0, help="global-norm clip of the forget gradient")
     parser.add_argument("--forget-alpha", type=float, default=1.0, help="weight alpha of the forget loss")

@@ -9,13 +9,15 @@ import os
 
 import torch
 
+from cli import add_data_args, add_model_args, latent_cache_options, model_request
 from diffusion import create_diffusion
-from sfron.build import add_model_args, autocast_dtype, load_model_and_vae
-from sfron.data import DiffusionBatches, forget_latent_cache, unlearn_datasets
+from sfron.build import autocast_dtype, load_model_and_vae
+from sfron.data import DiffusionBatches, LatentEncoder, StreamConfig, forget_latent_cache, unlearn_datasets
 from sfron.dist import distributed
+from sfron.files import atomic_torch_save
 from sfron.fisher import fisher_diagonal
 from sfron.mask import class_dir
-from sfron.utils import UserError, atomic_torch_save, run_main, start_experiment
+from sfron.utils import UserError, run_main, start_experiment
 
 
 def main(args):
@@ -28,7 +30,7 @@ def main(args):
         torch.manual_seed(args.seed)
         experiment_dir, logger = start_experiment(dist, args.results_dir, f"{args.model.replace('/', '-')}-fisher")
         logger.info(f"Experiment directory created at {experiment_dir}")
-        model, vae, spec, _ = load_model_and_vae(args, dist.device, logger)
+        model, vae, spec, _ = load_model_and_vae(model_request(args), dist.device, logger)
         forget_set, remain_set, _ = unlearn_datasets(args.data_path, args.forget_class, spec.image_size,
                                                      spec.num_classes)
         logger.info(f"Forget set: {len(forget_set):,} images, remain set: {len(remain_set):,} images "
@@ -36,16 +38,16 @@ def main(args):
                     f"{dist.world_size} process(es)")
         diffusion = create_diffusion(timestep_respacing="")  # 1000 steps, linear schedule
         out_dir = class_dir(args.mask_path, args.forget_class)
-        caches = {"forget": forget_latent_cache(args, spec, forget_set, vae, dist, logger), "remain": None}
         amp = autocast_dtype(args.precision)  # the DiT and the per-batch VAE encodes
+        caches = {"forget": forget_latent_cache(latent_cache_options(args), args.forget_class, spec, forget_set, vae,
+                                                dist, logger), "remain": None}
         for name, dataset in (("forget", forget_set), ("remain", remain_set)):
-            batches = DiffusionBatches(dataset, f"{name}-fisher", args.batch_size, dist, args.seed,
-                                       diffusion.num_timesteps, vae=vae, latent_cache=caches[name],
-                                       num_workers=args.num_workers, start=0, stop=args.n_iters,
-                                       random_flip=spec.random_flip, autocast_dtype=amp)
+            config = StreamConfig(stream=f"{name}-fisher", seed=args.seed, global_batch=args.batch_size,
+                                  num_timesteps=diffusion.num_timesteps, random_flip=spec.random_flip)
+            encoder = LatentEncoder(vae, amp, caches[name]) if vae is not None else None
+            batches = DiffusionBatches(dataset, config, dist, range(args.n_iters), encoder, args.num_workers)
             fisher = fisher_diagonal(model, diffusion, batches, dist, desc=f"Generate {name} fisher",
-                                     autocast_dtype=amp, log_every=args.log_every,
-                                     logger=logger)
+                                     autocast_dtype=amp, log_every=args.log_every, logger=logger)
             if dist.is_main:
                 path = os.path.join(out_dir, f"{name}_fisher.pt")
                 atomic_torch_save(fisher, path)
@@ -56,20 +58,9 @@ def main(args):
 def parse_args(argv=None):
     """The command line (argv: a list of arguments instead of sys.argv)."""
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--data-path", type=str, required=True)
-    parser.add_argument("--results-dir", type=str, default="results")
     add_model_args(parser)
-    parser.add_argument("--n-iters", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=1,
-                        help="samples per iteration over all processes; any size gives the same estimator")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-workers", type=int, default=4)
-    parser.add_argument("--cache-latents", action="store_true",
-                        help="encode the forget images (both flips) with the VAE once instead of at every draw")
-    parser.add_argument("--latent-cache-dir", type=str, default=None,
-                        help="keep the --cache-latents moments in this folder for the next script")
-    parser.add_argument("--log-every", type=int, default=100)
-    parser.add_argument("--forget-class", type=int, required=True, help="class to forget")
+    add_data_args(parser, n_iters_help="iterations: --n-iters x --batch-size samples of each set (any batch size "
+                                       "estimates the same quantity)")
     parser.add_argument("--mask-path", type=str, default="mask", help="folder for <class>/*_fisher.pt")
     return parser.parse_args(argv)
 

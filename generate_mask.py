@@ -1,21 +1,15 @@
 """
 Step 2 of SFR-on: saliency masks from the Fisher diagonals. For each threshold gamma,
 <mask-path>/<class>/fisher_<gamma>.pt holds S = ((F_f + 1e-15) / (F_r + 1e-15)) >= gamma, a boolean tensor per
-parameter; the share of frozen (zero) weights is printed per threshold.
+parameter; the share of frozen (zero) weights is printed per threshold. Fisher files of the official script are
+read too.
 """
 import argparse
 import os
 
-from sfron.mask import class_dir, mask_filename, saliency_mask, sparsity
-from sfron.utils import UserError, atomic_torch_save, run_main, safe_torch_load
-
-
-def load_fisher(path):
-    """A Fisher file: {name: tensor}."""
-    fisher = safe_torch_load(path, what="Fisher file")
-    if not isinstance(fisher, dict) or not fisher:
-        raise UserError(f"{path} is not a Fisher file (expected a dict of tensors from generate_fisher.py)")
-    return fisher
+from sfron.files import atomic_torch_save
+from sfron.mask import class_dir, load_fisher, mask_filename, saliency_mask, sparsity
+from sfron.utils import UserError, run_main
 
 
 def main(args):

@@ -9,7 +9,8 @@ import os
 import numpy as np
 from PIL import Image
 
-from sfron.utils import atomic_save_image, run_main
+from sfron.files import atomic_save_image
+from sfron.utils import run_main
 
 
 def main(args):

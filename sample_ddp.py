@@ -14,19 +14,20 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from sfron.build import add_model_args, autocast_dtype, load_model_and_vae
+from cli import add_model_args, add_sampling_args, model_request, sampler_config
+from sfron.build import autocast_dtype, load_model_and_vae
 from sfron.dist import distributed
-from sfron.sampling import StepNoise, add_sampling_args, generate, per_sample_noise, sampling_diffusion, to_uint8
-from sfron.utils import UserError, atomic_save_image, atomic_write, run_main, seeded_generator
+from sfron.files import atomic_save_image, atomic_write
+from sfron.sampling import StepNoise, generate, per_sample_noise, to_uint8_nhwc
+from sfron.utils import check_class_index, run_main, seeded_generator
 
 
 def sample_labels(args, num_classes):
     """The class of every image index, fixed by the arguments alone."""
     if args.samples_per_class:
         classes = args.class_labels or list(range(num_classes))
-        bad = [c for c in classes if not 0 <= c < num_classes]
-        if bad:
-            raise UserError(f"class label {bad[0]} is outside the model's {num_classes} classes")
+        for c in classes:
+            check_class_index(c, num_classes, "--class-labels", "the model")
         return np.repeat(np.array(classes, dtype=np.int64), args.samples_per_class)
     g = seeded_generator(args.global_seed, 11)
     classes = torch.tensor(args.class_labels or list(range(num_classes)))
@@ -56,7 +57,7 @@ def main(args):
     """Writes the PNGs and the .npz."""
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     with distributed() as dist:
-        model, vae, spec, _ = load_model_and_vae(args, dist.device)
+        model, vae, spec, _ = load_model_and_vae(model_request(args), dist.device)
         model.eval()
         labels = sample_labels(args, spec.num_classes)
         folder = output_folder(args, spec)
@@ -64,7 +65,7 @@ def main(args):
             os.makedirs(folder, exist_ok=True)
             print(f"Saving {len(labels)} .png samples at {folder}")
         dist.barrier()
-        diffusion = sampling_diffusion(args.sampler, args.num_sampling_steps)
+        config = sampler_config(args)
         shape = (model.in_channels, model.input_size, model.input_size)
         per_proc = args.per_proc_batch_size
         # chunks of per_proc images, chunk k on rank k % world_size: the same batches for any number of processes
@@ -73,10 +74,9 @@ def main(args):
             index = list(range(k * per_proc, min((k + 1) * per_proc, len(labels))))
             seeds = [(args.global_seed, i) for i in index]
             y = torch.from_numpy(labels[index]).to(dist.device)
-            images = generate(model, diffusion, vae, y, per_sample_noise(seeds, shape, dist.device), args.cfg_scale,
-                              sampler=args.sampler, noise_fn=StepNoise(seeds), all_channels=args.cfg_all_channels,
-                              autocast_dtype=autocast_dtype(args.precision))
-            for i, image in zip(index, to_uint8(images)):
+            images = generate(model, vae, y, per_sample_noise(seeds, shape, dist.device), config,
+                              noise_fn=StepNoise(seeds), autocast_dtype=autocast_dtype(args.precision))
+            for i, image in zip(index, to_uint8_nhwc(images)):
                 atomic_save_image(Image.fromarray(image), os.path.join(folder, f"{i:06d}.png"), durable=False)
         dist.barrier()
         if dist.is_main:

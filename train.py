@@ -14,25 +14,26 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from diffusion import create_diffusion
-from sfron.build import ModelSpec, autocast_dtype, build_dit
-from sfron.data import DiffusionBatches, ImageSet, find_class_folders, list_images
-from sfron.dist import distributed
-from sfron.fisher import diffusion_loss
-from sfron.unlearn import check_finite
-from sfron.utils import UserError, atomic_torch_save, run_main, start_experiment, update_ema
-from sfron.vae import latent_channels, load_vae
 from models import DiT_models
+from sfron.build import ModelSpec, autocast_dtype, build_dit
+from sfron.data import DiffusionBatches, ImageSet, LatentEncoder, StreamConfig, find_class_folders, list_images
+from sfron.dist import distributed
+from sfron.files import atomic_torch_save
+from sfron.loss import check_finite, diffusion_loss
+from sfron.optim import update_ema
+from sfron.utils import UserError, check_class_index, run_main, start_experiment
+from sfron.vae import latent_channels, load_vae
 
 
-def training_set(args, num_classes):
-    """The images of every class folder but --exclude-class, labelled by sorted folder position."""
-    root, classes = find_class_folders(args.data_path)
+def training_set(data_path, image_size, num_classes, exclude_class=None):
+    """The images of every class folder but exclude_class, labelled by sorted folder position."""
+    root, classes = find_class_folders(data_path)
     if len(classes) > num_classes:
         raise UserError(f"{root} has {len(classes)} class folders but --num-classes is {num_classes}")
-    if args.exclude_class is not None and not 0 <= args.exclude_class < len(classes):
-        raise UserError(f"--exclude-class {args.exclude_class} is outside the {len(classes)} classes of {root}")
-    keep = [i for i in range(len(classes)) if i != args.exclude_class]
-    return ImageSet(list_images(root, classes, keep), args.image_size, classes)
+    if exclude_class is not None:
+        check_class_index(exclude_class, len(classes), "--exclude-class", root)
+    keep = [i for i in range(len(classes)) if i != exclude_class]
+    return ImageSet(list_images(root, classes, keep), image_size, classes, root)
 
 
 def main(args):
@@ -50,7 +51,7 @@ def main(args):
         model = build_dit(spec, in_channels=3 if vae is None else latent_channels(vae)).to(dist.device)
         ema = deepcopy(model).requires_grad_(False).eval()
         logger.info(f"{spec.describe()}: {sum(p.numel() for p in model.parameters()):,} parameters")
-        dataset = training_set(args, args.num_classes)
+        dataset = training_set(args.data_path, args.image_size, args.num_classes, args.exclude_class)
         logger.info(f"Training on {len(dataset):,} images of {args.data_path}"
                     + (f" without class {args.exclude_class}" if args.exclude_class is not None else ""))
 
@@ -59,16 +60,18 @@ def main(args):
         model.train()
         diffusion = create_diffusion(timestep_respacing="")
         steps = args.max_steps or args.epochs * (len(dataset) // args.global_batch_size)
-        batches = DiffusionBatches(dataset, "train", args.global_batch_size, dist, args.global_seed,
-                                   diffusion.num_timesteps, dropout_prob=model.y_embedder.dropout_prob, vae=vae,
-                                   num_workers=args.num_workers, start=0, stop=steps, random_flip=args.random_flip)
+        config = StreamConfig(stream="train", seed=args.global_seed, global_batch=args.global_batch_size,
+                              num_timesteps=diffusion.num_timesteps, dropout_prob=model.y_embedder.dropout_prob,
+                              random_flip=args.random_flip)
+        encoder = LatentEncoder(vae) if vae is not None else None
+        batches = DiffusionBatches(dataset, config, dist, range(steps), encoder, args.num_workers)
         logger.info(f"Training for {steps} steps of {args.global_batch_size} images")
         running, log_steps, start_time = 0.0, 0, time.time()
         for batch in batches:
             with torch.autocast(dist.device.type, dtype=autocast_dtype(args.precision),
                                 enabled=args.precision == "bf16"):
                 losses = diffusion_loss(ddp, diffusion, batch, force_drop_ids=batch.drop)
-            check_finite(losses, "training", batch.step)
+            check_finite(losses, "training loss", batch.step)
             opt.zero_grad(set_to_none=True)
             losses.mean().backward()
             opt.step()

@@ -10,13 +10,14 @@ import torch.nn.functional as F
 
 from sfron.classifier import DigitsClassifier
 from sfron.data import ImageSet, find_class_folders, list_images
-from sfron.utils import atomic_torch_save, run_main
+from sfron.files import atomic_torch_save
+from sfron.utils import run_main
 
 
 def load_split(data_path, split):
     """All images of a split as one tensor (N, 3, 8, 8) in [-1, 1] and labels (N,)."""
     root, classes = find_class_folders(data_path, split)
-    dataset = ImageSet(list_images(root, classes, range(len(classes))), 8, classes)
+    dataset = ImageSet(list_images(root, classes, range(len(classes))), 8, classes, root)
     x, y = zip(*(dataset[i] for i in range(len(dataset))))
     return torch.stack(x), torch.tensor(y)
 

@@ -63,17 +63,16 @@ def run_ours(args, work):
 def run_reference(args, device):
     """Seconds of the official-semantics loops on part of the work, projected to all of it."""
     model = synthetic.random_dit(args.model, args.image_size, device)
-    vae, diffusion = synthetic.sd_vae(device), create_diffusion("")
+    vae = synthetic.sd_vae(device)
+    setup = throughput.Setup(model, create_diffusion(""), vae, vae, None, throughput.all_ones_mask(model))
     n, steps = args.reference_fisher_samples, args.reference_forget_steps
-    images, labels, t, noise, eps = throughput.draws(n, args.image_size, 0)
+    draws = throughput.draws(n, args.image_size, 0)
     model.eval()
-    fisher_s, _ = throughput.timed(lambda: throughput.reference_fisher(model, vae, diffusion, images, labels, t, noise,
-                                                                       eps), device)
+    fisher_s, _ = throughput.timed(lambda: throughput.reference_fisher(setup, draws), device)
     model.train()
     data = throughput.forget_data(steps, args.batch_size, args.batch_size, args.image_size,
                                   throughput.latent_shape(args.image_size))
-    forget_s, _ = throughput.timed(lambda: throughput.run_forget(model, vae, diffusion, data, steps, args.batch_size,
-                                                                 None, throughput.all_ones_mask(model), official=True),
+    forget_s, _ = throughput.timed(lambda: throughput.run_forget(setup, data, steps, args.batch_size, official=True),
                                    device)
     # two Fisher passes (forget and remain) of --fisher-samples each
     projected = 2 * args.fisher_samples * fisher_s / n + args.forget_steps * forget_s / steps

@@ -25,7 +25,7 @@ def main(args):
     mask_path, results = os.path.join(args.out, "mask"), os.path.join(args.out, "results")
     with contextlib.redirect_stdout(io.StringIO()):
         demo.fisher_and_masks(base, mask_path, results)
-    eval_args = evaluate.parse_args(["--samples", "x", "--forget-class", str(demo.FORGET_CLASS), "--classifier",
+    eval_args = evaluate.parse_args(["--samples", "x", "--forget-class", str(base.forget_class), "--classifier",
                                      "digits", "--classifier-weights", demo.DIGITS_CLASSIFIER, "--data-path",
                                      base.data_path, "--fid-features", "classifier",
                                      "--fid-cache", os.path.join(args.out, "fid_cache")])
@@ -41,7 +41,7 @@ def main(args):
                 run = demo.unlearn(base, mask_path, os.path.join(results, name), seed=seed)
                 npz = demo.sample_npz(os.path.join(run, "checkpoints", f"{base.forget_iters:07d}.pt"), name, base)
                 metric, references, _ = evaluate.fid_setup(eval_args, classifier, 8, "cpu")
-                report = evaluate.evaluate_models({name: load_samples(npz)}, demo.FORGET_CLASS, classifier, metric,
+                report = evaluate.evaluate_models({name: load_samples(npz)}, base.forget_class, classifier, metric,
                                                   references)[name]
             rows.append((dropout, seed, report["forget_acc"], report["remain_acc"], report["fid_remain"]))
             print(f"label dropout on {'forget and remain' if dropout else 'remain only':17s} seed {seed}: "

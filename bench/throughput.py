@@ -6,7 +6,8 @@ Times this repository's Fisher and forget steps against loops with the official 
   latents cached once, fused AdamW, the VAE as load_vae gives it (channels-last on CPUs).
 Prints samples/s, the speedups, peak memory and the model FLOP utilisation (MFU) against a measured matmul peak,
 of the whole forget loop and of the forget step alone (latents ready) at each --mfu-batch-sizes;
-the last line is JSON: {"fisher_speedup": ..., "forget_speedup": ..., "device": ..., "forget_step_mfu": ...}.
+the last line is JSON: {"fisher_speedup", "forget_speedup", "device", "forget_step_mfu", and the raw "fisher" and
+"forget" timings}.
 Random weights (the VAE is the Stable Diffusion VAE architecture built from its config): this measures speed,
 not quality.
 
@@ -18,6 +19,8 @@ import os
 import resource
 import sys
 import time
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -29,8 +32,9 @@ from diffusion import create_diffusion  # noqa: E402
 from models import DiT_models  # noqa: E402
 from sfron.data import Batch  # noqa: E402
 from sfron.dist import Dist  # noqa: E402
-from sfron.fisher import PerSampleSquaredGrads, diffusion_loss  # noqa: E402
-from sfron.unlearn import make_optimizer, unlearn_step  # noqa: E402
+from sfron.fisher import PerSampleSquaredGrads  # noqa: E402
+from sfron.loss import diffusion_loss  # noqa: E402
+from sfron.unlearn import Unlearner, UnlearnSettings  # noqa: E402
 from sfron.vae import encode_moments, sample_latents, with_fast_layout  # noqa: E402
 from synthetic import random_dit, sd_vae  # noqa: E402
 
@@ -78,46 +82,76 @@ def all_ones_mask(model):
     return {k: torch.ones_like(p, dtype=torch.bool) for k, p in model.named_parameters() if p.requires_grad}
 
 
-def draws(n, image_size, seed):
+class Draws(NamedTuple):
     """n (image, label, t, noise, vae eps) samples, identical for both loops."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    t: torch.Tensor
+    noise: torch.Tensor
+    eps: torch.Tensor
+
+    def head(self, k):
+        """The first k samples."""
+        return Draws(*(v[:k] for v in self))
+
+    def batch(self, vae, sl, device, amp_dtype=None):
+        """The Batch of samples sl, VAE-encoded (under amp_dtype) on device."""
+        mean, std = encode_moments(vae, self.images[sl].to(device), amp_dtype)
+        n = len(self.images[sl])
+        return Batch(x=sample_latents(mean, std, self.eps[sl].to(device)), y=self.labels[sl].to(device),
+                     t=self.t[sl].to(device), noise=self.noise[sl].to(device),
+                     drop=torch.zeros(n, dtype=torch.long, device=device))
+
+
+def draws(n, image_size, seed):
+    """n samples of random images with their labels, timesteps, noise and VAE noise."""
     g = torch.Generator().manual_seed(seed)
     images = torch.rand((n, 3, image_size, image_size), generator=g) * 2 - 1
     labels = torch.randint(0, 1000, (n,), generator=g)
     t = torch.randint(0, 1000, (n,), generator=g)
     noise, eps = (torch.randn((n, *latent_shape(image_size)), generator=g) for _ in range(2))
-    return images, labels, t, noise, eps
+    return Draws(images, labels, t, noise, eps)
 
 
-def reference_fisher(model, vae, diffusion, images, labels, t, noise, eps):
+@dataclass
+class Setup:
+    """What both loops run on: the DiT, the diffusion, the VAE of each loop, our autocast dtype and the mask."""
+    model: torch.nn.Module
+    diffusion: object
+    official_vae: torch.nn.Module    # the official layout
+    our_vae: torch.nn.Module         # as load_vae gives it (channels-last on CPUs)
+    amp_dtype: Optional[torch.dtype]
+    mask: Optional[dict] = None
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+
+def reference_fisher(setup, d):
     """The official loop: one sample per step, VAE encode inside, squared gradients accumulated on the CPU."""
-    fisher = {n: 0 for n, p in model.named_parameters() if p.requires_grad}
-    device = next(model.parameters()).device
-    for i in range(len(images)):
-        mean, std = encode_moments(vae, images[i:i + 1].to(device))
-        x = sample_latents(mean, std, eps[i:i + 1].to(device))
-        b = Batch(x=x, y=labels[i:i + 1].to(device), t=t[i:i + 1].to(device), noise=noise[i:i + 1].to(device),
-                  drop=torch.zeros(1, dtype=torch.long, device=device))
+    model, n = setup.model, len(d.images)
+    fisher = {name: 0 for name, p in model.named_parameters() if p.requires_grad}
+    for i in range(n):
+        b = d.batch(setup.official_vae, slice(i, i + 1), setup.device)
         model.zero_grad()
-        diffusion_loss(model, diffusion, b).mean().backward()
-        for n, p in model.named_parameters():
+        diffusion_loss(model, setup.diffusion, b).mean().backward()
+        for name, p in model.named_parameters():
             if p.grad is not None:
-                fisher[n] += p.grad.detach().cpu() ** 2 / len(images)
+                fisher[name] += p.grad.detach().cpu() ** 2 / n
     return fisher
 
 
-def our_fisher(model, vae, diffusion, images, labels, t, noise, eps, batch_size, amp_dtype):
+def our_fisher(setup, d, batch_size):
     """Per-sample squared gradients of whole batches, summed on the device."""
-    device = next(model.parameters()).device
-    with PerSampleSquaredGrads(model) as grads:
-        for s in range(0, len(images), batch_size):
-            sl = slice(s, s + batch_size)
-            mean, std = encode_moments(vae, images[sl].to(device), amp_dtype)
-            b = Batch(x=sample_latents(mean, std, eps[sl].to(device)), y=labels[sl].to(device), t=t[sl].to(device),
-                      noise=noise[sl].to(device), drop=torch.zeros(len(images[sl]), dtype=torch.long, device=device))
+    device, amp_dtype = setup.device, setup.amp_dtype
+    with PerSampleSquaredGrads(setup.model) as grads:
+        for s in range(0, len(d.images), batch_size):
+            b = d.batch(setup.our_vae, slice(s, s + batch_size), device, amp_dtype)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                losses = diffusion_loss(model, diffusion, b)
+                losses = diffusion_loss(setup.model, setup.diffusion, b)
             grads.backward(losses.float().sum())
-    return {n: v.cpu() / len(images) for n, v in grads.sums.items()}
+    return {name: v.cpu() / len(d.images) for name, v in grads.sums.items()}
 
 
 def forget_data(steps, batch_size, pool, image_size, latent, seed=1):
@@ -148,19 +182,21 @@ def forget_batches(vae, data, steps, batch_size, device, cached=None, amp_dtype=
                for k, (mean, std) in enumerate((forget, remain))]
 
 
-def ron_step(model, diffusion, opt, fb, rb, mask, amp_dtype):
-    """One step of forget.py's default ron loop."""
-    unlearn_step(model, model, diffusion, opt, fb, rb, method="ron", unlearn_loss="ga", alpha=1e-3, remain_alpha=1.0,
-                 mask=mask, grad_clip=1.0, dist=Dist(device=next(model.parameters()).device), autocast_dtype=amp_dtype)
+def ron_unlearner(setup, official=False):
+    """forget.py's default ron step (ga, lr 1e-4, clip 1.0) with the official AdamW (foreach) or ours (fused)."""
+    bf16 = setup.amp_dtype is not None and not official
+    settings = UnlearnSettings(forget_class=0, precision="bf16" if bf16 else "fp32")
+    params = [p for p in setup.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0) if official else None
+    return Unlearner(setup.model, setup.diffusion, settings, Dist(device=setup.device), setup.mask, opt)
 
 
-def run_forget(model, vae, diffusion, data, steps, batch_size, amp_dtype, mask, cached=None, official=False):
-    """The ron loop on the benchmark data: the official AdamW (foreach) or ours (fused)."""
-    device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0) if official else make_optimizer(params, 1e-4)
-    for fb, rb in forget_batches(vae, data, steps, batch_size, device, cached, amp_dtype):
-        ron_step(model, diffusion, opt, fb, rb, mask, amp_dtype)
+def run_forget(setup, data, steps, batch_size, cached=None, official=False):
+    """The ron loop on the benchmark data: the official semantics (float32, VAE in the loop, foreach AdamW) or ours."""
+    unlearner = ron_unlearner(setup, official)
+    vae, amp_dtype = (setup.official_vae, None) if official else (setup.our_vae, setup.amp_dtype)
+    for fb, rb in forget_batches(vae, data, steps, batch_size, setup.device, cached, amp_dtype):
+        unlearner.step(fb, rb, alpha=1e-3)
 
 
 def step_flops(model, diffusion, batch_size, shape, device):
@@ -177,9 +213,9 @@ def step_flops(model, diffusion, batch_size, shape, device):
     return 2 * counter.get_total_flops() * batch_size
 
 
-def forget_step_mfu(model, diffusion, batch_size, latent, mask, amp_dtype, peak, steps=5):
+def forget_step_mfu(setup, batch_size, latent, peak, steps=5):
     """MFU (%) of the ron step alone, on latents already on the device (no VAE, no data loading)."""
-    device = next(model.parameters()).device
+    device = setup.device
     g = torch.Generator().manual_seed(2)
 
     def latent_batch():
@@ -188,12 +224,12 @@ def forget_step_mfu(model, diffusion, batch_size, latent, mask, amp_dtype, peak,
                      t=torch.randint(0, 1000, (batch_size,), generator=g).to(device),
                      noise=torch.randn_like(x).to(device), drop=torch.zeros(batch_size, dtype=torch.long, device=device))
     fb, rb = latent_batch(), latent_batch()
-    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], 1e-4)
+    unlearner = ron_unlearner(setup)
     for _ in range(2):  # warm-up: kernel selection, allocator, optimizer state
-        ron_step(model, diffusion, opt, fb, rb, mask, amp_dtype)
-    elapsed, _ = timed(lambda: [ron_step(model, diffusion, opt, fb, rb, mask, amp_dtype) for _ in range(steps)],
-                       device)
-    return 100 * step_flops(model, diffusion, batch_size, latent, device) * steps / elapsed / 1e12 / peak
+        unlearner.step(fb, rb, alpha=1e-3)
+    elapsed, _ = timed(lambda: [unlearner.step(fb, rb, alpha=1e-3) for _ in range(steps)], device)
+    flops = step_flops(setup.model, setup.diffusion, batch_size, latent, device)
+    return 100 * flops * steps / elapsed / 1e12 / peak
 
 
 def race(reference, ours, full, warmup, device, repeats, before=lambda: None):
@@ -218,46 +254,44 @@ def race(reference, ours, full, warmup, device, repeats, before=lambda: None):
     return min(ref_s), min(our_s), ref_out, our_out, our_mem
 
 
-def compare_fisher(model, vaes, diffusion, args, amp_dtype, device):
-    """Times both Fisher loops on the same samples (vaes: the official VAE, ours as load_vae gives it)."""
+def compare_fisher(setup, args, repeats):
+    """Times both Fisher loops on the same samples; returns the speedup."""
     n = args.fisher_samples
-    images, labels, t, noise, eps = draws(n, args.image_size, 0)
-    model.eval()
-    ref_t, our_t, ref_f, our_f, mem = race(
-        lambda k: reference_fisher(model, vaes[0], diffusion, images[:k], labels[:k], t[:k], noise[:k], eps[:k]),
-        lambda k: our_fisher(model, vaes[1], diffusion, images[:k], labels[:k], t[:k], noise[:k], eps[:k],
-                             args.batch_size, amp_dtype),
-        n, min(n, args.batch_size), device, args.repeats)
+    d = draws(n, args.image_size, 0)
+    setup.model.eval()
+    ref_t, our_t, ref_f, our_f, mem = race(lambda k: reference_fisher(setup, d.head(k)),
+                                           lambda k: our_fisher(setup, d.head(k), args.batch_size),
+                                           n, min(n, args.batch_size), setup.device, repeats)
     num = sum(float((our_f[k] - ref_f[k]).abs().sum()) for k in ref_f)
     den = sum(float(ref_f[k].abs().sum()) for k in ref_f)
     print(f"Fisher:  reference {n / ref_t:8.2f} samples/s | ours {n / our_t:8.2f} samples/s | speedup "
           f"{ref_t / our_t:5.2f}x | relative L1 difference of the Fisher {num / den:.2e} | peak memory {mem:.2f} GB")
-    return ref_t / our_t
+    return dict(reference_s=ref_t, ours_s=our_t, samples=n, relative_l1_difference=num / den)
 
 
-def compare_forget(model, vaes, diffusion, args, amp_dtype, device, mask, peak):
+def compare_forget(setup, args, repeats, peak):
     """
     Times both forget loops on the same draws (the reference encodes both batches every step in float32; ours
     encodes the forget pool once); returns the speedup.
     """
-    steps, latent = args.forget_steps, latent_shape(args.image_size)
+    steps, latent, device = args.forget_steps, latent_shape(args.image_size), setup.device
     data = forget_data(steps, args.batch_size, args.forget_pool or args.batch_size, args.image_size, latent)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    model.train()
+    state = {k: v.clone() for k, v in setup.model.state_dict().items()}
+    setup.model.train()
 
     def ours(k):
-        cached = encode_moments(vaes[1], data["forget"].to(device))  # once (--cache-latents: both flips)
-        run_forget(model, vaes[1], diffusion, data, k, args.batch_size, amp_dtype, mask, cached)
-    ref_t, our_t, _, _, mem = race(
-        lambda k: run_forget(model, vaes[0], diffusion, data, k, args.batch_size, None, mask, official=True), ours,
-        steps, 1, device, args.repeats, before=lambda: model.load_state_dict(state))
-    flops = step_flops(model, diffusion, args.batch_size, latent, device) * steps
+        cached = encode_moments(setup.our_vae, data["forget"].to(device))  # once (--cache-latents: both flips)
+        run_forget(setup, data, k, args.batch_size, cached)
+    ref_t, our_t, _, _, mem = race(lambda k: run_forget(setup, data, k, args.batch_size, official=True), ours,
+                                   steps, 1, device, repeats, before=lambda: setup.model.load_state_dict(state))
+    flops = step_flops(setup.model, setup.diffusion, args.batch_size, latent, device) * steps
     print(f"Forget:  reference {steps / ref_t:8.3f} steps/s | ours {steps / our_t:8.3f} steps/s | speedup "
           f"{ref_t / our_t:5.2f}x | peak memory {mem:.2f} GB")
+    mfu = 100 * flops / our_t / 1e12 / peak
     print(f"Model FLOP utilisation of our forget loop (VAE time included, its FLOPs not counted): "
           f"{flops / our_t / 1e12:.2f} TFLOP/s of a measured {peak:.2f} TFLOP/s matmul peak = "
-          f"{100 * flops / our_t / 1e12 / peak:.1f}% (reference loop: {100 * flops / ref_t / 1e12 / peak:.1f}%)")
-    return ref_t / our_t
+          f"{mfu:.1f}% (reference loop: {100 * flops / ref_t / 1e12 / peak:.1f}%)")
+    return dict(reference_s=ref_t, ours_s=our_t, steps=steps, mfu=mfu)
 
 
 def main(args):
@@ -266,29 +300,29 @@ def main(args):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     amp_dtype = {"bf16": torch.bfloat16, "fp32": None}[args.precision or ("bf16" if device.type == "cuda" else "fp32")]
-    args.repeats = args.repeats or (1 if device.type == "cuda" else 2)
-    model, diffusion = random_dit(args.model, args.image_size, device), create_diffusion("")
-    vaes = sd_vae(device), with_fast_layout(sd_vae(device))  # the official layout; ours as load_vae gives it
+    repeats = args.repeats or (1 if device.type == "cuda" else 2)
+    setup = Setup(random_dit(args.model, args.image_size, device), create_diffusion(""), sd_vae(device),
+                  with_fast_layout(sd_vae(device)), amp_dtype)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{args.model} at {args.image_size}x{args.image_size} on {device_name}, ours in "
-          f"{'bf16' if amp_dtype else 'fp32'}, batch {args.batch_size}, best of {args.repeats} after a warm-up")
-    fisher_speedup = compare_fisher(model, vaes, diffusion, args, amp_dtype, device)
-    mask = all_ones_mask(model)
+          f"{'bf16' if amp_dtype else 'fp32'}, batch {args.batch_size}, best of {repeats} after a warm-up")
+    fisher = compare_fisher(setup, args, repeats)
+    setup.mask = all_ones_mask(setup.model)
     peak = matmul_peak_tflops(device, amp_dtype or torch.float32)
-    forget_speedup = compare_forget(model, vaes, diffusion, args, amp_dtype, device, mask, peak)
-    latent = latent_shape(args.image_size)
+    forget = compare_forget(setup, args, repeats, peak)
     step_mfu = {}
     for batch_size in args.mfu_batch_sizes or [args.batch_size]:
         try:
-            step_mfu[batch_size] = round(forget_step_mfu(model, diffusion, batch_size, latent, mask, amp_dtype, peak), 1)
+            step_mfu[batch_size] = round(forget_step_mfu(setup, batch_size, latent_shape(args.image_size), peak), 1)
             print(f"MFU of the forget step alone (latents ready) at batch {batch_size}: {step_mfu[batch_size]:.1f}%")
         except torch.OutOfMemoryError:
             print(f"MFU of the forget step alone at batch {batch_size}: out of memory")
-        model.zero_grad(set_to_none=True)
+        setup.model.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    print(json.dumps({"fisher_speedup": round(fisher_speedup, 3), "forget_speedup": round(forget_speedup, 3),
-                      "device": device_name, "forget_step_mfu": step_mfu}))
+    print(json.dumps({"fisher_speedup": fisher["reference_s"] / fisher["ours_s"],
+                      "forget_speedup": forget["reference_s"] / forget["ours_s"], "device": device_name,
+                      "forget_step_mfu": step_mfu, "fisher": fisher, "forget": forget}))
 
 
 def parse_args(argv=None):

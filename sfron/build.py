@@ -1,23 +1,35 @@
 """
-Builds the DiT and its VAE from the command line and the checkpoint. --image-size, --num-classes and --vae
-default to what the checkpoint's weights imply (3 input channels: a pixel-space model; the position embedding
-gives the input size; the label table the class count), so the same commands run on DiT-XL/2 and on a small
-pixel-space DiT. Flags given explicitly always win, and a checkpoint that does not fit is a clear error.
+Builds the DiT and its VAE from a ModelRequest and the checkpoint. The image size, class count and VAE default to
+what the checkpoint's weights imply (3 input channels: a pixel-space model; the position embedding gives the input
+size; the label table the class count), so the same commands run on DiT-XL/2 and on a small pixel-space DiT.
+Values given explicitly always win, and a checkpoint that does not fit is a clear error.
 """
-import argparse
 from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 
-from download import find_checkpoint, load_model_weights, pretrained_models
 from models import DiT_models
 
+from .checkpoint import PRETRAINED_MODELS, find_checkpoint, load_model_weights
 from .utils import UserError
 from .vae import VAE_DOWNSAMPLE, is_pixel_space, latent_channels, load_vae
 
 
-@dataclass
+@dataclass(frozen=True)
+class ModelRequest:
+    """The model a command line asks for; None means: as the checkpoint implies or records, else the official default."""
+    model: str = "DiT-XL/2"
+    ckpt: Optional[str] = None   # a released name or a local file (None: the released checkpoint of model and size)
+    image_size: Optional[int] = None
+    num_classes: Optional[int] = None
+    vae: Optional[str] = None    # 'ema' | 'mse' | a local folder | 'none'
+    random_flip: Optional[bool] = None
+
+
+@dataclass(frozen=True)
 class ModelSpec:
+    """The resolved configuration of a DiT and its data."""
     model: str
     image_size: int
     num_classes: int
@@ -40,6 +52,13 @@ class ModelSpec:
         return f"{self.model}, {self.image_size}x{self.image_size}, {self.num_classes} classes, {space}{flips}"
 
 
+class LoadedModel(NamedTuple):
+    model: torch.nn.Module   # the DiT with the checkpoint's weights
+    vae: Optional[torch.nn.Module]
+    spec: ModelSpec
+    ckpt: str                # where the weights came from
+
+
 def implied_by_weights(state_dict):
     """What a DiT state dict says about its configuration (None where it says nothing)."""
     found = {}
@@ -59,32 +78,32 @@ def implied_by_weights(state_dict):
 
 
 def default_checkpoint(model, image_size):
-    """The released checkpoint to download when --ckpt is not given."""
+    """The released checkpoint to download when no checkpoint is given."""
     name = f"{model.replace('/', '-')}-{image_size}x{image_size}.pt"
-    if name not in pretrained_models:
+    if name not in PRETRAINED_MODELS:
         raise UserError(f"--ckpt is required: no released checkpoint for {model} at {image_size}x{image_size} "
-                        f"(released: {', '.join(sorted(pretrained_models))})")
+                        f"(released: {', '.join(sorted(PRETRAINED_MODELS))})")
     return name
 
 
-def resolve_spec(args, state_dict, recorded=None):
+def resolve_spec(request, state_dict, recorded=None):
     """
-    The model settings: explicit flags first, then what the checkpoint records about itself, then what its
-    weights imply, then the official defaults.
+    The model settings: explicit values of the request first, then what the checkpoint records about itself,
+    then what its weights imply, then the official defaults.
     """
     implied = implied_by_weights(state_dict) if state_dict is not None else {}
     recorded = recorded or {}
 
-    def pick(flag, default):
-        value = getattr(args, flag, None)
-        return value if value is not None else recorded.get(flag, default)
+    def pick(field, default):
+        value = getattr(request, field)
+        return value if value is not None else recorded.get(field, default)
 
     vae = pick("vae", "none" if implied.get("in_channels") == 3 else "ema")
     pixel = is_pixel_space(vae)
     size = implied.get("input_size")
     image_size = pick("image_size", 256 if size is None else (size if pixel else size * VAE_DOWNSAMPLE))
     num_classes = pick("num_classes", implied.get("num_classes", 1000))
-    spec = ModelSpec(model=args.model, image_size=image_size, num_classes=num_classes, vae=vae,
+    spec = ModelSpec(model=request.model, image_size=image_size, num_classes=num_classes, vae=vae,
                      learn_sigma=implied.get("learn_sigma", True), random_flip=pick("random_flip", True))
     if not pixel and image_size % VAE_DOWNSAMPLE:
         raise UserError(f"--image-size {image_size} must be divisible by {VAE_DOWNSAMPLE} for the VAE")
@@ -102,14 +121,14 @@ def build_dit(spec, in_channels):
         raise UserError(f"{spec.describe()}: {e}") from None
 
 
-def load_model_and_vae(args, device, logger=None, with_vae=True):
+def load_model_and_vae(request, device, logger=None, with_vae=True):
     """
-    (DiT with the checkpoint's weights on device, VAE or None, ModelSpec, checkpoint name) for a script.
-    with_vae=False skips loading the VAE (returned as None) when the caller already has it.
+    LoadedModel(DiT with the checkpoint's weights on device, VAE or None, ModelSpec, checkpoint name) for a
+    ModelRequest. with_vae=False skips loading the VAE (returned as None) when the caller already has it.
     """
-    ckpt = args.ckpt
+    ckpt = request.ckpt
     state_dict, recorded = find_checkpoint(ckpt) if ckpt else (None, {})
-    spec = resolve_spec(args, state_dict, recorded)
+    spec = resolve_spec(request, state_dict, recorded)
     if state_dict is None:
         ckpt = default_checkpoint(spec.model, spec.image_size)
         state_dict, _ = find_checkpoint(ckpt)
@@ -120,32 +139,9 @@ def load_model_and_vae(args, device, logger=None, with_vae=True):
     load_model_weights(model, state_dict, ckpt, spec.describe(), assign=True)
     if logger is not None:
         logger.info(f"Model: {spec.describe()}, weights from {ckpt}")
-    return model.to(device), vae, spec, ckpt
-
-
-def add_model_args(parser, default_model="DiT-XL/2", several_ckpts=False):
-    """
-    The official model flags. --image-size, --num-classes and --vae default to what the checkpoint implies.
-    several_ckpts: --ckpt takes one or more checkpoints (drawn side by side by sample.py).
-    """
-    parser.add_argument("--model", type=str, choices=list(DiT_models.keys()), default=default_model)
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="image side in pixels (default: implied by the checkpoint, else 256)")
-    parser.add_argument("--num-classes", type=int, default=None,
-                        help="classes of the model (default: implied by the checkpoint, else 1000)")
-    parser.add_argument("--vae", type=str, default=None,
-                        help="ema | mse (stabilityai/sd-vae-ft-*), a local diffusers VAE folder, or none for a "
-                             "pixel-space model (default: none for 3-channel checkpoints, else ema)")
-    parser.add_argument("--ckpt", type=str, default=None, nargs="+" if several_ckpts else None,
-                        help="a DiT checkpoint: a released name (DiT-XL-2-256x256.pt, downloaded when online) or a "
-                             "local file (default: the released checkpoint of --model at --image-size)"
-                             + ("; several are drawn side by side from the same noise" if several_ckpts else ""))
-    parser.add_argument("--random-flip", action=argparse.BooleanOptionalAction, default=None,
-                        help="random horizontal flips of the data (default: as the checkpoint was trained, else on)")
-    parser.add_argument("--precision", type=str, choices=["fp32", "bf16"], default="fp32",
-                        help="bf16 runs the DiT and the per-batch VAE encodes under autocast (weights, optimizer "
-                             "and latent caches stay float32)")
+    return LoadedModel(model.to(device), vae, spec, ckpt)
 
 
 def autocast_dtype(precision):
+    """The autocast dtype of --precision (None: float32, no autocast)."""
     return torch.bfloat16 if precision == "bf16" else None

@@ -1,13 +1,14 @@
 """
-The classifiers that judge generated images (SPEC section 5): a torchvision ImageNet model read from a local
-weights file, or the small CNN of the embedded digits case. Both take images in [-1, 1] and return logits;
+The classifiers that judge generated images (the forget and remain accuracy of the SFR-on paper): a torchvision
+ImageNet model read from a local weights file, or the small CNN of the embedded digits case. Both take images in [-1, 1] and return logits;
 `features` gives the penultimate activations (the digits FID is computed in that space).
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .utils import UserError, first_line, safe_torch_load
+from .files import safe_torch_load
+from .utils import UserError, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

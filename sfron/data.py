@@ -7,16 +7,19 @@ Batches are drawn from a deterministic stream: sample p of the stream has the sa
 and label drop whatever the batch size and the number of processes (each process takes its slice of a global
 batch), and a resumed run continues the stream where it stopped.
 """
+import hashlib
 import os
 import re
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from .utils import UserError, atomic_torch_save, safe_torch_load, seeded_generator
+from .files import atomic_torch_save, safe_torch_load
+from .utils import UserError, check_class_index, seeded_generator
 from .vae import encode_moments, sample_latents
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -67,10 +70,11 @@ class ImageSet(Dataset):
     that the random horizontal flip is part of the deterministic stream; a plain index means no flip.
     """
 
-    def __init__(self, samples, image_size, classes):
+    def __init__(self, samples, image_size, classes, root=None):
         self.samples = samples
         self.image_size = image_size
         self.classes = classes
+        self.root = root  # the split folder the sample paths start with
         self.targets = [label for _, label in samples]
 
     def __len__(self):
@@ -102,15 +106,22 @@ def unlearn_datasets(data_path, forget_class, image_size, num_classes):
     root, classes = find_class_folders(data_path)
     if len(classes) > num_classes:
         raise UserError(f"{root} has {len(classes)} class folders but the model has {num_classes} classes")
-    if not 0 <= forget_class < len(classes):
-        raise UserError(f"--forget-class {forget_class} is outside the {len(classes)} classes of {root} "
-                        f"(0..{len(classes) - 1})")
-    forget = ImageSet(list_images(root, classes, [forget_class]), image_size, classes)
+    check_class_index(forget_class, len(classes), "--forget-class", root)
+    forget = ImageSet(list_images(root, classes, [forget_class]), image_size, classes, root)
     remain_ids = [i for i in range(len(classes)) if i != forget_class]
     if not remain_ids:
         raise UserError(f"{root} has no class besides the forget class: the remain set would be empty")
-    remain = ImageSet(list_images(root, classes, remain_ids), image_size, classes)
+    remain = ImageSet(list_images(root, classes, remain_ids), image_size, classes, root)
     return forget, remain, classes
+
+
+def dataset_fingerprint(*datasets):
+    """SHA-256 of the image files (paths below the split folder) and labels of the datasets: what a run saw."""
+    digest = hashlib.sha256()
+    for dataset in datasets:
+        for path, label in dataset.samples:
+            digest.update(f"{label}\t{os.path.relpath(path, dataset.root)}\n".encode())
+    return digest.hexdigest()
 
 
 #################################################################################
@@ -215,38 +226,52 @@ class Batch:
     step: int = 0
 
 
+@dataclass(frozen=True)
+class StreamConfig:
+    """What a stream of diffusion batches draws: which stream, its seed, the global batch and the draws' laws."""
+    stream: str              # a key of STREAMS: forget, remain, forget-fisher, remain-fisher, train
+    seed: int
+    global_batch: int
+    num_timesteps: int = 1000
+    dropout_prob: float = 0.0  # label dropout of training mode (0: eval mode)
+    random_flip: bool = True
+
+
+@dataclass
+class LatentEncoder:
+    """How images become a latent DiT's input: the VAE, the autocast dtype of its encodes, a cache of moments."""
+    vae: torch.nn.Module
+    autocast_dtype: Optional[torch.dtype] = None
+    cache: Optional[LatentCache] = None
+
+
 class DiffusionBatches:
     """
-    The batches one process sees for steps start..stop-1 of a stream: images (VAE-encoded for latent models,
-    under autocast_dtype if given, or taken from a latent cache), with their timesteps, noise and label-dropout
-    draws.
+    The batches one process sees for the given steps of a stream: images (VAE-encoded by `encoder` for latent
+    models, or taken from its latent cache), with their timesteps, noise and label-dropout draws.
     """
 
-    def __init__(self, dataset, stream, global_batch, dist, seed, num_timesteps, dropout_prob=0.0, vae=None,
-                 latent_cache=None, num_workers=0, start=0, stop=None, random_flip=True, autocast_dtype=None):
-        self.dataset, self.stream_id, self.global_batch, self.dist = dataset, STREAMS[stream], global_batch, dist
-        self.seed, self.num_timesteps, self.dropout_prob = seed, num_timesteps, dropout_prob
-        self.vae, self.latent_cache, self.num_workers = vae, latent_cache, num_workers
-        self.autocast_dtype = autocast_dtype
-        self.start, self.stop = start, stop
-        self.shard = dist.shard(global_batch)
-        self.stream = SampleStream(len(dataset), seed, self.stream_id, flip=random_flip)
-
-    def _keys(self):
-        return _RankBatches(self.stream, self.global_batch, self.shard, self.start, self.stop)
+    def __init__(self, dataset, config, dist, steps, encoder=None, num_workers=0):
+        if config.stream not in STREAMS:
+            raise ValueError(f"unknown stream {config.stream}")
+        self.dataset, self.config, self.dist, self.steps = dataset, config, dist, steps
+        self.encoder, self.num_workers = encoder, num_workers
+        self.stream_id = STREAMS[config.stream]
+        self.shard = dist.shard(config.global_batch)
+        self.stream = SampleStream(len(dataset), config.seed, self.stream_id, flip=config.random_flip)
 
     def _loader(self):
         """(step, images or cached moments, labels) for each step, loaded in worker processes if asked."""
-        keys = self._keys()
-        if self.latent_cache is not None:
-            for step, batch_keys in zip(range(self.start, self.stop), keys):
-                moments, y = self.latent_cache.lookup(batch_keys)
+        keys = _RankBatches(self.stream, self.config.global_batch, self.shard, self.steps.start, self.steps.stop)
+        cache = self.encoder.cache if self.encoder is not None else None
+        if cache is not None:
+            for step, batch_keys in zip(self.steps, keys):
+                moments, y = cache.lookup(batch_keys)
                 yield step, moments, y
             return
         loader = DataLoader(self.dataset, batch_sampler=keys, num_workers=self.num_workers,
-                            pin_memory=self.dist.device.type == "cuda",
-                            persistent_workers=False)
-        for step, (x, y) in zip(range(self.start, self.stop), loader):
+                            pin_memory=self.dist.device.type == "cuda", persistent_workers=False)
+        for step, (x, y) in zip(self.steps, loader):
             yield step, x, y
 
     def _draws(self, step, shape):
@@ -256,44 +281,53 @@ class DiffusionBatches:
         number of processes.
         """
         lo, hi = self.shard
+        config = self.config
         t, drop, noise, vae_eps = [], [], [], []
-        for position in range(step * self.global_batch + lo, step * self.global_batch + hi):
-            g = seeded_generator(self.seed, self.stream_id, position)
-            t.append(torch.randint(0, self.num_timesteps, (), generator=g))
-            drop.append(torch.rand((), generator=g) < self.dropout_prob)
+        for position in range(step * config.global_batch + lo, step * config.global_batch + hi):
+            g = seeded_generator(config.seed, self.stream_id, position)
+            t.append(torch.randint(0, config.num_timesteps, (), generator=g))
+            drop.append(torch.rand((), generator=g) < config.dropout_prob)
             noise.append(torch.randn(shape, generator=g))
-            if self.vae is not None:
+            if self.encoder is not None:
                 vae_eps.append(torch.randn(shape, generator=g))
         return (torch.stack(t), torch.stack(drop).long(), torch.stack(noise),
                 torch.stack(vae_eps) if vae_eps else None)
 
     def __iter__(self):
-        device = self.dist.device
+        device, encoder = self.dist.device, self.encoder
         for step, x, y in self._loader():
             x = x.to(device, non_blocking=True)
-            if self.vae is not None:  # x becomes a draw from the VAE posterior (cached moments: mean | std)
-                mean, std = encode_moments(self.vae, x, self.autocast_dtype) if self.latent_cache is None \
+            if encoder is not None:  # x becomes a draw from the VAE posterior (cached moments: mean | std)
+                mean, std = encode_moments(encoder.vae, x, encoder.autocast_dtype) if encoder.cache is None \
                     else x.chunk(2, dim=1)
                 x = mean
             t, drop, noise, vae_eps = self._draws(step, tuple(x.shape[1:]))
-            if self.vae is not None:
+            if encoder is not None:
                 x = sample_latents(mean, std, vae_eps.to(device))
             yield Batch(x=x, y=y.to(device), t=t.to(device), noise=noise.to(device), drop=drop.to(device), step=step)
 
     def __len__(self):
-        return self.stop - self.start
+        return len(self.steps)
 
 
-def forget_latent_cache(args, spec, dataset, vae, dist, logger):
-    """With --cache-latents on a latent model: the forget set's VAE moments, encoded once (and kept in
-    --latent-cache-dir when given, so that generate_fisher.py and forget.py encode them only once)."""
-    if not getattr(args, "cache_latents", False) or vae is None:
+@dataclass(frozen=True)
+class LatentCacheOptions:
+    """--cache-latents and --latent-cache-dir: encode the forget images once, and keep them for the next script."""
+    enabled: bool = False
+    cache_dir: Optional[str] = None
+    num_workers: int = 0
+
+
+def forget_latent_cache(options, forget_class, spec, dataset, vae, dist, logger):
+    """With the cache enabled on a latent model: the forget set's VAE moments, encoded once (and kept in the
+    cache folder when given, so that generate_fisher.py and forget.py encode them only once)."""
+    if not options.enabled or vae is None:
         return None
     path = None
-    if args.latent_cache_dir:
+    if options.cache_dir:
         vae_name = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(os.path.normpath(spec.vae)))
-        path = os.path.join(args.latent_cache_dir, f"forget-{args.forget_class}-{spec.image_size}-{vae_name}.pt")
-    cache = LatentCache.build(dataset, vae, dist, batch_size=32, num_workers=args.num_workers, path=path)
+        path = os.path.join(options.cache_dir, f"forget-{forget_class}-{spec.image_size}-{vae_name}.pt")
+    cache = LatentCache.build(dataset, vae, dist, batch_size=32, num_workers=options.num_workers, path=path)
     logger.info(f"{'Loaded' if cache.loaded else 'Cached'} the VAE latents of {len(dataset):,} forget images x 2 "
                 f"flips" + (f" ({path})" if path else ""))
     return cache

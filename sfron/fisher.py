@@ -1,6 +1,7 @@
 """
-The Fisher diagonal of SPEC section 3: F = E_x[(dL(x)/dtheta)^2], the mean of per-sample squared gradients of
-the diffusion loss. The official script gets it with batch 1; here a batch of any size gives the same quantity.
+The Fisher diagonal of SFR-on (Huang et al., NeurIPS 2024): F = E_x[(dL(x)/dtheta)^2], the mean of per-sample
+squared gradients of the diffusion loss. The official script gets it with batch 1; here a batch of any size
+gives the same quantity.
 
 Per-sample gradients cost no more than one backward pass: a linear layer's weight gradient for sample i is
 G_i = sum_tokens g_i^T a_i (output gradients g, inputs a), so hooks on each layer see a_i in forward and g_i
@@ -11,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .loss import check_finite, diffusion_loss
 from .utils import UserError
 
 # per-sample weight gradients (B, out, in) are formed for at most this many elements at once
@@ -115,14 +117,6 @@ class PerSampleSquaredGrads:
         self.handles.clear()
 
 
-def diffusion_loss(model, diffusion, batch, labels=None, force_drop_ids=None):
-    """Per-sample DiT training losses (b,) of a Batch (the labels may be replaced, e.g. for relabelling)."""
-    kwargs = dict(y=batch.y if labels is None else labels)
-    if force_drop_ids is not None:
-        kwargs["force_drop_ids"] = force_drop_ids
-    return diffusion.training_losses(model, batch.x, batch.t, kwargs, noise=batch.noise)["loss"]
-
-
 def fisher_diagonal(model, diffusion, batches, dist, desc="Fisher", autocast_dtype=None, log_every=0, logger=None):
     """
     Mean over every sample of every batch (all processes together) of the squared per-sample gradient of the
@@ -137,8 +131,7 @@ def fisher_diagonal(model, diffusion, batches, dist, desc="Fisher", autocast_dty
         for i, batch in enumerate(iterator):
             with torch.autocast(dist.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 losses = diffusion_loss(model, diffusion, batch)
-            if not torch.isfinite(losses).all():
-                raise UserError(f"{desc}: non-finite loss at step {batch.step} (check the checkpoint and data)")
+            check_finite(losses, f"loss in {desc}", batch.step, hint="check the checkpoint and the data")
             grads.backward(losses.float().sum())
             count += losses.shape[0]
             if logger is not None and log_every and (i + 1) % log_every == 0:

@@ -3,12 +3,29 @@ The forget-remain balanced weight saliency mask of SFR-on: S = ((F_f + 1e-15) / 
 parameter element. Files: <mask-path>/<class>/forget_fisher.pt, remain_fisher.pt and fisher_<gamma>.pt.
 """
 import os
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-from .utils import UserError, safe_torch_load, strip_module_prefix
+from .files import file_sha256, safe_torch_load, strip_module_prefix
+from .utils import UserError
 
 EPS = 1e-15
+
+
+@dataclass(frozen=True)
+class MaskChoice:
+    """--mask-path (a mask file, or the folder of generate_mask.py; None: no mask) and --threshold."""
+    mask_path: Optional[str] = None
+    threshold: float = 1.0
+
+
+@dataclass(frozen=True)
+class MaskRecord:
+    """The mask file a run used and the SHA-256 of its bytes (a resumed run must use the very same mask)."""
+    file: Optional[str] = None
+    sha256: Optional[str] = None
 
 
 def class_dir(mask_path, forget_class):
@@ -18,6 +35,25 @@ def class_dir(mask_path, forget_class):
 def mask_filename(threshold):
     """fisher_<gamma>.pt with gamma written as a Python float, as the official script names it (fisher_1.0.pt)."""
     return f"fisher_{float(threshold)}.pt"
+
+
+def load_fisher(path, logger=print):
+    """
+    A Fisher file as {name: float tensor}. Files of the official script are read too: their keys carry DDP's
+    'module.' prefix and the frozen position embedding is stored as the integer 0; entries that are not tensors
+    are skipped, and the log says which.
+    """
+    fisher = safe_torch_load(path, what="Fisher file")
+    if not isinstance(fisher, dict) or not fisher:
+        raise UserError(f"{path} is not a Fisher file (expected a dict of tensors from generate_fisher.py)")
+    fisher = strip_module_prefix(fisher)
+    skipped = sorted(k for k, v in fisher.items() if not isinstance(v, torch.Tensor))
+    if skipped:
+        logger(f"{path}: skipped {len(skipped)} entries that are not tensors ({', '.join(skipped[:5])})")
+    fisher = {k: v for k, v in fisher.items() if isinstance(v, torch.Tensor)}
+    if not fisher:
+        raise UserError(f"{path} holds no tensors: not a Fisher file")
+    return fisher
 
 
 def saliency_mask(forget_fisher, remain_fisher, threshold):
@@ -76,3 +112,16 @@ def load_mask(path, model, device):
         if raw[n].dtype != torch.bool and not ((raw[n] == 0) | (raw[n] == 1)).all():
             raise UserError(f"mask {path}: {n} holds values other than 0 and 1")
     return {n: raw[n].to(device=device, dtype=torch.bool) for n in params}
+
+
+def saliency_mask_for(choice, forget_class, model, device):
+    """(mask or None, MaskRecord) for a MaskChoice: the file it selects, loaded and checked against the model."""
+    if not choice.mask_path:
+        return None, MaskRecord()
+    path = resolve_mask_file(choice.mask_path, forget_class, choice.threshold)
+    return load_mask(path, model, device), MaskRecord(file=os.path.abspath(path), sha256=file_sha256(path))
+
+
+def kept_share(mask):
+    """Share of weights a mask lets the forget step update."""
+    return sum(float(m.sum()) for m in mask.values()) / sum(m.numel() for m in mask.values())

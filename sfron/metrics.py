@@ -1,6 +1,6 @@
 """
-What the paper reports (SPEC section 5): forget accuracy (FA), remain accuracy and FID, computed offline.
-FID uses torchmetrics' FrechetInceptionDistance, with torch-fidelity's InceptionV3 from a local weights file or
+What the SFR-on paper reports (Huang et al., NeurIPS 2024): forget accuracy (FA), remain accuracy and FID,
+computed offline. FID uses torchmetrics' FrechetInceptionDistance, with torch-fidelity's InceptionV3 from a local weights file or
 any feature network (the digits classifier's penultimate layer for the embedded case); the statistics of the
 real images can be cached to a file.
 """
@@ -10,7 +10,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .utils import UserError, atomic_torch_save, safe_torch_load
+from .files import atomic_torch_save, safe_torch_load
+from .utils import UserError
 
 
 def classification_report(logits, labels, forget_class):

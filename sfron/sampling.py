@@ -2,30 +2,25 @@
 Class-conditional sampling with classifier-free guidance (DDPM or DDIM over a respaced diffusion), decoding
 through the VAE, and image grids. Used by forget.py's snapshots, sample.py, sample_ddp.py and the demo.
 """
+import functools
+import math
+import os
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 import torch
-from PIL import Image
-from torchvision.utils import make_grid
+from PIL import Image, ImageDraw
 
 from diffusion import create_diffusion
 
+from .files import atomic_save_image
 from .utils import seeded_generator
 from .vae import decode
 
 # The classes of the official snapshot grid (golden retriever first) and of the official sample.py grid.
 OFFICIAL_SNAPSHOT_CLASSES = [207, 360, 387, 972, 89, 979, 417, 279, 270, 980]
 OFFICIAL_SAMPLE_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
-
-
-def add_sampling_args(parser, cfg_scale):
-    """The official sampling flags (--cfg-scale with the script's official default) and the sampler choice."""
-    parser.add_argument("--cfg-scale", type=float, default=cfg_scale)
-    parser.add_argument("--cfg-all-channels", action="store_true",
-                        help="guide every noise channel (the official code guides the first three)")
-    parser.add_argument("--num-sampling-steps", type=int, default=250)
-    parser.add_argument("--sampler", type=str, choices=["ddpm", "ddim"], default="ddpm")
 
 
 def snapshot_classes(forget_class, num_classes, count=10):
@@ -39,11 +34,26 @@ def snapshot_classes(forget_class, num_classes, count=10):
     return picked
 
 
+@functools.lru_cache(maxsize=8)
 def sampling_diffusion(sampler, num_steps):
     """The respaced diffusion for a sampler: 'ddpm' with N evenly spaced steps, or 'ddim' with DDIM's stride."""
     if sampler == "ddim":
         return create_diffusion(f"ddim{num_steps}")
     return create_diffusion(str(num_steps))
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How images are drawn: DDPM or DDIM over num_steps respaced steps, classifier-free guidance at cfg_scale
+    (> 1: guided) on the first three channels as officially, or on all channels."""
+    sampler: str = "ddpm"
+    num_steps: int = 250
+    cfg_scale: float = 4.0
+    cfg_all_channels: bool = False
+
+    @property
+    def diffusion(self):
+        return sampling_diffusion(self.sampler, self.num_steps)
 
 
 def per_sample_noise(seeds, shape, device):
@@ -65,19 +75,20 @@ class StepNoise:
 
 
 @torch.no_grad()
-def generate(model, diffusion, vae, labels, z, cfg_scale, sampler="ddim", noise_fn=None, all_channels=False,
-             progress=False, autocast_dtype=None):
-    """Images (N, 3, H, W) in about [-1, 1] for class labels (N,) from initial noise z (N, C, h, w)."""
+def generate(model, vae, labels, z, config, noise_fn=None, progress=False, autocast_dtype=None):
+    """Images (N, 3, H, W) in about [-1, 1] for class labels (N,) from initial noise z (N, C, h, w), drawn as the
+    SamplerConfig says; noise_fn gives the DDPM steps' noise (default: the global generator)."""
     was_training = model.training
     model.eval()
-    use_cfg = cfg_scale > 1.0
+    use_cfg = config.cfg_scale > 1.0
     if use_cfg:
         null = torch.full_like(labels, model.num_classes)
         z, labels = torch.cat([z, z]), torch.cat([labels, null])
-        model_fn = partial(model.forward_with_cfg, cfg_scale=cfg_scale, all_channels=all_channels)
+        model_fn = partial(model.forward_with_cfg, cfg_scale=config.cfg_scale, all_channels=config.cfg_all_channels)
     else:
         model_fn = model.forward
-    loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
+    diffusion = config.diffusion
+    loop = diffusion.ddim_sample_loop if config.sampler == "ddim" else diffusion.p_sample_loop
     with torch.autocast(z.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         samples = loop(model_fn, z.shape, z, clip_denoised=False, model_kwargs=dict(y=labels), progress=progress,
                        device=z.device, noise_fn=noise_fn)
@@ -88,26 +99,39 @@ def generate(model, diffusion, vae, labels, z, cfg_scale, sampler="ddim", noise_
 
 
 def to_uint8(images):
-    """Images in [-1, 1] (N, C, H, W) -> uint8 (N, H, W, 3), rounded as torchvision's save_image does."""
+    """Images in [-1, 1] (N, C, H, W) -> uint8 (N, 3, H, W), rounded as torchvision's save_image does."""
     x = ((images.clamp(-1, 1) + 1) / 2 * 255 + 0.5).clamp(0, 255).to(torch.uint8)
-    if x.shape[1] == 1:
-        x = x.repeat(1, 3, 1, 1)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
+    return x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x
+
+
+def to_uint8_nhwc(images):
+    """Images in [-1, 1] (N, C, H, W) -> a uint8 array (N, H, W, 3) on the CPU, as image files hold them."""
+    return to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def grid_image(images, nrow, padding=2):
-    """A PIL grid of images in [-1, 1], nrow per row."""
-    grid = make_grid(((images.clamp(-1, 1) + 1) / 2).float().cpu(), nrow=nrow, padding=padding)
-    return Image.fromarray((grid.mul(255).add_(0.5).clamp_(0, 255)).permute(1, 2, 0).to(torch.uint8).numpy())
+    """A PIL grid of images in [-1, 1], nrow per row, with black padding (the layout of torchvision's make_grid)."""
+    x = to_uint8(images).cpu()                               # (N, 3, H, W)
+    n, c, h, w = x.shape
+    cols, rows = min(nrow, n), math.ceil(n / min(nrow, n))
+    grid = torch.zeros((c, rows * (h + padding) + padding, cols * (w + padding) + padding), dtype=torch.uint8)
+    for i in range(n):
+        top, left = (i // cols) * (h + padding) + padding, (i % cols) * (w + padding) + padding
+        grid[:, top:top + h, left:left + w] = x[i]
+    return Image.fromarray(grid.permute(1, 2, 0).numpy())
 
 
-def side_by_side(images, gap=6):
-    """One PIL image holding the given ones side by side, with white gaps."""
-    size = (sum(im.width for im in images) + gap * (len(images) - 1), max(im.height for im in images))
+def side_by_side(images, gap=6, titles=None):
+    """One PIL image holding the given ones side by side, with white gaps, and a title above each if given."""
+    band = 14 if titles else 0
+    size = (sum(im.width for im in images) + gap * (len(images) - 1), max(im.height for im in images) + band)
     canvas = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
     x = 0
-    for im in images:
-        canvas.paste(im, (x, 0))
+    for i, im in enumerate(images):
+        canvas.paste(im, (x, band))
+        if titles:
+            draw.text((x + 2, 1), titles[i], fill=(0, 0, 0))
         x += im.width + gap
     return canvas
 
@@ -116,3 +140,36 @@ def upscale(image, min_side=256):
     """Nearest-neighbour enlargement of a small grid so that it can be looked at."""
     factor = max(1, int(np.ceil(min_side / min(image.size))))
     return image.resize((image.width * factor, image.height * factor), Image.NEAREST) if factor > 1 else image
+
+
+@dataclass(frozen=True)
+class SnapshotOptions:
+    """forget.py's sample grids: every `every` steps (0: none), with `sampler` over `steps` steps, guidance `cfg_scale`."""
+    every: int = 50
+    sampler: str = "ddim"
+    steps: int = 50
+    cfg_scale: float = 4.0
+
+    def sampler_config(self):
+        return SamplerConfig(sampler=self.sampler, num_steps=self.steps, cfg_scale=self.cfg_scale)
+
+
+class SnapshotGrid:
+    """The grid forget.py saves every few steps: the same classes from the same noise each time."""
+
+    def __init__(self, options, classes, noise, vae, autocast_dtype=None):
+        self.options, self.classes, self.noise, self.vae = options, classes, noise, vae
+        self.autocast_dtype = autocast_dtype
+
+    def due(self, step):
+        """Whether a grid is saved after `step` steps."""
+        return self.options.every > 0 and step % self.options.every == 0
+
+    def save(self, model, folder, step, logger):
+        """Samples the grid from model and writes <folder>/NNNNNNN_sample.png."""
+        labels = torch.tensor(self.classes, device=self.noise.device)
+        images = generate(model, self.vae, labels, self.noise, self.options.sampler_config(),
+                          autocast_dtype=self.autocast_dtype)
+        path = os.path.join(folder, f"{step:07d}_sample.png")
+        atomic_save_image(grid_image(images, nrow=5), path)
+        logger.info(f"Saved sample grid (classes {self.classes}) to {path}")

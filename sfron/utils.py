@@ -1,14 +1,10 @@
 """
-Small pieces every script shares: the one-line error of bad input, atomic file writes, safe loading,
-the log file, experiment folders and seeding.
+Small pieces every script shares: the one-line error of bad input, the class-index check, the log file,
+experiment folders and seeding.
 """
-import argparse
-import json
 import logging
 import os
-import pickle
 import sys
-import tempfile
 from glob import glob
 
 import torch
@@ -39,73 +35,10 @@ def run_main(main, args):
         sys.exit(130)
 
 
-#################################################################################
-#                         Atomic writes and safe loading                        #
-#################################################################################
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def atomic_write(path, write_fn, durable=True):
-    """
-    Calls write_fn(file object) on a temporary file beside `path`, then renames it over `path`: readers see the
-    old file or the whole new one, never a part. durable=False skips the fsync (for many small files).
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_torch_save(obj, path):
-    """torch.save that never leaves a half-written file at `path`."""
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_json_dump(obj, path):
-    """Writes obj as indented JSON, atomically."""
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
-
-
-def atomic_save_image(image, path, durable=True):
-    """Saves a PIL image as PNG, atomically."""
-    atomic_write(path, lambda f: image.save(f, format="PNG"), durable)
-
-
-def safe_torch_load(path, what="file"):
-    """
-    Loads a torch file without unpickling arbitrary objects (weights_only=True; argparse.Namespace is allowed
-    because DiT train.py checkpoints store their args in one). Any failure is a UserError naming the file.
-    """
-    if not os.path.isfile(path):
-        raise UserError(f"{what} not found: {path}")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UserError(f"refusing to load {path}: it holds objects other than tensors and plain containers "
-                        f"({first_line(e)})") from None
-    except Exception as e:  # a truncated archive, a text file, an old non-zip pickle ...
-        raise UserError(f"{path} is not a readable torch {what} ({type(e).__name__}: {first_line(e)})") from None
-
-
-def strip_module_prefix(state_dict):
-    """Drops the 'module.' prefix that DataParallel/DDP put on every key."""
-    if state_dict and all(k.startswith("module.") for k in state_dict):
-        return {k[len("module."):]: v for k, v in state_dict.items()}
-    return dict(state_dict)
+def check_class_index(index, num_classes, flag, where):
+    """A class index given by `flag` must be one of the num_classes classes of `where` (a folder, the model)."""
+    if not 0 <= index < num_classes:
+        raise UserError(f"{flag} {index} is outside the {num_classes} classes of {where} (0..{num_classes - 1})")
 
 
 #################################################################################
@@ -146,13 +79,6 @@ def start_experiment(dist, results_dir, suffix):
         os.makedirs(path)
     path = dist.broadcast_object(path)
     return path, create_logger(path, dist.rank)
-
-
-@torch.no_grad()
-def update_ema(ema_model, model, decay):
-    """Steps the EMA weights towards the model's: ema = decay * ema + (1 - decay) * model."""
-    for ema_p, p in zip(ema_model.parameters(), model.parameters()):
-        ema_p.mul_(decay).add_(p.detach(), alpha=1 - decay)
 
 
 def seeded_generator(*keys):

@@ -8,14 +8,14 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-FIXTURE = os.path.join(ROOT, "..", "shared", "fixtures", "dit_official_reference.safetensors")
+FIXTURE = os.path.join(ROOT, "tests", "fixtures", "dit_official_reference.safetensors")
 
 
 @pytest.fixture(scope="session")
 def reference():
-    """Tensors and the DiT config of the official-code reference outputs (SPEC section 8)."""
+    """Tensors and the DiT config of reference outputs computed by running the official DiT code."""
     if not os.path.isfile(FIXTURE):
-        pytest.fail(f"reference fixture missing: {FIXTURE} (the shared folder beside the checkout)")
+        pytest.fail(f"reference fixture missing: {FIXTURE}")
     from safetensors import safe_open
     with safe_open(FIXTURE, "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}

@@ -1,4 +1,4 @@
-"""SPEC section 7: each bad input gets one clear line, a non-zero exit and no partial file."""
+"""Each bad input gets one clear line, a non-zero exit and no partial or temporary file."""
 import os
 
 import pytest
@@ -25,7 +25,15 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("errors")
     make_image_folder(root / "data", num_classes=3, per_class=2)
     make_checkpoint(root / "tiny.pt", num_classes=3)
+    make_checkpoint(root / "two_classes.pt", num_classes=2)
     return root
+
+
+@pytest.fixture(autouse=True)
+def no_temporary_files(setup):
+    """After each test: no temporary file of an interrupted atomic write is left anywhere in the folder."""
+    yield
+    assert [f for f in all_files(setup) if f.endswith(".tmp")] == []
 
 
 def fisher(setup, *args, data=None, ckpt=None, cls=1, model="DiT-T/2"):
@@ -49,7 +57,6 @@ def test_missing_and_empty_data_folders(setup):
 def test_forget_class_outside_the_data_or_the_model(setup):
     assert_one_line_error(fisher(setup, cls=3), "--forget-class 3 is outside the 3 classes")
     assert_one_line_error(fisher(setup, cls=-1), "--forget-class -1")
-    make_checkpoint(setup / "two_classes.pt", num_classes=2)
     assert_one_line_error(fisher(setup, ckpt=setup / "two_classes.pt"), "3 class folders but the model has 2")
 
 
@@ -97,8 +104,3 @@ def test_non_finite_losses_stop_cleanly_and_keep_the_last_good_checkpoint(setup)
     for name in os.listdir(results / run / "checkpoints"):
         state = torch.load(results / run / "checkpoints" / name, weights_only=True)["model"]
         assert all(torch.isfinite(v).all() for v in state.values())
-
-
-def test_no_temporary_files_are_left_behind(setup):
-    leftovers = [f for f in all_files(setup) if f.endswith(".tmp")]
-    assert leftovers == []

@@ -6,10 +6,9 @@ import sfron.fisher as fisher_module
 from diffusion import create_diffusion
 from helpers import tiny_dit
 from sfron.data import Batch
-from sfron.fisher import PerSampleSquaredGrads, _sum_sq_outer, diffusion_loss
+from sfron.fisher import PerSampleSquaredGrads, _sum_sq_outer
+from sfron.loss import diffusion_loss
 from sfron.utils import UserError
-
-
 
 
 def samples(n=5):

@@ -1,5 +1,6 @@
 """The seed README's three commands end to end, and the invariances the pipeline promises."""
 import os
+import shutil
 
 import pytest
 import torch
@@ -30,11 +31,11 @@ def fisher_args(workdir, bz, iters, mask, *extra):
             "--num-workers", 0, *extra)
 
 
-def test_seed_commands_on_a_pixel_space_dit(workdir):
+def test_seed_commands_on_a_pixel_space_dit(workdir, tmp_path):
     """generate_fisher.py, generate_mask.py, forget.py exactly as in the seed README (paths, model, iters aside)."""
-    mask = workdir / "mask"
+    mask = tmp_path / "mask"
     run_script("generate_fisher.py", "--model", "DiT-T/2", "--data-path", workdir / "data", "--batch-size", 2,
-               "--ckpt", workdir / "tiny.pt", "--n-iters", 3, "--forget-class", 1, "--mask-path", mask, cwd=workdir)
+               "--ckpt", workdir / "tiny.pt", "--n-iters", 3, "--forget-class", 1, "--mask-path", mask, cwd=tmp_path)
     forget_fisher, remain_fisher = load(mask / "1" / "forget_fisher.pt"), load(mask / "1" / "remain_fisher.pt")
     model = DiT_models["DiT-T/2"](input_size=8, in_channels=3, num_classes=3)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -43,7 +44,7 @@ def test_seed_commands_on_a_pixel_space_dit(workdir):
     assert sum(v.sum() for v in forget_fisher.values()) > 0
 
     proc = run_script("generate_mask.py", "--mask-path", mask, "--forget-class", 1, "--thresholds", "0.5", "1", "3",
-                      "5", "10", cwd=workdir)
+                      "5", "10", cwd=tmp_path)
     assert proc.stdout.count("sparsity") == 5
     for th in ("0.5", "1.0", "3.0", "5.0", "10.0"):
         assert (mask / "1" / f"fisher_{th}.pt").is_file()
@@ -51,9 +52,11 @@ def test_seed_commands_on_a_pixel_space_dit(workdir):
     run_script("forget.py", "--model", "DiT-T/2", "--data-path", workdir / "data", "--batch-size", 2, "--ckpt",
                workdir / "tiny.pt", "--n-iters", 50, "--snapshot-every", 50, "--lr", "1e-4", "--forget-class", 1,
                "--method", "ron", "--unlearn-loss", "ga", "--forget-alpha", "1e-3", "--decay-forget-alpha",
-               "--remain-alpha", "1.0", "--mask-path", mask, cwd=workdir)
-    (run,) = [d for d in experiment_dirs(workdir / "results") if "-forget-1-ron-ga-lr0.0001-f0.001-r1.0" in d]
-    assert os.path.basename(run).startswith("001-DiT-T-2-forget-1")
+               "--remain-alpha", "1.0", "--mask-path", mask, cwd=tmp_path)
+    # the official numbering: one folder per run in ./results, counted from 000
+    fisher_run, run = experiment_dirs(tmp_path / "results")
+    assert os.path.basename(fisher_run) == "000-DiT-T-2-fisher"
+    assert os.path.basename(run) == "001-DiT-T-2-forget-1-ron-ga-lr0.0001-f0.001-r1.0"
     files = sorted(os.listdir(os.path.join(run, "checkpoints")))
     assert files == ["0000000_sample.png", "0000050.pt", "0000050_sample.png"]
     log = open(os.path.join(run, "log.txt")).read()
@@ -78,7 +81,7 @@ def test_seed_commands_on_dit_s8_with_a_local_vae(tmp_path):
     run_script("forget.py", *common, "--n-iters", 2, "--snapshot-every", 50, "--lr", "1e-4", "--forget-class", 2,
                "--method", "ron", "--unlearn-loss", "ga", "--forget-alpha", "1e-3", "--decay-forget-alpha",
                "--remain-alpha", "1.0", "--mask-path", tmp_path / "mask", "--snapshot-steps", 5, cwd=tmp_path)
-    (run,) = experiment_dirs(tmp_path / "results")[1:]
+    (run,) = [d for d in experiment_dirs(tmp_path / "results") if "-forget-2-" in d]
     assert "256x256, 1000 classes, latent space" in open(os.path.join(run, "log.txt")).read()
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["0000000_sample.png", "0000002.pt"]
 
@@ -124,15 +127,22 @@ def test_generate_mask_is_the_threshold_rule(tmp_path):
     torch.testing.assert_close(saliency_mask(ff, rf, 3.0)["a"], m3["a"])
 
 
-def test_resumed_run_ends_where_an_uninterrupted_one_does(workdir):
+def interrupted_copy(run, step):
+    """A copy of an experiment folder that holds only its checkpoint of `step`, as a run killed after it leaves."""
+    interrupted = run + "-interrupted"
+    os.makedirs(os.path.join(interrupted, "checkpoints"))
+    name = f"{step:07d}.pt"
+    os.link(os.path.join(run, "checkpoints", name), os.path.join(interrupted, "checkpoints", name))
+    return interrupted
+
+
+def test_resumed_run_ends_where_an_uninterrupted_one_does(workdir, tmp_path):
     args = ("--model", "DiT-T/2", "--data-path", workdir / "data", "--batch-size", 2, "--ckpt", workdir / "tiny.pt",
             "--n-iters", 6, "--ckpt-every", 3, "--snapshot-every", 0, "--forget-class", 0, "--forget-alpha", "0.1",
-            "--decay-forget-alpha", "--unlearn-loss", "adaga", "--results-dir", workdir / "resume", "--num-workers", 0)
+            "--decay-forget-alpha", "--unlearn-loss", "adaga", "--results-dir", tmp_path, "--num-workers", 0)
     run_script("forget.py", *args, cwd=workdir)
-    (full,) = experiment_dirs(workdir / "resume")
-    interrupted = full + "-interrupted"
-    os.makedirs(os.path.join(interrupted, "checkpoints"))
-    os.link(os.path.join(full, "checkpoints", "0000003.pt"), os.path.join(interrupted, "checkpoints", "0000003.pt"))
+    (full,) = experiment_dirs(tmp_path)
+    interrupted = interrupted_copy(full, 3)
     proc = run_script("forget.py", *args, "--resume", interrupted, cwd=workdir)
     assert "from step 3" in proc.stdout
     a = load(os.path.join(full, "checkpoints", "0000006.pt"))
@@ -141,7 +151,58 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(workdir):
         torch.testing.assert_close(b["model"][k], a["model"][k], rtol=0, atol=0)
     assert a["losses"] == b["losses"] and len(a["losses"]) == 6
     bad = run_script("forget.py", *args, "--lr", "1e-3", "--resume", interrupted, cwd=workdir, check=False)
-    assert bad.returncode == 1 and "--lr" in bad.stderr
+    assert bad.returncode == 1 and "--lr 0.001 differs from the resumed run's 0.0001" in bad.stderr
+
+
+def test_resume_keeps_the_mask_and_the_data_of_the_run(workdir, tmp_path):
+    """A resumed run refuses another mask (other threshold, none, a changed file) and other data, one line each."""
+    import forget
+    from sfron.utils import UserError
+    mask = tmp_path / "mask"
+    run_script("generate_fisher.py", *fisher_args(workdir, 2, 2, mask)[:-2], "--results-dir", tmp_path / "f",
+               cwd=tmp_path)
+    run_script("generate_mask.py", "--mask-path", mask, "--forget-class", 1, "--thresholds", 1, 2, cwd=tmp_path)
+    args = ["--model", "DiT-T/2", "--data-path", str(workdir / "data"), "--batch-size", "2", "--ckpt",
+            str(workdir / "tiny.pt"), "--n-iters", "4", "--ckpt-every", "2", "--snapshot-every", "0",
+            "--forget-class", "1", "--results-dir", str(tmp_path / "r"), "--num-workers", "0"]
+    run_script("forget.py", *args, "--mask-path", mask, "--threshold", 1, cwd=tmp_path)
+    (run,) = experiment_dirs(tmp_path / "r")
+    interrupted = interrupted_copy(run, 2)
+
+    def resume(*extra, data=None):
+        argv = args + ["--resume", interrupted, *map(str, extra)]
+        if data:
+            argv[argv.index("--data-path") + 1] = str(data)
+        with pytest.raises(UserError) as error:
+            forget.main(forget.parse_args(argv))
+        assert "\n" not in str(error.value)
+        return str(error.value)
+    other_threshold = resume("--mask-path", mask, "--threshold", 2)
+    assert "select the mask" in other_threshold and "fisher_2.0.pt" in other_threshold
+    assert "resume with --mask-path" in resume()
+    shutil.copytree(workdir / "data", tmp_path / "moved")
+    assert "--data-path" in resume("--mask-path", mask, data=tmp_path / "moved")
+    # the mask file changes under the same name: the run would silently go on with other weights frozen
+    torch.save(load(mask / "1" / "fisher_2.0.pt"), mask / "1" / "fisher_1.0.pt")
+    assert "has changed since the run started" in resume("--mask-path", mask)
+    files = sorted(os.listdir(os.path.join(interrupted, "checkpoints")))
+    assert files == ["0000002.pt"]  # the refused resumptions wrote nothing
+
+
+def test_resume_refuses_changed_images(workdir, tmp_path):
+    """The same --data-path holding other images than when the run started is refused."""
+    import forget
+    from sfron.utils import UserError
+    shutil.copytree(workdir / "data", tmp_path / "data")
+    args = ["--model", "DiT-T/2", "--data-path", str(tmp_path / "data"), "--batch-size", "2", "--ckpt",
+            str(workdir / "tiny.pt"), "--n-iters", "2", "--ckpt-every", "1", "--snapshot-every", "0",
+            "--forget-class", "1", "--results-dir", str(tmp_path / "r"), "--num-workers", "0"]
+    forget.main(forget.parse_args(args))
+    (run,) = experiment_dirs(tmp_path / "r")
+    interrupted = interrupted_copy(run, 1)
+    os.remove(tmp_path / "data" / "train" / "class2" / "0.png")
+    with pytest.raises(UserError, match="images under --data-path differ"):
+        forget.main(forget.parse_args(args + ["--resume", interrupted]))
 
 
 def test_cached_latents_give_the_same_fisher(tmp_path):

@@ -37,7 +37,7 @@ def test_sample_grid_and_side_by_side_figure(ckpts):
     ab = np.asarray(Image.open(ckpts / "ab.png"))
     assert not np.array_equal(ab[:, :w], ab[:, w + 6:])
     bad = run_script("sample.py", *common[:-5], "--class-labels", 7, "--ckpt", ckpts / "a.pt", cwd=ckpts, check=False)
-    assert bad.returncode == 1 and "outside the model's 5 classes" in bad.stderr
+    assert bad.returncode == 1 and "--class-labels 7 is outside the 5 classes of the model" in bad.stderr
 
 
 def test_sample_ddp_gives_the_same_images_with_one_and_two_processes(ckpts):

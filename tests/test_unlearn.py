@@ -10,8 +10,9 @@ from helpers import tiny_dit
 from sfron.data import Batch
 from sfron.dist import Dist
 from sfron.mask import load_mask
-from sfron.unlearn import (forget_alpha_at, forget_conditioning, forget_objective, make_optimizer, relabel_class,
-                           unlearn_step)
+from sfron.optim import make_optimizer
+from sfron.unlearn import (Unlearner, UnlearnSettings, forget_alpha_at, forget_conditioning, forget_objective,
+                           relabel_class)
 from sfron.utils import UserError
 
 DIST = Dist()
@@ -49,12 +50,12 @@ def adam_first_two_steps(theta, g1, g2_fn):
     return {k: theta1[k] - LR * (m[k] / (1 - b1 ** 2)) / ((v[k] / (1 - b2 ** 2)).sqrt() + EPS) for k in theta}
 
 
-def run_step(model, fb, rb, **kw):
+def run_step(model, fb, rb, alpha=0.5, mask=None, **settings):
+    """One Unlearner step (ron, ga, forget alpha 0.5, remain alpha 2, no clip unless given) on a fresh AdamW."""
+    settings = UnlearnSettings(**{"forget_class": 0, "lr": LR, "remain_alpha": 2.0, "grad_clip": 0.0, **settings})
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, betas=BETAS, eps=EPS,
                             weight_decay=0)
-    args = dict(method="ron", unlearn_loss="ga", alpha=0.5, remain_alpha=2.0, mask=None, grad_clip=None, dist=DIST)
-    args.update(kw)
-    unlearn_step(model, model, create_diffusion(""), opt, fb, rb, **args)
+    Unlearner(model, create_diffusion(""), settings, DIST, mask, optimizer=opt).step(fb, rb, alpha)
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -159,8 +160,8 @@ def test_forget_conditioning_and_relabel():
 
 def test_forget_label_dropout_switch_changes_the_step():
     fb, rb = batch(1, 0), batch(2, 1)
-    a = run_step(tiny_model(), fb, rb, forget_drop_labels=True)
-    b = run_step(tiny_model(), fb, rb, forget_drop_labels=False)
+    a = run_step(tiny_model(), fb, rb, forget_label_dropout=True)
+    b = run_step(tiny_model(), fb, rb, forget_label_dropout=False)
     assert max((a[k] - b[k]).abs().max() for k in a) > 0
 
 

@@ -1,0 +1,80 @@
+"""
+The flags several scripts share, declared once, and their conversion into the frozen settings that `sfron/`
+takes (sfron never sees an argparse namespace). Each script declares its own flags beside these.
+"""
+import argparse
+
+from models import DiT_models
+from sfron.build import ModelRequest
+from sfron.data import LatentCacheOptions
+from sfron.sampling import SamplerConfig
+
+
+def add_model_args(parser, default_model="DiT-XL/2", several_ckpts=False):
+    """
+    The official model flags. --image-size, --num-classes and --vae default to what the checkpoint implies.
+    several_ckpts: --ckpt takes one or more checkpoints (drawn side by side by sample.py).
+    """
+    parser.add_argument("--model", type=str, choices=list(DiT_models.keys()), default=default_model)
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="image side in pixels (default: implied by the checkpoint, else 256)")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="classes of the model (default: implied by the checkpoint, else 1000)")
+    parser.add_argument("--vae", type=str, default=None,
+                        help="ema | mse (stabilityai/sd-vae-ft-*), a local diffusers VAE folder, or none for a "
+                             "pixel-space model (default: none for 3-channel checkpoints, else ema)")
+    parser.add_argument("--ckpt", type=str, default=None, nargs="+" if several_ckpts else None,
+                        help="a DiT checkpoint: a released name (DiT-XL-2-256x256.pt, downloaded when online) or a "
+                             "local file (default: the released checkpoint of --model at --image-size)"
+                             + ("; several are drawn side by side from the same noise" if several_ckpts else ""))
+    parser.add_argument("--random-flip", action=argparse.BooleanOptionalAction, default=None,
+                        help="random horizontal flips of the data (default: as the checkpoint was trained, else on)")
+    parser.add_argument("--precision", type=str, choices=["fp32", "bf16"], default="fp32",
+                        help="bf16 runs the DiT and the per-batch VAE encodes under autocast (weights, optimizer "
+                             "and latent caches stay float32)")
+
+
+def model_request(args, ckpt=None):
+    """The ModelRequest of the model flags (ckpt: this checkpoint instead of --ckpt)."""
+    return ModelRequest(model=args.model, ckpt=ckpt if ckpt is not None else args.ckpt, image_size=args.image_size,
+                        num_classes=args.num_classes, vae=args.vae, random_flip=args.random_flip)
+
+
+def add_data_args(parser, n_iters_help):
+    """The data, stream and latent-cache flags of generate_fisher.py and forget.py."""
+    parser.add_argument("--data-path", type=str, required=True,
+                        help="ImageNet-style root: images in <data-path>/train/<class folder>/")
+    parser.add_argument("--results-dir", type=str, default="results")
+    parser.add_argument("--forget-class", type=int, required=True,
+                        help="class to forget: the index of its folder in sorted order")
+    parser.add_argument("--n-iters", type=int, default=2000, help=n_iters_help)
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="forget (and remain) samples per iteration over all processes")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-workers", type=int, default=4, help="data loading processes")
+    parser.add_argument("--log-every", type=int, default=100)
+    parser.add_argument("--cache-latents", action="store_true",
+                        help="encode the forget images (both flips) with the VAE once instead of at every draw")
+    parser.add_argument("--latent-cache-dir", type=str, default=None,
+                        help="keep the --cache-latents moments in this folder for the next script")
+
+
+def latent_cache_options(args):
+    """The LatentCacheOptions of --cache-latents, --latent-cache-dir and --num-workers."""
+    return LatentCacheOptions(enabled=args.cache_latents, cache_dir=args.latent_cache_dir,
+                              num_workers=args.num_workers)
+
+
+def add_sampling_args(parser, cfg_scale, num_steps=250, sampler="ddpm"):
+    """The official sampling flags (--cfg-scale with the script's official default) and the sampler choice."""
+    parser.add_argument("--cfg-scale", type=float, default=cfg_scale, help="classifier-free guidance scale (1: none)")
+    parser.add_argument("--cfg-all-channels", action="store_true",
+                        help="guide every noise channel (the official code guides the first three)")
+    parser.add_argument("--num-sampling-steps", type=int, default=num_steps)
+    parser.add_argument("--sampler", type=str, choices=["ddpm", "ddim"], default=sampler)
+
+
+def sampler_config(args):
+    """The SamplerConfig of the sampling flags."""
+    return SamplerConfig(sampler=args.sampler, num_steps=args.num_sampling_steps, cfg_scale=args.cfg_scale,
+                         cfg_all_channels=args.cfg_all_channels)

@@ -1,0 +1,93 @@
+"""
+Files that survive a crash and files that cannot run code: every write goes to a temporary file beside its
+target and is renamed over it (readers see the old file or the whole new one), and torch files are loaded
+with weights_only=True (no arbitrary unpickling).
+"""
+import argparse
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+
+import torch
+
+from .utils import UserError, first_line
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def atomic_write(path, write_fn, durable=True):
+    """
+    Calls write_fn(file object) on a temporary file beside `path`, then renames it over `path`: readers see the
+    old file or the whole new one, never a part. durable=False skips the fsync (for many small files).
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_torch_save(obj, path):
+    """torch.save that never leaves a half-written file at `path`."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_json_dump(obj, path):
+    """Writes obj as indented JSON, atomically."""
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def atomic_write_text(text, path):
+    """Writes a text file, atomically."""
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def atomic_save_image(image, path, durable=True):
+    """Saves a PIL image as PNG, atomically."""
+    atomic_write(path, lambda f: image.save(f, format="PNG"), durable)
+
+
+def safe_torch_load(path, what="file"):
+    """
+    Loads a torch file without unpickling arbitrary objects (weights_only=True; argparse.Namespace is allowed
+    because DiT train.py checkpoints store their args in one). Any failure is a UserError naming the file.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"{what} not found: {path}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"refusing to load {path}: it holds objects other than tensors and plain containers "
+                        f"({first_line(e)})") from None
+    except Exception as e:  # a truncated archive, a text file, an old non-zip pickle ...
+        raise UserError(f"{path} is not a readable torch {what} ({type(e).__name__}: {first_line(e)})") from None
+
+
+def file_sha256(path):
+    """The SHA-256 of a file's bytes (hex), read in 4 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def strip_module_prefix(state_dict):
+    """Drops the 'module.' prefix that DataParallel/DDP put on every key."""
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        return {k[len("module."):]: v for k, v in state_dict.items()}
+    return dict(state_dict)

@@ -1,0 +1,63 @@
+"""
+What a resumed run must keep. A run records its frozen settings dataclasses (the unlearning settings, the model
+spec, the data and the mask) in every checkpoint; a resumed run compares the same dataclasses, built from its own
+command line, field by field and refuses to go on where anything differs. Nothing is listed by hand: a new field
+of a settings dataclass is pinned by being there.
+"""
+import os
+from dataclasses import asdict
+from glob import glob
+
+from .files import safe_torch_load
+from .utils import UserError
+
+CHECKPOINT_PATTERN = "[0-9]" * 7 + ".pt"
+
+
+def pinned_record(**sections):
+    """{section: {field: value}} of frozen dataclasses (or plain dicts), as saved in a checkpoint's "run"."""
+    return {name: asdict(value) if not isinstance(value, dict) else dict(value) for name, value in sections.items()}
+
+
+def _flag(key):
+    return "--" + key.replace("_", "-")
+
+
+def _difference(section, key, recorded, current):
+    """One line saying what differs, naming the flag to change."""
+    if section == "mask" and key == "file":
+        if recorded is None:
+            return "the resumed run used no saliency mask; resume without --mask-path"
+        if current is None:
+            return f"the resumed run used the mask {recorded}; resume with --mask-path {recorded}"
+        return f"--mask-path/--threshold select the mask {current}, but the resumed run used {recorded}"
+    if section == "mask" and key == "sha256":
+        return "the mask file has changed since the run started (its SHA-256 differs); restore it or start a new run"
+    if section == "data" and key == "fingerprint":
+        return "the images under --data-path differ from those the resumed run started with"
+    if section == "model" and key == "learn_sigma":
+        return f"the checkpoint's learned variance ({current}) differs from the resumed run's ({recorded})"
+    return f"{_flag(key)} {current} differs from the resumed run's {recorded}; resume with the original command"
+
+
+def check_same_run(recorded, current):
+    """Raises a UserError naming the first setting of `current` (a pinned_record) that differs from `recorded`."""
+    for section, fields in current.items():
+        saved = recorded.get(section, {})
+        for key, value in fields.items():
+            if key not in saved or saved[key] != value:
+                raise UserError(_difference(section, key, saved.get(key), value))
+
+
+def find_resume_checkpoint(path, required=("model", "opt", "run", "train_steps")):
+    """(path, checkpoint) to resume: a checkpoint file, or the newest checkpoints/NNNNNNN.pt of an experiment folder."""
+    if os.path.isdir(path):
+        found = sorted(glob(os.path.join(path, "checkpoints", CHECKPOINT_PATTERN)))
+        if not found:
+            raise UserError(f"--resume {path}: no checkpoints/NNNNNNN.pt in that folder")
+        path = found[-1]
+    checkpoint = safe_torch_load(path, what="checkpoint")
+    if not isinstance(checkpoint, dict) or not set(required) <= checkpoint.keys():
+        raise UserError(f"--resume {path} is not a resumable forget.py checkpoint (it lacks "
+                        f"{', '.join(k for k in required if not isinstance(checkpoint, dict) or k not in checkpoint)})")
+    return path, checkpoint
