@@ -138,8 +138,8 @@ def run(args, settings, request, dist, logger, experiment_dir, resumed):
                                          args.num_workers)
 
     classes = snapshot_classes(settings.forget_class, spec.num_classes)
-    noise = per_sample_noise([(settings.seed, 7, i) for i in range(len(classes))],
-                             (raw_model.in_channels, raw_model.input_size, raw_model.input_size), dist.device)
+    noise = per_sample_noise(settings.seed, range(len(classes)), (raw_model.in_channels, raw_model.input_size,
+                                                                  raw_model.input_size), dist.device, "snapshot/noise")
     snapshots = SnapshotGrid(SnapshotOptions(args.snapshot_every, args.snapshot_sampler, args.snapshot_steps,
                                              args.cfg_scale), classes, noise, vae, amp)
     checkpoint_dir = os.path.join(experiment_dir, "checkpoints")

@@ -36,14 +36,15 @@ def main(args):
     same_config = replace(model_request(args), image_size=spec.image_size, num_classes=spec.num_classes, vae=spec.vae)
     labels = class_labels(args.class_labels, spec.num_classes)
     shape = (model.in_channels, model.input_size, model.input_size)
-    seeds = [(args.seed, i) for i in range(len(labels))]
-    z = per_sample_noise(seeds, shape, device)  # the same noise for every checkpoint
+    indices = range(len(labels))
+    z = per_sample_noise(args.seed, indices, shape, device)  # the same noise for every checkpoint
     grids = []
     for i, ckpt in enumerate(checkpoints):
         if i > 0:
             model = load_model_and_vae(replace(same_config, ckpt=ckpt), device, with_vae=False).model
         images = generate(model, vae, torch.tensor(labels, device=device), z, sampler_config(args),
-                          noise_fn=StepNoise(seeds), progress=True, autocast_dtype=autocast_dtype(args.precision))
+                          noise_fn=StepNoise(args.seed, indices), progress=True,
+                          autocast_dtype=autocast_dtype(args.precision))
         grids.append(grid_image(images, nrow=args.nrow))
         print(f"Sampled classes {labels} from {ckpt or 'the released checkpoint'}")
     figure = side_by_side([upscale(g, args.min_side) for g in grids], titles=args.titles)

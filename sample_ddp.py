@@ -19,7 +19,8 @@ from sfron.build import autocast_dtype, load_model_and_vae
 from sfron.dist import distributed
 from sfron.files import atomic_save_image, atomic_write
 from sfron.sampling import StepNoise, generate, per_sample_noise, to_uint8_nhwc
-from sfron.utils import check_class_index, run_main, seeded_generator
+from sfron.rng import generator
+from sfron.utils import check_class_index, run_main
 
 
 def sample_labels(args, num_classes):
@@ -29,7 +30,7 @@ def sample_labels(args, num_classes):
         for c in classes:
             check_class_index(c, num_classes, "--class-labels", "the model")
         return np.repeat(np.array(classes, dtype=np.int64), args.samples_per_class)
-    g = seeded_generator(args.global_seed, 11)
+    g = generator(args.global_seed, "sample/labels")
     classes = torch.tensor(args.class_labels or list(range(num_classes)))
     return classes[torch.randint(0, len(classes), (args.num_fid_samples,), generator=g)].numpy()
 
@@ -72,10 +73,10 @@ def main(args):
         chunks = range(dist.rank, math.ceil(len(labels) / per_proc), dist.world_size)
         for k in tqdm(chunks, disable=not dist.is_main, desc="Sampling"):
             index = list(range(k * per_proc, min((k + 1) * per_proc, len(labels))))
-            seeds = [(args.global_seed, i) for i in index]
             y = torch.from_numpy(labels[index]).to(dist.device)
-            images = generate(model, vae, y, per_sample_noise(seeds, shape, dist.device), config,
-                              noise_fn=StepNoise(seeds), autocast_dtype=autocast_dtype(args.precision))
+            z = per_sample_noise(args.global_seed, index, shape, dist.device)
+            images = generate(model, vae, y, z, config, noise_fn=StepNoise(args.global_seed, index),
+                              autocast_dtype=autocast_dtype(args.precision))
             for i, image in zip(index, to_uint8_nhwc(images)):
                 atomic_save_image(Image.fromarray(image), os.path.join(folder, f"{i:06d}.png"), durable=False)
         dist.barrier()

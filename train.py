@@ -89,8 +89,10 @@ def main(args):
                                    "args": vars(args), "spec": asdict(spec)}, path)
                 logger.info(f"Saved checkpoint to {path}")
         if args.export and dist.is_main:
-            atomic_torch_save({"ema": ema.state_dict(), "spec": asdict(spec), "args": vars(args)}, args.export)
-            logger.info(f"Exported the EMA weights to {args.export}")
+            dtype = torch.float16 if args.export_precision == "fp16" else torch.float32
+            weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ema.state_dict().items()}
+            atomic_torch_save({"ema": weights, "spec": asdict(spec), "args": vars(args)}, args.export)
+            logger.info(f"Exported the EMA weights ({args.export_precision}) to {args.export}")
         logger.info("Done!")
 
 
@@ -114,6 +116,8 @@ def parse_args(argv=None):
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--ckpt-every", type=int, default=50_000)
+    parser.add_argument("--export-precision", type=str, choices=["fp32", "fp16"], default="fp32",
+                        help="dtype of the exported weights (fp16 halves the file; they load as float32)")
     parser.add_argument("--export", type=str, default=None,
                         help="also write the final EMA weights and settings, without optimizer state, to this file")
     parser.add_argument("--exclude-class", type=int, default=None,

@@ -19,11 +19,12 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from .files import atomic_torch_save, safe_torch_load
-from .utils import UserError, check_class_index, seeded_generator
+from .rng import generator
+from .utils import UserError, check_class_index
 from .vae import encode_moments, sample_latents
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-STREAMS = {"forget-fisher": 1, "remain-fisher": 2, "forget": 3, "remain": 4, "train": 5}
+DATA_STREAMS = ("forget-fisher", "remain-fisher", "forget", "remain", "train")  # each with its salts in rng.STREAMS
 
 
 def center_crop_arr(pil_image, image_size):
@@ -130,8 +131,9 @@ def dataset_fingerprint(*datasets):
 
 class SampleStream:
     """
-    An endless stream of (index, flip) over n items: epoch e is a permutation seeded by (seed, stream, e), each
-    item with a fair coin for the horizontal flip. Position p of the stream is a pure function of p.
+    An endless stream of (index, flip) over n items: epoch e is a permutation drawn from the key
+    (seed, "<stream>/order", e), each item with a fair coin for the horizontal flip. Position p of the stream is a
+    pure function of p.
     """
 
     def __init__(self, n, seed, stream, flip=True):
@@ -140,7 +142,7 @@ class SampleStream:
 
     def _load_epoch(self, epoch):
         if epoch != self._epoch:
-            g = seeded_generator(self.seed, self.stream, epoch)
+            g = generator(self.seed, f"{self.stream}/order", epoch)
             self._perm = torch.randperm(self.n, generator=g).tolist()
             flips = torch.rand(self.n, generator=g) < 0.5
             self._flips = flips.tolist() if self.flip else [False] * self.n
@@ -229,7 +231,7 @@ class Batch:
 @dataclass(frozen=True)
 class StreamConfig:
     """What a stream of diffusion batches draws: which stream, its seed, the global batch and the draws' laws."""
-    stream: str              # a key of STREAMS: forget, remain, forget-fisher, remain-fisher, train
+    stream: str              # one of DATA_STREAMS: forget, remain, forget-fisher, remain-fisher, train
     seed: int
     global_batch: int
     num_timesteps: int = 1000
@@ -252,13 +254,12 @@ class DiffusionBatches:
     """
 
     def __init__(self, dataset, config, dist, steps, encoder=None, num_workers=0):
-        if config.stream not in STREAMS:
-            raise ValueError(f"unknown stream {config.stream}")
+        if config.stream not in DATA_STREAMS:
+            raise ValueError(f"unknown data stream {config.stream}")
         self.dataset, self.config, self.dist, self.steps = dataset, config, dist, steps
         self.encoder, self.num_workers = encoder, num_workers
-        self.stream_id = STREAMS[config.stream]
         self.shard = dist.shard(config.global_batch)
-        self.stream = SampleStream(len(dataset), config.seed, self.stream_id, flip=config.random_flip)
+        self.stream = SampleStream(len(dataset), config.seed, config.stream, flip=config.random_flip)
 
     def _loader(self):
         """(step, images or cached moments, labels) for each step, loaded in worker processes if asked."""
@@ -276,15 +277,15 @@ class DiffusionBatches:
 
     def _draws(self, step, shape):
         """
-        This rank's timesteps, label drops, diffusion noise and VAE noise. Each sample's draws come from a
-        generator seeded by its position in the stream, so they depend neither on the batch size nor on the
+        This rank's timesteps, label drops, diffusion noise and VAE noise. Each sample's draws come from the key
+        (seed, "<stream>/draws", position in the stream), so they depend neither on the batch size nor on the
         number of processes.
         """
         lo, hi = self.shard
         config = self.config
         t, drop, noise, vae_eps = [], [], [], []
         for position in range(step * config.global_batch + lo, step * config.global_batch + hi):
-            g = seeded_generator(config.seed, self.stream_id, position)
+            g = generator(config.seed, f"{config.stream}/draws", position)
             t.append(torch.randint(0, config.num_timesteps, (), generator=g))
             drop.append(torch.rand((), generator=g) < config.dropout_prob)
             noise.append(torch.randn(shape, generator=g))

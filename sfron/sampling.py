@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from diffusion import create_diffusion
 
 from .files import atomic_save_image
-from .utils import seeded_generator
+from .rng import generator
 from .vae import decode
 
 # The classes of the official snapshot grid (golden retriever first) and of the official sample.py grid.
@@ -56,16 +56,18 @@ class SamplerConfig:
         return sampling_diffusion(self.sampler, self.num_steps)
 
 
-def per_sample_noise(seeds, shape, device):
-    """Gaussian noise (N, *shape) where row i depends only on seeds[i]: the same image whatever the batching."""
-    return torch.stack([torch.randn(shape, generator=seeded_generator(*s)) for s in seeds]).to(device)
+def per_sample_noise(seed, indices, shape, device, stream="sample/noise"):
+    """Gaussian noise (N, *shape) whose row for image i depends only on (seed, stream, i): the same image whatever
+    the batching and the number of processes."""
+    return torch.stack([torch.randn(shape, generator=generator(seed, stream, i)) for i in indices]).to(device)
 
 
 class StepNoise:
-    """noise_fn for the samplers: a per-sample generator each, so DDPM noise too is independent of batching."""
+    """noise_fn for the DDPM sampler: a generator per image, keyed (seed, "sample/step-noise", i), so the noise of
+    every step too is independent of batching."""
 
-    def __init__(self, seeds):
-        self.generators = [seeded_generator(*s, 1) for s in seeds]
+    def __init__(self, seed, indices):
+        self.generators = [generator(seed, "sample/step-noise", i) for i in indices]
 
     def __call__(self, like):
         noise = [torch.randn(like.shape[1:], generator=g) for g in self.generators]

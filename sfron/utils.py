@@ -1,13 +1,11 @@
 """
-Small pieces every script shares: the one-line error of bad input, the class-index check, the log file,
-experiment folders and seeding.
+Small pieces every script shares: the one-line error of bad input, the class-index check, the log file and
+experiment folders.
 """
 import logging
 import os
 import sys
 from glob import glob
-
-import torch
 
 
 class UserError(Exception):
@@ -79,11 +77,3 @@ def start_experiment(dist, results_dir, suffix):
         os.makedirs(path)
     path = dist.broadcast_object(path)
     return path, create_logger(path, dist.rank)
-
-
-def seeded_generator(*keys):
-    """A CPU torch.Generator seeded from a tuple of integers (e.g. seed, stream, step)."""
-    seed = 0
-    for k in keys:
-        seed = (seed * 1_000_003 + int(k)) % (2 ** 63 - 1)
-    return torch.Generator().manual_seed(seed)
