@@ -3,11 +3,28 @@ The flags several scripts share, declared once, and their conversion into the fr
 takes (sfron never sees an argparse namespace). Each script declares its own flags beside these.
 """
 import argparse
+import sys
 
 from models import DiT_models
 from sfron.build import ModelRequest
 from sfron.data import LatentCacheOptions
 from sfron.sampling import SamplerConfig
+from sfron.utils import UserError
+
+
+def run_main(main, args):
+    """Runs main(args); a UserError becomes one 'error: ...' line on stderr and exit status 1."""
+    try:
+        main(args)
+    except UserError as e:
+        message = str(e)
+        if "Original Traceback" in message:  # re-raised from a DataLoader worker: keep the worker's own line
+            message = message.strip().splitlines()[-1].split("UserError: ", 1)[-1]
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def add_model_args(parser, default_model="DiT-XL/2", several_ckpts=False):

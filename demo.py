@@ -20,8 +20,9 @@ import prepare_digits
 import sample
 import sample_ddp
 import train
+from cli import run_main
 from sfron.files import atomic_json_dump, atomic_write
-from sfron.utils import UserError, check_class_index, run_main
+from sfron.utils import UserError, check_class_index
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 DIGITS_DIT = os.path.join(ASSETS, "digits_dit.pt")

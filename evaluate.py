@@ -9,13 +9,14 @@ import os
 
 import torch
 
+from cli import run_main
 from sfron.classifier import load_classifier
 from sfron.data import ImageSet, find_class_folders, list_images
 from sfron.files import atomic_json_dump, atomic_write_text
 from sfron.metrics import (FeatureNet, classification_report, classify, fid_against, load_samples, make_fid,
                            markdown_table, reference_statistics)
 from sfron.sampling import to_uint8
-from sfron.utils import UserError, check_class_index, run_main
+from sfron.utils import UserError, check_class_index
 
 
 def real_image_batches(data_path, class_indices, image_size, per_class, batch_size):

@@ -9,25 +9,27 @@ import argparse
 import os
 import time
 from copy import deepcopy
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from cli import add_data_args, add_model_args, latent_cache_options, model_request
+from cli import add_data_args, add_model_args, latent_cache_options, model_request, run_main
 from diffusion import create_diffusion
 from sfron.build import autocast_dtype, load_model_and_vae
-from sfron.data import (DiffusionBatches, LatentEncoder, StreamConfig, dataset_fingerprint, forget_latent_cache,
-                        unlearn_datasets)
+from sfron.data import (DiffusionBatches, LatentEncoder, NoiseImages, StreamConfig, TensorImages,
+                        dataset_fingerprint, forget_latent_cache, unlearn_datasets)
 from sfron.dist import distributed
 from sfron.files import atomic_json_dump, atomic_torch_save
+from sfron.fisher import fisher_diagonal
 from sfron.loss import check_finite_weights
 from sfron.mask import MaskChoice, kept_share, saliency_mask_for
 from sfron.optim import update_ema
 from sfron.resume import check_same_run, find_resume_checkpoint, pinned_record
-from sfron.sampling import SnapshotGrid, SnapshotOptions, per_sample_noise, snapshot_classes
-from sfron.unlearn import FORGET_LOSSES, METHODS, NON_FINITE_HINT, Unlearner, UnlearnSettings
-from sfron.utils import create_logger, run_main, start_experiment
+from sfron.sampling import (SamplerConfig, SnapshotGrid, SnapshotOptions, generate_replay, per_sample_noise,
+                            snapshot_classes)
+from sfron.unlearn import FORGET_LOSSES, METHODS, NON_FINITE_HINT, FrozenReference, Unlearner, UnlearnSettings
+from sfron.utils import create_logger, start_experiment
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,8 @@ def unlearn_settings(args):
         batch_size=args.batch_size, lr=args.lr, forget_alpha=args.forget_alpha,
         decay_forget_alpha=args.decay_forget_alpha, remain_alpha=args.remain_alpha, grad_clip=args.grad_clip,
         lambd=args.lambd, forget_label_dropout=args.forget_label_dropout, seed=args.seed, precision=args.precision,
-        ema_decay=args.ema_decay)
+        ema_decay=args.ema_decay, esd_eta=args.esd_eta, ewc_lambda=args.ewc_lambda, remain_source=args.remain_source,
+        replay_samples=args.replay_samples, replay_steps=args.replay_steps, replay_cfg_scale=args.replay_cfg_scale)
 
 
 def experiment_name(settings, model):
@@ -76,17 +79,19 @@ def restore(resumed, unlearner, ema):
     return list(resumed.get("losses", []))
 
 
+def checkpoint_identity(ckpt):
+    """How a run records the checkpoint it started from: a local file by its absolute path, else its name."""
+    return os.path.abspath(ckpt) if ckpt and os.path.isfile(ckpt) else ckpt
+
+
 def main(args):
     """Unlearns --forget-class from the DiT."""
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     settings = unlearn_settings(args)
     settings.check()
-    request, resumed_path, resumed = model_request(args), None, None
-    if args.resume:
-        resumed_path, resumed = find_resume_checkpoint(args.resume)
-        # the resumed checkpoint's recorded spec gives image size, classes, VAE and flips where no flag does
-        request = replace(request, ckpt=resumed_path)
+    original = model_request(args)  # the model the run starts from (and the frozen reference of ESD and SA)
+    resumed_path, resumed = find_resume_checkpoint(args.resume) if args.resume else (None, None)
     with distributed() as dist:
         torch.manual_seed(settings.seed)
         if resumed is None:
@@ -96,43 +101,87 @@ def main(args):
             experiment_dir = os.path.dirname(os.path.dirname(os.path.abspath(resumed_path)))
             logger = create_logger(experiment_dir, dist.rank)
             logger.info(f"Resuming {experiment_dir} from {resumed_path} (step {resumed['train_steps']})")
-        run(args, settings, request, dist, logger, experiment_dir, resumed)
+        # a resumed run reads its weights from the checkpoint, whose recorded spec fills in what no flag gives
+        request = original if resumed is None else replace(original, ckpt=resumed_path)
+        run(args, settings, (original, request), dist, logger, experiment_dir, resumed)
 
 
-def run(args, settings, request, dist, logger, experiment_dir, resumed):
-    """The unlearning loop of main()."""
+def frozen_reference(settings, original, spec, dist, logger):
+    """The frozen original model (ESD) with the replay samples it generates and their Fisher (SA), as needed:
+    (FrozenReference or None, replay dataset or None)."""
+    needs_replay = settings.remain_source == "replay" or settings.ewc_lambda > 0
+    if not settings.needs_frozen_model and not needs_replay:
+        return None, None
+    frozen, vae, _, ckpt = load_model_and_vae(replace(original, image_size=spec.image_size,
+                                                      num_classes=spec.num_classes, vae=spec.vae), dist.device)
+    frozen.eval()
+    logger.info(f"Frozen original model from {ckpt}")
+    reference, replay = FrozenReference(model=frozen), None
+    if needs_replay:
+        remain_classes = [c for c in range(spec.num_classes) if c != settings.forget_class]
+        labels = [remain_classes[i % len(remain_classes)] for i in range(settings.replay_samples)]
+        config = SamplerConfig("ddim", settings.replay_steps, settings.replay_cfg_scale)
+        images = generate_replay(frozen, vae, labels, config, settings.seed, dist)
+        replay = TensorImages(images, labels, name=f"replay-{settings.seed}")
+        logger.info(f"Generated {len(replay):,} replay samples of the remain classes with the original model")
+    if settings.ewc_lambda > 0:
+        config = StreamConfig(stream="replay-fisher", seed=settings.seed, global_batch=settings.batch_size,
+                              random_flip=False)
+        steps = range(max(1, settings.replay_samples // settings.batch_size))
+        encoder = LatentEncoder(vae) if vae is not None else None
+        batches = DiffusionBatches(replay, config, dist, steps, encoder)
+        fisher = fisher_diagonal(frozen, create_diffusion(""), batches, dist, desc="EWC Fisher of the replay samples")
+        reference.fisher = {n: f.to(dist.device) for n, f in fisher.items()}
+    frozen.requires_grad_(False)
+    return reference, replay
+
+
+def unlearning_data(settings, spec, data_sets, replay):
+    """The datasets the forget and the remain terms draw from: the forget images, or SA's uniform-noise surrogate;
+    the remain images, or the replay samples."""
+    forget_set, remain_set = data_sets
+    if settings.unlearn_loss == "sa":
+        forget_set = NoiseImages(len(forget_set), spec.image_size, settings.forget_class, settings.seed)
+    return forget_set, replay if settings.remain_source == "replay" else remain_set
+
+
+def run(args, settings, requests, dist, logger, experiment_dir, resumed):
+    """The unlearning loop of main(); requests: (the original model's ModelRequest, the one to load weights from)."""
+    original, request = requests
     raw_model, vae, spec, _ = load_model_and_vae(request, dist.device, logger)
     raw_model.grad_checkpointing = args.grad_checkpointing
     forget_set, remain_set, _ = unlearn_datasets(args.data_path, settings.forget_class, spec.image_size,
                                                  spec.num_classes)
     logger.info(f"Forget set: {len(forget_set):,} images, remain set: {len(remain_set):,} images ({args.data_path})")
-    mask, mask_record = saliency_mask_for(MaskChoice(args.mask_path, args.threshold), settings.forget_class,
-                                          raw_model, dist.device)
-    record = pinned_record(settings=settings, model=spec, mask=mask_record,
-                           data=DataSource(os.path.abspath(args.data_path), dataset_fingerprint(forget_set, remain_set)))
+    mask, mask_record = saliency_mask_for(MaskChoice(args.mask_path, args.threshold, args.sparsity),
+                                          settings.forget_class, raw_model, dist.device)
+    data = DataSource(os.path.abspath(args.data_path), dataset_fingerprint(forget_set, remain_set))
+    record = pinned_record({"settings": settings, "model": spec, "mask": mask_record, "data": data,
+                            "init": {"ckpt": checkpoint_identity(original.ckpt)}})
     if resumed is not None:
         check_same_run(resumed["run"], record)
     logger.info(f"Saliency mask {mask_record.file}: {100 * kept_share(mask):.2f}% of weights updated by the forget "
                 f"step" if mask is not None else "No --mask-path: the forget step updates every weight")
+    reference, replay = frozen_reference(settings, original, spec, dist, logger)
 
     ema = deepcopy(raw_model).requires_grad_(False).eval() if settings.ema_decay > 0 else None
     model = DDP(raw_model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None) \
         if dist.enabled else raw_model
     diffusion = create_diffusion(timestep_respacing="")
-    unlearner = Unlearner(model, diffusion, settings, dist, mask)
+    unlearner = Unlearner(model, diffusion, settings, dist, mask, reference)
     if unlearner.relabel is not None:
-        logger.info(f"Relabelling forget images as class {unlearner.relabel}")
+        logger.info(f"{settings.unlearn_loss}: the forget images' other class is {unlearner.relabel}")
     history = restore(resumed, unlearner, ema) if resumed is not None else []
     raw_model.train()  # label dropout on, as in the official script
 
     start, amp = len(history), autocast_dtype(settings.precision)
     streams = {}
-    for name, dataset in (("forget", forget_set), ("remain", remain_set)):
+    for name, dataset in zip(("forget", "remain"), unlearning_data(settings, spec, (forget_set, remain_set), replay)):
         config = StreamConfig(stream=name, seed=settings.seed, global_batch=settings.batch_size,
                               num_timesteps=diffusion.num_timesteps, dropout_prob=raw_model.y_embedder.dropout_prob,
                               random_flip=spec.random_flip)
         cache = forget_latent_cache(latent_cache_options(args), settings.forget_class, spec, dataset, vae, dist,
-                                    logger) if name == "forget" else None
+                                    logger) if dataset is forget_set else None
         encoder = LatentEncoder(vae, amp, cache) if vae is not None else None
         streams[name] = DiffusionBatches(dataset, config, dist, range(start, settings.n_iters), encoder,
                                          args.num_workers)
@@ -169,7 +218,7 @@ def run(args, settings, request, dist, logger, experiment_dir, resumed):
             running, log_steps, start_time = [0.0, 0.0], 0, time.time()
         if dist.is_main and snapshots.due(train_steps):
             snapshots.save(ema if ema is not None else raw_model, checkpoint_dir, train_steps, logger)
-        if train_steps % args.ckpt_every == 0 or train_steps == s.n_iters:
+        if train_steps % args.ckpt_every == 0 or train_steps == s.n_iters or train_steps in args.ckpt_steps:
             check_finite_weights(raw_model, train_steps, NON_FINITE_HINT)  # every process: all stop together
             if dist.is_main:
                 path = os.path.join(checkpoint_dir, f"{train_steps:07d}.pt")
@@ -190,6 +239,8 @@ def parse_args(argv=None):
     add_data_args(parser, n_iters_help="unlearning steps")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint interval (and at the last step)")
+    parser.add_argument("--ckpt-steps", type=int, nargs="*", default=[],
+                        help="also save checkpoints after these steps (e.g. 10 25 50 for a comparison)")
     parser.add_argument("--snapshot-every", type=int, default=50, help="sample-grid interval (0: none)")
     parser.add_argument("--snapshot-sampler", type=str, choices=["ddim", "ddpm"], default="ddim")
     parser.add_argument("--snapshot-steps", type=int, default=50,
@@ -208,7 +259,19 @@ def parse_args(argv=None):
                         help="ron: fast forget step then slow remain step (SFR-on); joint: one step on both losses")
     parser.add_argument("--unlearn-loss", type=str, choices=FORGET_LOSSES, default="ga",
                         help="ga: gradient ascent; adaga: adaptive gradient ascent; rl: relabelling to (cls+100) "
-                             "mod K, or (cls+1) mod K where that is cls itself")
+                             "mod K, or (cls+1) mod K where that is cls itself; the baselines: salun (SalUn's "
+                             "random-label target), sa (Selective Amnesia's uniform-noise surrogate), esd "
+                             "(negative guidance from the frozen original)")
+    parser.add_argument("--esd-eta", type=float, default=1.0, help="esd: the negative guidance scale eta")
+    parser.add_argument("--ewc-lambda", type=float, default=0.0,
+                        help="weight of the EWC penalty sum F (theta - theta*)^2, F the original model's Fisher on "
+                             "its replay samples (Selective Amnesia; needs --replay-samples)")
+    parser.add_argument("--remain-source", type=str, choices=["data", "replay"], default="data",
+                        help="the remain term's images: the remain data, or samples the original model generates "
+                             "(generative replay, Selective Amnesia)")
+    parser.add_argument("--replay-samples", type=int, default=0, help="how many replay samples to generate")
+    parser.add_argument("--replay-steps", type=int, default=50, help="DDIM steps of each replay sample")
+    parser.add_argument("--replay-cfg-scale", type=float, default=4.0, help="guidance scale of the replay samples")
     parser.add_argument("--lambd", type=float, default=0.5, help="lambda of adaga (weights 1 / loss^lambda)")
     parser.add_argument("--grad-clip", type=float, default=1.0, help="global-norm clip of the forget gradient")
     parser.add_argument("--forget-alpha", type=float, default=1.0, help="weight alpha of the forget loss")
@@ -223,6 +286,8 @@ def parse_args(argv=None):
                         help="a mask file, or the mask folder of generate_mask.py (then --threshold picks "
                              "<folder>/<cls>/fisher_<threshold>.pt); none: no mask")
     parser.add_argument("--threshold", type=float, default=1.0, help="the mask threshold gamma to use from a folder")
+    parser.add_argument("--sparsity", type=float, default=None,
+                        help="use SalUn's gradient mask <folder>/<cls>/gradient_<sparsity>.pt instead")
     return parser.parse_args(argv)
 
 

@@ -9,15 +9,15 @@ import os
 
 import torch
 
-from cli import add_data_args, add_model_args, latent_cache_options, model_request
+from cli import add_data_args, add_model_args, latent_cache_options, model_request, run_main
 from diffusion import create_diffusion
 from sfron.build import autocast_dtype, load_model_and_vae
 from sfron.data import DiffusionBatches, LatentEncoder, StreamConfig, forget_latent_cache, unlearn_datasets
 from sfron.dist import distributed
 from sfron.files import atomic_torch_save
-from sfron.fisher import fisher_diagonal
+from sfron.fisher import fisher_diagonal, forget_gradient
 from sfron.mask import class_dir
-from sfron.utils import UserError, run_main, start_experiment
+from sfron.utils import UserError, start_experiment
 
 
 def main(args):
@@ -52,6 +52,16 @@ def main(args):
                 path = os.path.join(out_dir, f"{name}_fisher.pt")
                 atomic_torch_save(fisher, path)
                 logger.info(f"Saved {name} Fisher ({len(fisher)} tensors) to {path}")
+        if args.gradient_saliency:  # SalUn's statistic, for generate_mask.py --criterion gradient
+            config = StreamConfig(stream="forget-gradient", seed=args.seed, global_batch=args.batch_size,
+                                  num_timesteps=diffusion.num_timesteps, random_flip=spec.random_flip)
+            encoder = LatentEncoder(vae, amp, caches["forget"]) if vae is not None else None
+            batches = DiffusionBatches(forget_set, config, dist, range(args.n_iters), encoder, args.num_workers)
+            gradient = forget_gradient(model, diffusion, batches, dist, clip=1.0)
+            if dist.is_main:
+                path = os.path.join(out_dir, "forget_gradient.pt")
+                atomic_torch_save(gradient, path)
+                logger.info(f"Saved the summed forget gradient (SalUn's saliency) to {path}")
         logger.info("Done!")
 
 
@@ -62,6 +72,9 @@ def parse_args(argv=None):
     add_data_args(parser, n_iters_help="iterations: --n-iters x --batch-size samples of each set (any batch size "
                                        "estimates the same quantity)")
     parser.add_argument("--mask-path", type=str, default="mask", help="folder for <class>/*_fisher.pt")
+    parser.add_argument("--gradient-saliency", action="store_true",
+                        help="also write <class>/forget_gradient.pt: the summed, per-batch clipped gradient of the "
+                             "forget loss, for SalUn's mask (generate_mask.py --criterion gradient)")
     return parser.parse_args(argv)
 
 

@@ -2,29 +2,51 @@
 Step 2 of SFR-on: saliency masks from the Fisher diagonals. For each threshold gamma,
 <mask-path>/<class>/fisher_<gamma>.pt holds S = ((F_f + 1e-15) / (F_r + 1e-15)) >= gamma, a boolean tensor per
 parameter; the share of frozen (zero) weights is printed per threshold. Fisher files of the official script are
-read too.
+read too. --criterion gradient writes SalUn's masks instead (the baseline): gradient_<sparsity>.pt keeps the
+1 - sparsity of all weights with the largest |forget gradient| (generate_fisher.py --gradient-saliency).
 """
 import argparse
 import os
 
+from cli import run_main
 from sfron.files import atomic_torch_save
-from sfron.mask import class_dir, load_fisher, mask_filename, saliency_mask, sparsity
-from sfron.utils import UserError, run_main
+from sfron.mask import (check_sparsity, class_dir, gradient_mask, load_fisher, mask_filename, saliency_mask,
+                        sparsity)
+from sfron.utils import UserError
+
+
+def fisher_masks(folder, thresholds):
+    """(file name, mask) for each threshold, from the folder's Fisher diagonals."""
+    forget_fisher = load_fisher(os.path.join(folder, "forget_fisher.pt"))
+    remain_fisher = load_fisher(os.path.join(folder, "remain_fisher.pt"))
+    for th in thresholds:
+        yield f"threshold {th}", mask_filename(th), saliency_mask(forget_fisher, remain_fisher, th)
+
+
+def gradient_masks(folder, sparsities):
+    """(file name, mask) for each sparsity, from the folder's summed forget gradient."""
+    path = os.path.join(folder, "forget_gradient.pt")
+    if not os.path.isfile(path):
+        raise UserError(f"no {path}: run generate_fisher.py with --gradient-saliency first")
+    gradient = load_fisher(path)
+    for s in sparsities:
+        yield f"sparsity {s}", mask_filename(sparsity=s), gradient_mask(gradient, s)
 
 
 def main(args):
-    """Writes one mask per threshold for each forget class."""
-    if not args.thresholds:
+    """Writes one mask per threshold (or sparsity) for each forget class."""
+    if args.criterion == "fisher" and not args.thresholds:
         raise UserError("--thresholds needs at least one value")
+    for s in args.sparsity:
+        check_sparsity(s)
     for cls in args.forget_class:
         folder = class_dir(args.mask_path, cls)
-        forget_fisher = load_fisher(os.path.join(folder, "forget_fisher.pt"))
-        remain_fisher = load_fisher(os.path.join(folder, "remain_fisher.pt"))
-        for th in args.thresholds:
-            mask = saliency_mask(forget_fisher, remain_fisher, th)
-            path = os.path.join(folder, mask_filename(th))
+        masks = fisher_masks(folder, args.thresholds) if args.criterion == "fisher" else \
+            gradient_masks(folder, args.sparsity)
+        for what, name, mask in masks:
+            path = os.path.join(folder, name)
             atomic_torch_save(mask, path)
-            print(f"class {cls} threshold {th}: sparsity {100 * sparsity(mask):.2f}% of weights frozen -> {path}")
+            print(f"class {cls} {what}: sparsity {100 * sparsity(mask):.2f}% of weights frozen -> {path}")
 
 
 def parse_args(argv=None):
@@ -34,6 +56,10 @@ def parse_args(argv=None):
     parser.add_argument("--forget-class", nargs="+", type=int, required=True, help="class(es) to forget")
     parser.add_argument("--thresholds", nargs="+", type=float, default=[0.5, 1, 3, 5, 10],
                         help="saliency thresholds gamma")
+    parser.add_argument("--criterion", choices=["fisher", "gradient"], default="fisher",
+                        help="fisher: SFR-on's Fisher ratio (default); gradient: SalUn's top |forget gradient|")
+    parser.add_argument("--sparsity", nargs="+", type=float, default=[0.5],
+                        help="with --criterion gradient: the share of weights frozen (SalUn's default 0.5)")
     return parser.parse_args(argv)
 
 

@@ -9,8 +9,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from cli import run_main
 from sfron.files import atomic_save_image
-from sfron.utils import run_main
 
 
 def main(args):

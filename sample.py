@@ -7,12 +7,12 @@ from dataclasses import replace
 
 import torch
 
-from cli import add_model_args, add_sampling_args, model_request, sampler_config
+from cli import add_model_args, add_sampling_args, model_request, run_main, sampler_config
 from sfron.build import autocast_dtype, load_model_and_vae
 from sfron.files import atomic_save_image
 from sfron.sampling import (OFFICIAL_SAMPLE_CLASSES, StepNoise, generate, grid_image, per_sample_noise, side_by_side,
                             upscale)
-from sfron.utils import UserError, check_class_index, run_main
+from sfron.utils import UserError, check_class_index
 
 
 def class_labels(requested, num_classes):

@@ -14,13 +14,13 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from cli import add_model_args, add_sampling_args, model_request, sampler_config
+from cli import add_model_args, add_sampling_args, model_request, run_main, sampler_config
 from sfron.build import autocast_dtype, load_model_and_vae
 from sfron.dist import distributed
 from sfron.files import atomic_save_image, atomic_write
-from sfron.sampling import StepNoise, generate, per_sample_noise, to_uint8_nhwc
 from sfron.rng import generator
-from sfron.utils import check_class_index, run_main
+from sfron.sampling import StepNoise, generate, per_sample_noise, to_uint8_nhwc
+from sfron.utils import check_class_index
 
 
 def sample_labels(args, num_classes):

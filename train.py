@@ -13,6 +13,7 @@ from dataclasses import asdict
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from cli import run_main
 from diffusion import create_diffusion
 from models import DiT_models
 from sfron.build import ModelSpec, autocast_dtype, build_dit
@@ -21,7 +22,7 @@ from sfron.dist import distributed
 from sfron.files import atomic_torch_save
 from sfron.loss import check_finite, diffusion_loss
 from sfron.optim import update_ema
-from sfron.utils import UserError, check_class_index, run_main, start_experiment
+from sfron.utils import UserError, check_class_index, start_experiment
 from sfron.vae import latent_channels, load_vae
 
 

@@ -8,10 +8,10 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from cli import run_main
 from sfron.classifier import DigitsClassifier
 from sfron.data import ImageSet, find_class_folders, list_images
 from sfron.files import atomic_torch_save
-from sfron.utils import run_main
 
 
 def load_split(data_path, split):

@@ -24,7 +24,8 @@ from .utils import UserError, check_class_index
 from .vae import encode_moments, sample_latents
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-DATA_STREAMS = ("forget-fisher", "remain-fisher", "forget", "remain", "train")  # each with its salts in rng.STREAMS
+# each with its two salts ("<stream>/order", "<stream>/draws") in rng.STREAMS
+DATA_STREAMS = ("forget-fisher", "remain-fisher", "forget", "remain", "train", "replay-fisher", "forget-gradient")
 
 
 def center_crop_arr(pil_image, image_size):
@@ -100,6 +101,45 @@ class ImageSet(Dataset):
     def __getitem__(self, key):
         index, flip = key if isinstance(key, tuple) else (key, False)
         return self.load(index, flip)
+
+
+class NoiseImages(Dataset):
+    """
+    n images of uniform noise in [-1, 1], all labelled `label`: Selective Amnesia's surrogate for the forget
+    class. Image i depends only on (seed, i).
+    """
+
+    def __init__(self, n, image_size, label, seed):
+        self.n, self.image_size, self.label, self.seed = n, image_size, label, seed
+        self.samples = [(f"uniform-noise-{seed}-{i}", label) for i in range(n)]  # names for the latent cache
+        self.targets = [label] * n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, key):
+        index, flip = key if isinstance(key, tuple) else (key, False)
+        g = generator(self.seed, "surrogate/images", index)
+        x = torch.rand((3, self.image_size, self.image_size), generator=g) * 2 - 1   # (3, S, S)
+        return (x.flip(-1) if flip else x), self.label
+
+
+class TensorImages(Dataset):
+    """Images already in memory (N, 3, S, S) in [-1, 1] with their labels, e.g. generated replay samples."""
+
+    def __init__(self, images, labels, name="generated"):
+        self.images, self.labels = images.cpu(), [int(y) for y in labels]
+        self.image_size = images.shape[-1]
+        self.samples = [(f"{name}-{i}", y) for i, y in enumerate(self.labels)]
+        self.targets = self.labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, key):
+        index, flip = key if isinstance(key, tuple) else (key, False)
+        x = self.images[index]
+        return (x.flip(-1) if flip else x), self.labels[index]
 
 
 def unlearn_datasets(data_path, forget_class, image_size, num_classes):

@@ -142,3 +142,32 @@ def fisher_diagonal(model, diffusion, batches, dist, desc="Fisher", autocast_dty
     for name, total in grads.sums.items():
         fisher[name] = (dist.all_reduce_sum_(total) / count).float().cpu()
     return fisher
+
+
+def forget_gradient(model, diffusion, batches, dist, clip=1.0, desc="Forget gradient"):
+    """
+    SalUn's saliency statistic (Fan et al., ICLR 2024, as in the SFR-on authors' DDPM baseline): the sum over
+    forget batches of the gradient of the epsilon-MSE loss, each batch's gradient (over the global batch) clipped
+    to global norm `clip` before it is added. Returns {parameter name: float32 tensor} (signed; the mask uses |.|).
+    Unlike the Fisher, this depends on the batch size (the clip acts per batch). The model runs in eval mode.
+    """
+    was_training = model.training
+    model.eval()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in named}
+    for batch in tqdm(batches, desc=desc, disable=not dist.is_main, dynamic_ncols=True):
+        model.zero_grad(set_to_none=True)
+        losses = diffusion.training_losses(model, batch.x, batch.t, dict(y=batch.y), noise=batch.noise)["mse"]
+        check_finite(losses, f"loss in {desc}", batch.step, hint="check the checkpoint and the data")
+        (losses.sum() / batches.config.global_batch).backward()  # this rank's part of the global-batch mean
+        for _, p in named:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce_sum_(p.grad)
+        if clip is not None and clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for _, p in named], clip)
+        for n, p in named:
+            total[n] += p.grad.float()
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return {n: v.cpu() for n, v in total.items()}

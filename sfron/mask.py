@@ -1,6 +1,8 @@
 """
-The forget-remain balanced weight saliency mask of SFR-on: S = ((F_f + 1e-15) / (F_r + 1e-15)) >= gamma per
-parameter element. Files: <mask-path>/<class>/forget_fisher.pt, remain_fisher.pt and fisher_<gamma>.pt.
+Weight saliency masks. SFR-on's forget-remain balanced mask: S = ((F_f + 1e-15) / (F_r + 1e-15)) >= gamma per
+parameter element. SalUn's gradient mask (a baseline): the share 1 - sparsity of all weights with the largest
+|summed forget gradient|, ranked globally. Files: <mask-path>/<class>/forget_fisher.pt, remain_fisher.pt,
+fisher_<gamma>.pt, and forget_gradient.pt, gradient_<sparsity>.pt.
 """
 import os
 from dataclasses import dataclass
@@ -16,9 +18,11 @@ EPS = 1e-15
 
 @dataclass(frozen=True)
 class MaskChoice:
-    """--mask-path (a mask file, or the folder of generate_mask.py; None: no mask) and --threshold."""
+    """--mask-path (a mask file, or the folder of generate_mask.py; None: no mask), and which mask of a folder:
+    fisher_<threshold>.pt, or with a sparsity SalUn's gradient_<sparsity>.pt."""
     mask_path: Optional[str] = None
     threshold: float = 1.0
+    sparsity: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -32,9 +36,18 @@ def class_dir(mask_path, forget_class):
     return os.path.join(mask_path, str(forget_class))
 
 
-def mask_filename(threshold):
-    """fisher_<gamma>.pt with gamma written as a Python float, as the official script names it (fisher_1.0.pt)."""
+def mask_filename(threshold=None, sparsity=None):
+    """fisher_<gamma>.pt with gamma written as a Python float, as the official script names it (fisher_1.0.pt), or
+    SalUn's gradient_<sparsity>.pt."""
+    if sparsity is not None:
+        return f"gradient_{float(sparsity)}.pt"
     return f"fisher_{float(threshold)}.pt"
+
+
+def check_sparsity(sparsity):
+    """A sparsity (share of weights frozen) must lie strictly between 0 and 1."""
+    if not 0 < sparsity < 1:
+        raise UserError(f"--sparsity must be in (0, 1), got {sparsity}")
 
 
 def load_fisher(path, logger=print):
@@ -69,6 +82,30 @@ def saliency_mask(forget_fisher, remain_fisher, threshold):
     return mask
 
 
+def gradient_mask(gradient, sparsity):
+    """
+    {name: bool tensor}: the top 1 - sparsity of all weights by |gradient|, ranked over every parameter at once
+    (ties at the cut taken in parameter order, so that exactly round((1 - sparsity) N) weights are kept).
+    """
+    check_sparsity(sparsity)
+    names = list(gradient)
+    scores = torch.cat([gradient[n].abs().flatten().float() for n in names])   # (N,)
+    keep = round((1 - sparsity) * scores.numel())
+    if keep == 0:
+        flat = torch.zeros_like(scores, dtype=torch.bool)
+    else:
+        cut = torch.kthvalue(scores, scores.numel() - keep + 1).values         # the keep-th largest score
+        flat = scores > cut
+        ties = (scores == cut).nonzero().flatten()[:keep - int(flat.sum())]
+        flat[ties] = True
+    mask, start = {}, 0
+    for n in names:
+        count = gradient[n].numel()
+        mask[n] = flat[start:start + count].view(gradient[n].shape)
+        start += count
+    return mask
+
+
 def sparsity(mask):
     """Share of zeros (weights left frozen) over all masked elements."""
     total = sum(m.numel() for m in mask.values())
@@ -76,13 +113,16 @@ def sparsity(mask):
     return 1.0 - kept / max(total, 1)
 
 
-def resolve_mask_file(mask_path, forget_class, threshold):
-    """A mask file given directly, or <folder>/<class>/fisher_<threshold>.pt inside a mask folder."""
+def resolve_mask_file(choice, forget_class):
+    """A mask file given directly, or the file of a mask folder that the MaskChoice selects."""
+    mask_path = choice.mask_path
     if os.path.isdir(mask_path):
-        path = os.path.join(class_dir(mask_path, forget_class), mask_filename(threshold))
+        path = os.path.join(class_dir(mask_path, forget_class), mask_filename(choice.threshold, choice.sparsity))
         if not os.path.isfile(path):
+            how = (f"--criterion gradient --sparsity {float(choice.sparsity)}" if choice.sparsity is not None
+                   else f"--thresholds {float(choice.threshold)}")
             raise UserError(f"no mask {path}: run generate_mask.py --mask-path {mask_path} "
-                            f"--forget-class {forget_class} --thresholds {float(threshold)} first")
+                            f"--forget-class {forget_class} {how} first")
         return path
     if not os.path.isfile(mask_path):
         raise UserError(f"--mask-path {mask_path} is neither a mask file nor a mask folder")
@@ -118,7 +158,7 @@ def saliency_mask_for(choice, forget_class, model, device):
     """(mask or None, MaskRecord) for a MaskChoice: the file it selects, loaded and checked against the model."""
     if not choice.mask_path:
         return None, MaskRecord()
-    path = resolve_mask_file(choice.mask_path, forget_class, choice.threshold)
+    path = resolve_mask_file(choice, forget_class)
     return load_mask(path, model, device), MaskRecord(file=os.path.abspath(path), sha256=file_sha256(path))
 
 

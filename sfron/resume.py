@@ -14,8 +14,8 @@ from .utils import UserError
 CHECKPOINT_PATTERN = "[0-9]" * 7 + ".pt"
 
 
-def pinned_record(**sections):
-    """{section: {field: value}} of frozen dataclasses (or plain dicts), as saved in a checkpoint's "run"."""
+def pinned_record(sections):
+    """{section: {field: value}} of {section: frozen dataclass (or plain dict)}, as saved in a checkpoint's "run"."""
     return {name: asdict(value) if not isinstance(value, dict) else dict(value) for name, value in sections.items()}
 
 

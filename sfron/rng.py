@@ -16,10 +16,14 @@ STREAMS = {
     "forget/order": 5, "forget/draws": 6,
     "remain/order": 7, "remain/draws": 8,
     "train/order": 9, "train/draws": 10,
+    "replay-fisher/order": 15, "replay-fisher/draws": 16,       # the EWC Fisher on replay samples (SA)
+    "forget-gradient/order": 17, "forget-gradient/draws": 18,   # SalUn's gradient saliency
     "sample/noise": 11,        # initial noise of image i (sample.py, sample_ddp.py)
     "sample/step-noise": 12,   # DDPM step noise of image i
     "sample/labels": 13,       # the random classes of sample_ddp.py --num-fid-samples
     "snapshot/noise": 14,      # the initial noise of forget.py's sample grids
+    "surrogate/images": 19,    # Selective Amnesia's uniform-noise images
+    "replay/noise": 20,        # the initial noise of generated replay sample i
 }
 
 

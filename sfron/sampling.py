@@ -100,6 +100,30 @@ def generate(model, vae, labels, z, config, noise_fn=None, progress=False, autoc
     return decode(vae, samples.float())
 
 
+def generate_replay(model, vae, labels, config, seed, dist, batch_size=64):
+    """
+    Images (N, 3, H, W) in [-1, 1] on the CPU that model draws for labels (N,): generative replay of the remain
+    classes. Image i starts from the noise of key (seed, "replay/noise", i); the processes split the images and
+    every process gets all of them.
+    """
+    shape = (model.in_channels, model.input_size, model.input_size)
+    per_rank = -(-len(labels) // dist.world_size)
+    mine = range(dist.rank * per_rank, min(len(labels), (dist.rank + 1) * per_rank))
+    parts = [torch.empty((0, 3, *decode_shape(vae, shape)), device=dist.device)]
+    for start in range(mine.start, mine.stop, batch_size):
+        index = range(start, min(start + batch_size, mine.stop))
+        z = per_sample_noise(seed, index, shape, dist.device, stream="replay/noise")
+        y = torch.as_tensor([labels[i] for i in index], device=dist.device)
+        parts.append(generate(model, vae, y, z, config).float().clamp(-1, 1))
+    return dist.all_gather_padded(torch.cat(parts), per_rank)[:len(labels)].cpu()
+
+
+def decode_shape(vae, latent_shape):
+    """(H, W) of the images decoded from latents of shape (C, h, w) (the latents themselves in pixel space)."""
+    scale = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+    return latent_shape[1] * scale, latent_shape[2] * scale
+
+
 def to_uint8(images):
     """Images in [-1, 1] (N, C, H, W) -> uint8 (N, 3, H, W), rounded as torchvision's save_image does."""
     x = ((images.clamp(-1, 1) + 1) / 2 * 255 + 0.5).clamp(0, 255).to(torch.uint8)

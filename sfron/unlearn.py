@@ -1,11 +1,18 @@
 """
-The SFR-on update (Huang et al., NeurIPS 2024). Each step of `ron` is a fast, masked and clipped
-forget step followed by a slow remain step taken at the weights just updated: the remain gradient there,
-g_r(theta + d), carries the remain Hessian times the forget update, so the pair follows the remain-preserving
-manifold without ever forming a Hessian. `joint` takes one step on the sum of both losses instead.
+The SFR-on update (Huang et al., NeurIPS 2024) and the gradient-based baselines it generalises. Each step of
+`ron` is a fast, masked and clipped forget step followed by a slow remain step taken at the weights just updated:
+the remain gradient there, g_r(theta + d), carries the remain Hessian times the forget update, so the pair follows
+the remain-preserving manifold without ever forming a Hessian. `joint` takes one masked, clipped step on the
+weighted sum of the forget term, the remain term and the EWC penalty.
+
+Earlier methods are settings of the same update (README: the comparison): GA is the ascent alone (remain weight
+0), FT the remain term alone (forget weight 0), RL a relabelled forget term with the remain term, SalUn its
+random-label forget term under a gradient-saliency mask, SA a surrogate forget set with generative replay and an
+EWC penalty, ESD a negatively guided target from the frozen original model.
 """
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -15,8 +22,11 @@ from .loss import check_finite, diffusion_loss
 from .optim import make_optimizer
 from .utils import UserError
 
-FORGET_LOSSES = ("ga", "adaga", "rl")
+FORGET_LOSSES = ("ga", "adaga", "rl", "salun", "sa", "esd")
+ASCENT_LOSSES = ("ga", "adaga")          # maximise the diffusion loss of the forget images
+DESCENT_LOSSES = ("rl", "sa")            # minimise it under another label / on surrogate images
 METHODS = ("ron", "joint")
+REMAIN_SOURCES = ("data", "replay")
 ADAGA_EPS = 1e-15
 NON_FINITE_HINT = "lower --lr or --forget-alpha (the last good checkpoint is kept)"
 
@@ -39,18 +49,48 @@ class UnlearnSettings:
     seed: int = 0
     precision: str = "fp32"
     ema_decay: float = 0.0
+    esd_eta: float = 1.0            # ESD's negative guidance scale
+    ewc_lambda: float = 0.0         # weight of the EWC penalty sum_i F_i (theta_i - theta*_i)^2 (SA)
+    remain_source: str = "data"     # the remain term's images: the remain data, or samples of the original (SA)
+    replay_samples: int = 0         # how many remain-class samples the original model generates for replay
+    replay_steps: int = 50          # DDIM steps of each replay sample
+    replay_cfg_scale: float = 4.0   # guidance scale of the replay samples
 
     def check(self):
         """One clear error for settings that cannot run."""
-        if self.method not in METHODS or self.unlearn_loss not in FORGET_LOSSES:
-            raise UserError(f"--method must be one of {METHODS} and --unlearn-loss one of {FORGET_LOSSES}")
+        if self.method not in METHODS:
+            raise UserError(f"--method must be one of {', '.join(METHODS)}, got {self.method}")
+        if self.unlearn_loss not in FORGET_LOSSES:
+            raise UserError(f"--unlearn-loss must be one of {', '.join(FORGET_LOSSES)}, got {self.unlearn_loss}")
         if self.n_iters < 1 or self.batch_size < 1:
             raise UserError("--n-iters and --batch-size must be positive")
+        if min(self.forget_alpha, self.remain_alpha, self.ewc_lambda) < 0:
+            raise UserError("--forget-alpha, --remain-alpha and --ewc-lambda must not be negative")
+        if self.forget_alpha == 0 and self.remain_alpha == 0 and self.ewc_lambda == 0:
+            raise UserError("--forget-alpha, --remain-alpha and --ewc-lambda are all 0: nothing to optimise")
+        if self.remain_source not in REMAIN_SOURCES:
+            raise UserError(f"--remain-source must be one of {', '.join(REMAIN_SOURCES)}")
+        if (self.remain_source == "replay" or self.ewc_lambda > 0) and self.replay_samples < 1:
+            raise UserError("--remain-source replay and --ewc-lambda need --replay-samples of at least 1 (the "
+                            "original model's samples the replay and the EWC Fisher use)")
         check_ema_decay(self.ema_decay, self.n_iters)
 
     def forget_alpha_at(self, step):
         """alpha_k of step k: the forget weight, or its cosine decay."""
         return forget_alpha_at(step, self.n_iters, self.forget_alpha, self.decay_forget_alpha)
+
+    @property
+    def needs_frozen_model(self):
+        """ESD's target and the EWC penalty need the original model, frozen."""
+        return self.unlearn_loss == "esd" or self.ewc_lambda > 0
+
+
+@dataclass
+class FrozenReference:
+    """The original model, frozen: ESD's targets come from it, and the EWC penalty pulls towards its weights with
+    the Fisher diagonal `fisher` (of remain-class samples it generated) as weights."""
+    model: Optional[torch.nn.Module] = None
+    fisher: Optional[dict] = None
 
 
 def check_ema_decay(decay, n_iters):
@@ -91,8 +131,8 @@ def forget_conditioning(batch, unlearn_loss, drop_labels=True, relabel=None):
 
 
 def forget_objective(losses, unlearn_loss, dist, lambd=0.5):
-    """L_forget to minimise from the per-sample diffusion losses of the forget batch."""
-    if unlearn_loss == "rl":
+    """L_forget to minimise from the per-sample losses of the forget batch."""
+    if unlearn_loss in DESCENT_LOSSES or unlearn_loss in ("salun", "esd"):
         return losses.mean()
     if unlearn_loss == "ga":
         return -losses.mean()
@@ -104,6 +144,23 @@ def forget_objective(losses, unlearn_loss, dist, lambd=0.5):
         weights = totals[1] * coef / totals[0]
         return -(weights * losses).mean()
     raise UserError(f"unknown --unlearn-loss {unlearn_loss}; choose from {', '.join(FORGET_LOSSES)}")
+
+
+def eps_prediction(model, diffusion, batch, labels, drop):
+    """The model's noise prediction (b, C, H, W) at x_t = q_sample(batch.x, batch.t, batch.noise)."""
+    x_t = diffusion.q_sample(batch.x, batch.t, noise=batch.noise)
+    return model(x_t, batch.t, labels, force_drop_ids=drop)[:, :batch.x.shape[1]]
+
+
+def mean_flat_square(x):
+    """Per-sample mean of squares (b,)."""
+    return x.float().square().flatten(1).mean(1)
+
+
+def ewc_penalty(named_params, reference):
+    """sum_i F_i (theta_i - theta*_i)^2 over the trainable weights (the EWC term of Selective Amnesia)."""
+    anchor = dict(reference.model.named_parameters())
+    return sum((reference.fisher[n] * (p - anchor[n]).square()).sum() for n, p in named_params)
 
 
 def concat_batches(a, b):
@@ -123,17 +180,24 @@ class Unlearner:
     """
     The model, optimizer, saliency mask and settings of one unlearning run; step() takes one step of
     settings.method on a forget and a remain batch. model may be DDP-wrapped: the mask and the optimizer use the
-    module inside, whose parameter names are the official ones.
+    module inside, whose parameter names are the official ones. `reference` holds the frozen original model where
+    the settings need it (ESD, EWC).
     """
 
-    def __init__(self, model, diffusion, settings, dist, mask=None, optimizer=None):
+    def __init__(self, model, diffusion, settings, dist, mask=None, reference=None, optimizer=None):
+        if settings.needs_frozen_model and (reference is None or reference.model is None or
+                                            (settings.ewc_lambda > 0 and reference.fisher is None)):
+            raise UserError(f"--unlearn-loss {settings.unlearn_loss} with --ewc-lambda {settings.ewc_lambda} needs "
+                            f"the frozen original model{' and its replay Fisher' if settings.ewc_lambda else ''}")
         self.model, self.diffusion, self.settings, self.dist, self.mask = model, diffusion, settings, dist, mask
+        self.reference = reference
         self.raw_model = getattr(model, "module", model)
         self.named = [(n, p) for n, p in self.raw_model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named]
         self.opt = optimizer if optimizer is not None else make_optimizer(self.params, settings.lr)
-        self.relabel = relabel_class(settings.forget_class, self.raw_model.num_classes) \
-            if settings.unlearn_loss == "rl" else None
+        num_classes = self.raw_model.num_classes
+        self.relabel = {"rl": relabel_class(settings.forget_class, num_classes),
+                        "salun": (settings.forget_class + 1) % num_classes}.get(settings.unlearn_loss)
         self.amp = dict(device_type=dist.device.type, dtype=autocast_dtype(settings.precision),
                         enabled=settings.precision == "bf16")
 
@@ -147,43 +211,95 @@ class Unlearner:
             torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)
         self.opt.step()
 
-    def _forget_losses(self, batch, extra=None):
-        """Per-sample diffusion losses of the forget samples (followed by `extra` samples, e.g. a remain batch)."""
+    def forget_losses(self, batch):
+        """Per-sample losses of the forget term (b,): diffusion losses (ga, adaga, rl, sa) or the distance of the
+        noise prediction to SalUn's or ESD's target."""
         s = self.settings
-        labels, drop = forget_conditioning(batch, s.unlearn_loss, s.forget_label_dropout, self.relabel)
-        if extra is not None:
-            batch = concat_batches(batch, extra)
-            labels, drop = torch.cat([labels, extra.y]), torch.cat([drop, extra.drop])
-        return diffusion_loss(self.model, self.diffusion, batch, labels=labels, force_drop_ids=drop)
+        if s.unlearn_loss in ("ga", "adaga", "rl"):
+            labels, drop = forget_conditioning(batch, s.unlearn_loss, s.forget_label_dropout, self.relabel)
+            return diffusion_loss(self.model, self.diffusion, batch, labels=labels, force_drop_ids=drop)
+        keep = torch.zeros_like(batch.drop)  # the forget label itself, never dropped
+        if s.unlearn_loss == "sa":  # the batch holds surrogate images under the forget label
+            return diffusion_loss(self.model, self.diffusion, batch, force_drop_ids=keep)
+        eps = eps_prediction(self.model, self.diffusion, batch, batch.y, keep)
+        with torch.no_grad():
+            if s.unlearn_loss == "salun":  # the same model's prediction under another class, without gradient
+                target = eps_prediction(self.model, self.diffusion, batch, torch.full_like(batch.y, self.relabel), keep)
+            else:  # esd: eps*(x, null) - eta (eps*(x, c) - eps*(x, null)) of the frozen original
+                frozen = self.reference.model
+                cond = eps_prediction(frozen, self.diffusion, batch, batch.y, keep)
+                null = eps_prediction(frozen, self.diffusion, batch, batch.y, torch.ones_like(batch.drop))
+                target = null - s.esd_eta * (cond - null)
+        return mean_flat_square(eps - target.detach())
+
+    def remain_losses(self, batch):
+        """Per-sample diffusion losses of the remain batch, with its label dropout."""
+        return diffusion_loss(self.model, self.diffusion, batch, force_drop_ids=batch.drop)
+
+    def _remain_objective(self, r_losses):
+        """remain_alpha * L_remain (+ the EWC penalty)."""
+        loss = self.settings.remain_alpha * r_losses.mean() if r_losses is not None else 0.0
+        if self.settings.ewc_lambda > 0:
+            loss = loss + self.settings.ewc_lambda * ewc_penalty(self.named, self.reference)
+        return loss
 
     def step(self, forget_batch, remain_batch, alpha):
         """
-        One step with forget weight alpha; returns the mean forget and remain diffusion losses of the global batch.
-        The losses are checked once, at the end, from their global means: one host sync per step, and every
-        process stops together (a non-finite loss on one process makes the all-reduced gradient and means
-        non-finite on all; nothing has been saved from the bad weights).
+        One step with forget weight alpha; returns the mean forget and remain losses of the global batch (0 for a
+        term with weight 0, which is skipped). The losses are checked once, at the end, from their global means:
+        one host sync per step, and every process stops together (a non-finite loss on one process makes the
+        all-reduced gradient and means non-finite on all; nothing has been saved from the bad weights).
         """
         s = self.settings
+        use_forget, use_remain = alpha != 0, s.remain_alpha != 0
+        f_losses = r_losses = None
         if s.method == "ron":
+            if use_forget:
+                with torch.autocast(**self.amp):
+                    f_losses = self.forget_losses(forget_batch)
+                    f_loss = forget_objective(f_losses, s.unlearn_loss, self.dist, s.lambd)
+                self._optimizer_step(alpha * f_loss, masked=True)                 # fast: forget
+            if use_remain or s.ewc_lambda > 0:
+                with torch.autocast(**self.amp):                                   # at the updated weights
+                    r_losses = self.remain_losses(remain_batch) if use_remain else None
+                    r_loss = self._remain_objective(r_losses)
+                self._optimizer_step(r_loss, masked=False)                        # slow: remain
+        elif s.method == "joint":  # one masked and clipped step on every term
             with torch.autocast(**self.amp):
-                f_losses = self._forget_losses(forget_batch)
-                f_loss = forget_objective(f_losses, s.unlearn_loss, self.dist, s.lambd)
-            self._optimizer_step(alpha * f_loss, masked=True)                        # fast: forget
-            with torch.autocast(**self.amp):                                          # at the updated weights
-                r_losses = diffusion_loss(self.model, self.diffusion, remain_batch, force_drop_ids=remain_batch.drop)
-            self._optimizer_step(s.remain_alpha * r_losses.mean(), masked=False)      # slow: remain
-        elif s.method == "joint":  # both losses from one forward pass, one masked and clipped step
-            n_forget = forget_batch.y.shape[0]
-            with torch.autocast(**self.amp):
-                losses = self._forget_losses(forget_batch, extra=remain_batch)
-                f_losses, r_losses = losses[:n_forget], losses[n_forget:]
-                loss = s.remain_alpha * r_losses.mean() + alpha * forget_objective(f_losses, s.unlearn_loss,
-                                                                                   self.dist, s.lambd)
+                loss, f_losses, r_losses = self._joint_loss(forget_batch, remain_batch, alpha)
             self._optimizer_step(loss, masked=True)
         else:
             raise UserError(f"unknown --method {s.method}; choose from {', '.join(METHODS)}")
-        means = torch.stack([f_losses.detach().float().mean(), r_losses.detach().float().mean()])
-        f_mean, r_mean = (self.dist.all_reduce_sum_(means) / self.dist.world_size).tolist()  # over the global batch
-        check_finite(f_mean, "forget loss", forget_batch.step, NON_FINITE_HINT)
-        check_finite(r_mean, "remain loss", remain_batch.step, NON_FINITE_HINT)
+        return self._global_means(f_losses, r_losses, forget_batch.step)
+
+    def _joint_loss(self, forget_batch, remain_batch, alpha):
+        """(alpha L_forget + remain_alpha L_remain + EWC, forget losses, remain losses) for the joint step."""
+        s = self.settings
+        f_losses = r_losses = None
+        loss = 0.0
+        if alpha != 0 and s.remain_alpha != 0 and s.unlearn_loss in ("ga", "adaga", "rl"):
+            # both diffusion losses from one forward pass
+            labels, drop = forget_conditioning(forget_batch, s.unlearn_loss, s.forget_label_dropout, self.relabel)
+            both = concat_batches(forget_batch, remain_batch)
+            losses = diffusion_loss(self.model, self.diffusion, both, labels=torch.cat([labels, remain_batch.y]),
+                                    force_drop_ids=torch.cat([drop, remain_batch.drop]))
+            n = forget_batch.y.shape[0]
+            f_losses, r_losses = losses[:n], losses[n:]
+        else:
+            if alpha != 0:
+                f_losses = self.forget_losses(forget_batch)
+            if s.remain_alpha != 0:
+                r_losses = self.remain_losses(remain_batch)
+        if f_losses is not None:
+            loss = alpha * forget_objective(f_losses, s.unlearn_loss, self.dist, s.lambd)
+        return loss + self._remain_objective(r_losses), f_losses, r_losses
+
+    def _global_means(self, f_losses, r_losses, step):
+        """The mean forget and remain losses over the global batch (0 for a skipped term), checked for finiteness."""
+        zero = torch.zeros((), device=self.dist.device)
+        means = torch.stack([f_losses.detach().float().mean() if f_losses is not None else zero,
+                             r_losses.detach().float().mean() if r_losses is not None else zero])
+        f_mean, r_mean = (self.dist.all_reduce_sum_(means) / self.dist.world_size).tolist()
+        check_finite(f_mean, "forget loss", step, NON_FINITE_HINT)
+        check_finite(r_mean, "remain loss", step, NON_FINITE_HINT)
         return f_mean, r_mean

@@ -18,21 +18,6 @@ def first_line(error):
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def run_main(main, args):
-    """Runs main(args); a UserError becomes one 'error: ...' line on stderr and exit status 1."""
-    try:
-        main(args)
-    except UserError as e:
-        message = str(e)
-        if "Original Traceback" in message:  # re-raised from a DataLoader worker: keep the worker's own line
-            message = message.strip().splitlines()[-1].split("UserError: ", 1)[-1]
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
-
-
 def check_class_index(index, num_classes, flag, where):
     """A class index given by `flag` must be one of the num_classes classes of `where` (a folder, the model)."""
     if not 0 <= index < num_classes:

@@ -136,6 +136,28 @@ def interrupted_copy(run, step):
     return interrupted
 
 
+def test_fisher_files_of_the_official_script_give_a_mask_forget_py_uses(workdir, tmp_path):
+    """The official generate_fisher.py saves DDP keys ('module.' prefix) and the frozen pos_embed as the integer 0."""
+    model = DiT_models["DiT-T/2"](input_size=8, in_channels=3, num_classes=3)
+    g = torch.Generator().manual_seed(0)
+    folder = tmp_path / "mask" / "1"
+    folder.mkdir(parents=True)
+    for name in ("forget_fisher.pt", "remain_fisher.pt"):
+        fisher = {f"module.{n}": torch.rand(p.shape, generator=g) for n, p in model.named_parameters()
+                  if p.requires_grad}
+        fisher["module.pos_embed"] = 0
+        torch.save(fisher, folder / name)
+    proc = run_script("generate_mask.py", "--mask-path", tmp_path / "mask", "--forget-class", 1, "--thresholds", 1,
+                      cwd=tmp_path)
+    assert "skipped 1 entries that are not tensors (pos_embed)" in proc.stdout
+    mask = load(folder / "fisher_1.0.pt")
+    assert set(mask) == {n for n, p in model.named_parameters() if p.requires_grad}
+    proc = run_script("forget.py", "--model", "DiT-T/2", "--data-path", workdir / "data", "--ckpt", workdir / "tiny.pt",
+                      "--forget-class", 1, "--n-iters", 1, "--snapshot-every", 0, "--mask-path", tmp_path / "mask",
+                      "--results-dir", tmp_path / "results", "--num-workers", 0, cwd=tmp_path)
+    assert "fisher_1.0.pt: 49." in proc.stdout or "fisher_1.0.pt: 50." in proc.stdout  # about half the weights
+
+
 def test_resumed_run_ends_where_an_uninterrupted_one_does(workdir, tmp_path):
     args = ("--model", "DiT-T/2", "--data-path", workdir / "data", "--batch-size", 2, "--ckpt", workdir / "tiny.pt",
             "--n-iters", 6, "--ckpt-every", 3, "--snapshot-every", 0, "--forget-class", 0, "--forget-alpha", "0.1",

@@ -1,0 +1,373 @@
+"""
+The comparison behind the paper's claim, on the embedded digits case: SFR-on beside the gradient-based baselines
+(GA, FT, RL, SalUn, SA, ESD), every method unlearning the same digits with the same step budget and batch through
+forget.py, its checkpoints evaluated along the way against the DiT retrained without the digit.
+
+    python bench/compare.py --out bench_results/compare
+
+Protocol (README: "The comparison"): each method's learning rate is chosen on a tuning digit that is not evaluated,
+from the same grid for every method, by the criterion of choose_setting(); then held fixed for every evaluated digit
+and seed. A checkpoint's report: forget accuracy, remain accuracy, the Frechet distance of the remain-class samples
+to the real images (and as a ratio to the original model's), their distance to the retrained model's samples, and
+the forget run's wall time; per run, the first evaluated step whose forget accuracy is within 3 points of the
+retrained model's. Writes comparison.json, comparison.md, curves.png and tradeoff.png. Every run and evaluation is
+saved as it finishes: started again with the same --out, the benchmark continues where it stopped.
+"""
+import argparse
+import contextlib
+import io
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import demo  # noqa: E402
+import forget  # noqa: E402
+import generate_fisher  # noqa: E402
+import generate_mask  # noqa: E402
+import prepare_digits  # noqa: E402
+from cli import run_main  # noqa: E402
+from evaluate import real_image_batches  # noqa: E402
+from sfron.build import ModelRequest, load_model_and_vae  # noqa: E402
+from sfron.classifier import load_classifier  # noqa: E402
+from sfron.files import atomic_json_dump, atomic_write, atomic_write_text  # noqa: E402
+from sfron.metrics import FeatureNet, classification_report, classify, fid_against, make_fid  # noqa: E402
+from sfron.metrics import reference_statistics  # noqa: E402
+from sfron.sampling import SamplerConfig, generate, per_sample_noise, to_uint8_nhwc  # noqa: E402
+from sfron.utils import UserError  # noqa: E402
+
+# Each method as forget.py flags (the paper's unified update: a forget term, a remain term, a weight saliency).
+METHODS = {
+    "sfron": ["--method", "ron", "--unlearn-loss", "ga", "--forget-alpha", "1.0", "--decay-forget-alpha",
+              "--remain-alpha", "1.0", "--mask", "fisher", "--threshold", "1.0"],
+    "ga": ["--method", "joint", "--unlearn-loss", "ga", "--forget-alpha", "1.0", "--remain-alpha", "0"],
+    "ft": ["--method", "joint", "--forget-alpha", "0", "--remain-alpha", "1.0"],
+    "rl": ["--method", "joint", "--unlearn-loss", "rl", "--forget-alpha", "1.0", "--remain-alpha", "1.0"],
+    "salun": ["--method", "joint", "--unlearn-loss", "salun", "--forget-alpha", "1.0", "--remain-alpha", "1.0",
+              "--mask", "gradient", "--sparsity", "0.5"],
+    "sa": ["--method", "joint", "--unlearn-loss", "sa", "--forget-alpha", "1.0", "--remain-alpha", "1.0",
+           "--remain-source", "replay", "--replay-samples", "1000", "--ewc-lambda", "10"],
+    "esd": ["--method", "joint", "--unlearn-loss", "esd", "--esd-eta", "1.0", "--forget-alpha", "1.0",
+            "--remain-alpha", "0"],
+}
+LR_GRID = (5e-5, 1.5e-4, 5e-4)  # the same grid for every method
+FORGOTTEN_MARGIN = 0.03          # "forgotten": forget accuracy at most 3 points above the retrained model's
+
+
+def quiet(fn, *args, log=None):
+    """Runs fn(*args) with its output (progress bars and logs of the scripts) going to the file `log`."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+            return fn(*args)
+    finally:
+        if log:
+            atomic_write_text(buffer.getvalue(), log)
+
+
+def call(script, argv):
+    """A script's main() in this process, as its command line would run it."""
+    return script.main(script.parse_args([str(a) for a in argv]))
+
+
+class Evaluator:
+    """Samples the digits 0-9 from a model with one fixed protocol and reports the comparison's metrics."""
+
+    def __init__(self, args):
+        self.args, self.device = args, torch.device("cpu")
+        self.classifier = load_classifier("digits", demo.DIGITS_CLASSIFIER, 10)
+        self.metric = make_fid(FeatureNet(self.classifier))
+        self.config = SamplerConfig("ddim", args.sampling_steps, args.cfg_scale)
+        self.labels = np.repeat(np.arange(10), args.samples_per_class)
+        self._real = {}
+
+    def samples(self, ckpt):
+        """uint8 images (N, 8, 8, 3) of every digit from a checkpoint, from the same noise for every model."""
+        model = load_model_and_vae(ModelRequest(model="DiT-T/2", ckpt=ckpt), self.device).model
+        z = per_sample_noise(0, range(len(self.labels)), (3, 8, 8), self.device)
+        images = generate(model, None, torch.from_numpy(self.labels), z, self.config)
+        return to_uint8_nhwc(images)
+
+    def real_statistics(self, forget_class):
+        """FID statistics of the real images of the remain classes (cached on disk)."""
+        if forget_class not in self._real:
+            classes = [c for c in range(10) if c != forget_class]
+            batches = real_image_batches(self.args.data_path, classes, 8, None, 500)
+            cache = os.path.join(self.args.out, "fid_cache", f"real_remain_{forget_class}.pt")
+            self._real[forget_class] = reference_statistics(self.metric, batches, cache, f"real remain {forget_class}")
+        return self._real[forget_class]
+
+    def statistics(self, images):
+        """FID statistics of a set of uint8 images (N, H, W, 3)."""
+        batches = [torch.from_numpy(images[i:i + 500]).permute(0, 3, 1, 2) for i in range(0, len(images), 500)]
+        return reference_statistics(self.metric, lambda: iter(batches), None, "generated")
+
+    def report(self, images, forget_class, retrained_stats=None):
+        """Forget and remain accuracy, remain FD to the real images and (if given) to the retrained model's."""
+        logits = classify(self.classifier, images, 500, self.device)
+        metrics = classification_report(logits, torch.from_numpy(self.labels), forget_class)
+        remain = self.labels != forget_class
+        out = {k: metrics[k] for k in ("forget_acc", "remain_acc")}
+        out["fd_remain"] = fid_against(self.metric, self.real_statistics(forget_class), images[remain], 500)
+        if retrained_stats is not None:
+            out["fd_to_retrained"] = fid_against(self.metric, retrained_stats, images[remain], 500)
+        return out
+
+
+class Benchmark:
+    """The work of the comparison as units that save their result to a file and are skipped when it exists."""
+
+    def __init__(self, args):
+        self.args, self.out = args, args.out
+        self.evaluator = Evaluator(args)
+        self._retrained_stats = {}
+
+    def path(self, *parts):
+        """A path under --out whose folder exists."""
+        path = os.path.join(self.out, *parts)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return path
+
+    def cached(self, path, compute):
+        """The JSON at path, computed and saved there first if missing (read back either way: string keys)."""
+        if not os.path.isfile(path):
+            atomic_json_dump(compute(), path)
+        return json.load(open(path))
+
+    def masks(self, forget_class, seed):
+        """The Fisher and gradient saliency files of one class and seed (step 1 and 2 of the README)."""
+        folder = self.path("mask", f"seed{seed}")
+        if not os.path.isfile(os.path.join(folder, str(forget_class), "gradient_0.5.pt")):
+            common = ["--model", "DiT-T/2", "--data-path", self.args.data_path, "--ckpt", demo.DIGITS_DIT,
+                      "--num-workers", 0, "--batch-size", self.args.batch_size, "--seed", seed]
+            log = self.path("logs", f"mask-{forget_class}-{seed}.txt")
+            quiet(call, generate_fisher, common + ["--n-iters", self.args.fisher_iters, "--forget-class", forget_class,
+                                                    "--mask-path", folder, "--results-dir", self.path("runs", "fisher"),
+                                                    "--gradient-saliency"], log=log)
+            quiet(call, generate_mask, ["--mask-path", folder, "--forget-class", forget_class, "--thresholds", 1.0])
+            quiet(call, generate_mask, ["--mask-path", folder, "--forget-class", forget_class, "--criterion",
+                                        "gradient", "--sparsity", 0.5])
+        return folder
+
+    def retrained(self, forget_class):
+        """(path of the DiT retrained without the class, where it came from); trained once if missing."""
+        path = demo.retrained_reference(forget_class, self.args.cache_dir, self.args.data_path, train_missing=False)
+        if path is not None:
+            return path, "shipped in assets/" if path.startswith(demo.ASSETS) else f"cached in {self.args.cache_dir}"
+        start = time.time()
+        path = quiet(demo.retrained_reference, forget_class, self.args.cache_dir, self.args.data_path,
+                     log=self.path("logs", f"retrain-{forget_class}.txt"))
+        return path, f"trained now with train.py --exclude-class {forget_class} ({time.time() - start:.0f} s)"
+
+    def reference(self, forget_class):
+        """Reports of the original and the retrained model for one forget class."""
+        def compute():
+            path, origin = self.retrained(forget_class)
+            retrained = self.evaluator.samples(path)
+            return {"original": self.evaluator.report(self.evaluator.samples(demo.DIGITS_DIT), forget_class,
+                                                      self.evaluator.statistics(retrained)),
+                    "retrained": self.evaluator.report(retrained, forget_class), "retrained_from": origin}
+        return self.cached(self.path("references", f"{forget_class}.json"), compute)
+
+    def retrained_stats(self, forget_class):
+        if forget_class not in self._retrained_stats:
+            path, _ = self.retrained(forget_class)
+            self._retrained_stats[forget_class] = self.evaluator.statistics(self.evaluator.samples(path))
+        return self._retrained_stats[forget_class]
+
+    def run(self, method, forget_class, seed, lr, steps):
+        """One forget.py run of a method, evaluated at each of `steps`: {"steps": {step: report}, "seconds": s}."""
+        name = f"{method}-{forget_class}-seed{seed}-lr{lr}"
+
+        def compute():
+            flags = list(METHODS[method])
+            mask_kind = flags.pop(flags.index("--mask") + 1) if "--mask" in flags else None
+            if mask_kind:
+                flags.remove("--mask")
+                flags += ["--mask-path", self.masks(forget_class, seed)]
+            results = os.path.dirname(self.path("runs", name, "log"))
+            argv = ["--model", "DiT-T/2", "--data-path", self.args.data_path, "--ckpt", demo.DIGITS_DIT,
+                    "--batch-size", self.args.batch_size, "--n-iters", max(steps), "--ckpt-steps", *steps,
+                    "--snapshot-every", 0, "--log-every", 10, "--num-workers", 0, "--forget-class", forget_class,
+                    "--seed", seed, "--lr", lr, "--results-dir", results, *flags]
+            start = time.time()
+            quiet(call, forget, argv, log=self.path("logs", f"{name}.txt"))
+            seconds = time.time() - start
+            (run_dir,) = [os.path.join(results, d) for d in os.listdir(results)]
+            reports = {}
+            for step in steps:
+                images = self.evaluator.samples(os.path.join(run_dir, "checkpoints", f"{step:07d}.pt"))
+                reports[step] = self.evaluator.report(images, forget_class, self.retrained_stats(forget_class))
+            return {"method": method, "forget_class": forget_class, "seed": seed, "lr": lr, "seconds": seconds,
+                    "steps": reports, "flags": [str(f) for f in argv]}
+        return self.cached(self.path("evals", f"{name}.json"), compute)
+
+
+def score(report, reference):
+    """The tuning criterion of one final checkpoint (smaller is better): forgotten settings first, ranked by their
+    remain FD ratio to the original; settings that do not forget after them, by their forget accuracy."""
+    forgotten = report["forget_acc"] <= reference["retrained"]["forget_acc"] + FORGOTTEN_MARGIN
+    ratio = report["fd_remain"] / reference["original"]["fd_remain"]
+    return (0, ratio) if forgotten else (1, report["forget_acc"])
+
+
+def choose_setting(bench, method, args):
+    """The learning rate of LR_GRID with the best score on the tuning digit (seed 0) at the last step."""
+    reference = bench.reference(args.tuning_class)
+    trials = {lr: bench.run(method, args.tuning_class, 0, lr, [args.steps]) for lr in LR_GRID}
+    best = min(LR_GRID, key=lambda lr: score(trials[lr]["steps"][str(args.steps)], reference))
+    return best, {str(lr): trials[lr]["steps"][str(args.steps)] for lr in LR_GRID}
+
+
+def first_forgotten_step(run, reference):
+    """The first evaluated step whose forget accuracy is within 3 points of the retrained model's (or None)."""
+    limit = reference["retrained"]["forget_acc"] + FORGOTTEN_MARGIN
+    hits = [int(s) for s, r in run["steps"].items() if r["forget_acc"] <= limit]
+    return min(hits) if hits else None
+
+
+def summarise(runs, references, eval_steps):
+    """{method: {step: {metric: [mean, std]}}, steps_to_forget, seconds} over every evaluated class and seed."""
+    summary = {}
+    for method in sorted({r["method"] for r in runs}):
+        mine = [r for r in runs if r["method"] == method]
+        per_step = {}
+        for step in eval_steps:
+            rows = [dict(r["steps"][str(step)], fd_ratio=r["steps"][str(step)]["fd_remain"] /
+                         references[r["forget_class"]]["original"]["fd_remain"]) for r in mine]
+            per_step[step] = {k: mean_std([row[k] for row in rows])
+                              for k in ("forget_acc", "remain_acc", "fd_remain", "fd_ratio", "fd_to_retrained")}
+        forgotten = [first_forgotten_step(r, references[r["forget_class"]]) for r in mine]
+        summary[method] = {"steps": per_step, "runs": len(mine),
+                           "forgotten_runs": sum(f is not None for f in forgotten),
+                           "steps_to_forget": mean_std([f for f in forgotten if f is not None]),
+                           "seconds": mean_std([r["seconds"] for r in mine])}
+    return summary
+
+
+def mean_std(values):
+    """[mean, standard deviation] (None for no values; std 0 for one)."""
+    if not values:
+        return None
+    return [statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
+
+
+def markdown(summary, references, chosen, step):
+    """The table of the README: per method at `step`, mean ± std over classes and seeds."""
+    def cell(v, digits=3):
+        return "–" if v is None else f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}"
+    lines = [f"| method | lr | forget acc | remain acc | remain FD (x original) | FD to retrained | steps to forget "
+             f"| forgotten runs | seconds |", "| --- |" + " --- |" * 8]
+    for method, s in summary.items():
+        row = s["steps"][step]
+        lines.append(f"| {method} | {chosen.get(method, '–')} | {cell(row['forget_acc'])} | {cell(row['remain_acc'])} "
+                     f"| {cell(row['fd_ratio'], 2)} | {cell(row['fd_to_retrained'], 1)} "
+                     f"| {cell(s['steps_to_forget'], 0)} | {s['forgotten_runs']}/{s['runs']} | {cell(s['seconds'], 0)} |")
+    refs = [f"| digit {c} | original: forget acc {r['original']['forget_acc']:.3f}, remain acc "
+            f"{r['original']['remain_acc']:.4f}, remain FD {r['original']['fd_remain']:.1f} | retrained: forget acc "
+            f"{r['retrained']['forget_acc']:.3f}, remain acc {r['retrained']['remain_acc']:.4f}, remain FD "
+            f"{r['retrained']['fd_remain']:.1f} ({r['retrained_from']}) |" for c, r in sorted(references.items())]
+    return (f"Step {step}, mean ± std over digits and seeds.\n\n" + "\n".join(lines) +
+            "\n\n| reference | original | retrained |\n| --- | --- | --- |\n" + "\n".join(refs) + "\n")
+
+
+def plot(summary, eval_steps, path_curves, path_tradeoff):
+    """Forget accuracy and remain FD ratio against steps for every method; and forget vs remain at the last step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
+    for method, s in summary.items():
+        for ax, key in zip(axes, ("forget_acc", "fd_ratio")):
+            means = [s["steps"][step][key][0] for step in eval_steps]
+            ax.plot(eval_steps, means, marker="o", label=method)
+    axes[0].set(xlabel="unlearning step", ylabel="forget accuracy (lower: forgotten)")
+    axes[1].set(xlabel="unlearning step", ylabel="remain FD / original's (lower: preserved)")
+    axes[1].legend(fontsize=8)
+    save_figure(fig, path_curves)
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    last = eval_steps[-1]
+    for method, s in summary.items():
+        fa, fd = s["steps"][last]["forget_acc"], s["steps"][last]["fd_ratio"]
+        ax.errorbar(fa[0], fd[0], xerr=fa[1], yerr=fd[1], marker="o", capsize=3, label=method)
+    ax.set(xlabel=f"forget accuracy at step {last}", ylabel="remain FD / original's")
+    ax.legend(fontsize=8)
+    save_figure(fig, path_tradeoff)
+
+
+def save_figure(fig, path):
+    import matplotlib.pyplot as plt
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
+def main(args):
+    """Runs (or continues) the comparison and writes its report."""
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        raise UserError(f"unknown --methods {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if args.tuning_class in args.classes:
+        raise UserError(f"--tuning-class {args.tuning_class} must not be one of the evaluated --classes")
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    os.makedirs(args.out, exist_ok=True)
+    if not os.path.isdir(os.path.join(args.data_path, "train")):
+        quiet(call, prepare_digits, ["--out", args.data_path])
+    bench = Benchmark(args)
+    eval_steps = sorted(set(args.eval_steps) | {args.steps})
+    start = time.time()
+    chosen, tuning = {}, {}
+    for method in tqdm(args.methods, desc="Tuning (digit %d)" % args.tuning_class, dynamic_ncols=True):
+        chosen[method], tuning[method] = choose_setting(bench, method, args) if not args.no_tuning else \
+            (LR_GRID[1], {})
+    references = {c: bench.reference(c) for c in tqdm(args.classes, desc="References", dynamic_ncols=True)}
+    jobs = [(m, c, s) for m in args.methods for c in args.classes for s in args.seeds]
+    runs = [bench.run(m, c, s, chosen[m], eval_steps) for m, c, s in tqdm(jobs, desc="Runs", dynamic_ncols=True)]
+    summary = summarise(runs, references, eval_steps)
+    result = {"protocol": {k: v for k, v in vars(args).items() if k not in ("out",)}, "lr_grid": LR_GRID,
+              "methods": {m: METHODS[m] for m in args.methods}, "chosen_lr": chosen, "tuning": tuning,
+              "references": references, "runs": runs, "summary": summary, "seconds": round(time.time() - start, 1)}
+    atomic_json_dump(result, os.path.join(args.out, "comparison.json"))
+    table = markdown(summary, references, chosen, args.steps)
+    atomic_write_text(table, os.path.join(args.out, "comparison.md"))
+    plot(summary, eval_steps, os.path.join(args.out, "curves.png"), os.path.join(args.out, "tradeoff.png"))
+    print(table)
+    print(f"Saved comparison.json, comparison.md, curves.png and tradeoff.png to {args.out}")
+
+
+def parse_args(argv=None):
+    """The command line."""
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--out", type=str, default="bench_results/compare", help="output folder (resumable)")
+    parser.add_argument("--data-path", type=str, default="data/digits", help="the digits folder (made if missing)")
+    parser.add_argument("--cache-dir", type=str, default="retrained",
+                        help="retrained references not shipped in assets/ are trained once and kept here")
+    parser.add_argument("--methods", type=str, nargs="+", default=list(METHODS), help="methods to compare")
+    parser.add_argument("--classes", type=int, nargs="+", default=[0, 3, 8], help="digits to forget")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of each run")
+    parser.add_argument("--tuning-class", type=int, default=5, help="the digit the learning rates are chosen on")
+    parser.add_argument("--no-tuning", action="store_true", help="use the middle learning rate of the grid")
+    parser.add_argument("--steps", type=int, default=100, help="unlearning steps of every run")
+    parser.add_argument("--eval-steps", type=int, nargs="+", default=[10, 25, 50], help="checkpoints evaluated "
+                                                                                      "along the way (and --steps)")
+    parser.add_argument("--batch-size", type=int, default=64, help="forget and remain samples per step")
+    parser.add_argument("--fisher-iters", type=int, default=8, help="generate_fisher.py --n-iters")
+    parser.add_argument("--samples-per-class", type=int, default=100, help="generated images per digit evaluated")
+    parser.add_argument("--sampling-steps", type=int, default=25, help="DDIM steps of the evaluation samples")
+    parser.add_argument("--cfg-scale", type=float, default=2.0, help="guidance scale of the evaluation samples")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    run_main(main, parse_args())

@@ -1,0 +1,176 @@
+"""The defining mechanics of each method of the comparison, checked by hand on a tiny DiT."""
+import copy
+
+import pytest
+import torch
+from torch.func import functional_call, grad
+
+from diffusion import create_diffusion
+from helpers import run_script, tiny_dit
+from sfron.data import Batch, NoiseImages
+from sfron.dist import Dist
+from sfron.fisher import forget_gradient
+from sfron.mask import gradient_mask
+from sfron.unlearn import FrozenReference, Unlearner, UnlearnSettings, ewc_penalty
+from sfron.utils import UserError
+
+DIST = Dist()
+DIFFUSION = create_diffusion("")
+
+
+def tiny_model(seed=0):
+    return tiny_dit(input_size=4, hidden_size=16, depth=1, num_classes=3, scale=0.2, seed=seed).train()
+
+
+def batch(seed, label, n=2):
+    g = torch.Generator().manual_seed(seed)
+    return Batch(x=torch.randn(n, 3, 4, 4, generator=g), y=torch.full((n,), label),
+                 t=torch.randint(0, 1000, (n,), generator=g), noise=torch.randn(n, 3, 4, 4, generator=g),
+                 drop=torch.zeros(n, dtype=torch.long), step=0)
+
+
+def trainable(model):
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def step_gradient(model, settings, fb, rb, alpha=1.0, reference=None):
+    """The gradient the optimizer receives in one joint step (no clip, no mask)."""
+    seen = {}
+    opt = torch.optim.SGD(list(trainable(model).values()), lr=0.0)
+    original = opt.step
+
+    def record(*a, **k):
+        seen.update({n: p.grad.clone() for n, p in trainable(model).items()})
+        return original(*a, **k)
+    opt.step = record
+    Unlearner(model, DIFFUSION, settings, DIST, reference=reference, optimizer=opt).step(fb, rb, alpha)
+    return seen
+
+
+def autograd_of(model, loss_fn):
+    """The gradient of loss_fn(params) by torch.func, for comparison with a step's gradient."""
+    frozen = {"pos_embed": model.pos_embed}
+    return grad(lambda th: loss_fn({**th, **frozen}))({n: p.detach() for n, p in trainable(model).items()})
+
+
+def eps(model, params, b, labels, drop):
+    x_t = DIFFUSION.q_sample(b.x, b.t, noise=b.noise)
+    return functional_call(model, params, (x_t, b.t, labels), {"force_drop_ids": drop})[:, :3]
+
+
+def diffusion_losses(model, params, b, labels, drop):
+    fn = lambda x, t, **kw: functional_call(model, params, (x, t), kw)  # noqa: E731
+    return DIFFUSION.training_losses(fn, b.x, b.t, dict(y=labels, force_drop_ids=drop), noise=b.noise)["loss"]
+
+
+def settings(**kw):
+    return UnlearnSettings(**{"forget_class": 0, "method": "joint", "grad_clip": 0.0, "lr": 0.0, **kw})
+
+
+def test_salun_mask_keeps_the_top_fraction_of_absolute_gradients():
+    g = {"a": torch.tensor([0.1, -5.0, 0.3, 2.0]), "b": torch.tensor([[-0.2, 0.3], [4.0, 0.0]])}
+    mask = gradient_mask(g, sparsity=0.5)  # 8 weights: keep the 4 largest |g|: -5, 4, 2 and one of the two 0.3
+    assert mask["a"].tolist() == [False, True, True, True] and mask["b"].tolist() == [[False, False], [True, False]]
+    assert sum(int(m.sum()) for m in gradient_mask(g, 0.75).values()) == 2
+    with pytest.raises(UserError, match="--sparsity must be in"):
+        gradient_mask(g, 1.0)
+
+
+def test_salun_statistic_is_the_sum_of_clipped_batch_gradients():
+    """generate_fisher.py --gradient-saliency: the eps-MSE gradient of each forget batch, clipped, then summed."""
+    model = tiny_model().eval()
+    batches = [batch(1, 0), batch(2, 0)]
+
+    class Batches(list):
+        config = type("C", (), {"global_batch": 2})
+    got = forget_gradient(model, DIFFUSION, Batches(batches), DIST, clip=0.05)
+    expected = {n: torch.zeros_like(p) for n, p in trainable(model).items()}
+    for b in batches:
+        mse = lambda th: DIFFUSION.training_losses(  # noqa: E731
+            lambda x, t, **kw: functional_call(model, th, (x, t), kw), b.x, b.t, dict(y=b.y), noise=b.noise)["mse"].mean()
+        g = autograd_of(model, mse)
+        norm = torch.sqrt(sum(v.square().sum() for v in g.values()))
+        assert norm > 0.05  # so that the clip acts
+        for n in expected:
+            expected[n] += g[n] * 0.05 / (norm + 1e-6)
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-4, atol=1e-7)
+
+
+def test_salun_forget_term_matches_the_next_class_prediction_without_gradient():
+    model, fb, rb = tiny_model(), batch(1, 0), batch(2, 1)
+    got = step_gradient(model, settings(unlearn_loss="salun", remain_alpha=0.0), fb, rb)
+    keep = torch.zeros(2, dtype=torch.long)
+    target = eps(model, {**dict(model.named_parameters())}, fb, torch.full((2,), 1), keep).detach()
+    expected = autograd_of(model, lambda th: (eps(model, th, fb, fb.y, keep) - target).square().flatten(1).mean(1).mean())
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-4, atol=1e-6)
+
+
+def test_esd_target_is_negatively_guided_by_the_frozen_model():
+    model, frozen, fb, rb = tiny_model(), tiny_model(seed=1).eval(), batch(1, 0), batch(2, 1)
+    s = settings(unlearn_loss="esd", remain_alpha=0.0, esd_eta=0.7)
+    unlearner = Unlearner(model, DIFFUSION, s, DIST, reference=FrozenReference(model=frozen))
+    params, fparams = dict(model.named_parameters()), dict(frozen.named_parameters())
+    keep, null = torch.zeros(2, dtype=torch.long), torch.ones(2, dtype=torch.long)
+    with torch.no_grad():
+        e_c, e_0 = eps(frozen, fparams, fb, fb.y, keep), eps(frozen, fparams, fb, fb.y, null)
+        expected = (eps(model, params, fb, fb.y, keep) - (e_0 - 0.7 * (e_c - e_0))).square().flatten(1).mean(1)
+    torch.testing.assert_close(unlearner.forget_losses(fb).detach(), expected, rtol=1e-5, atol=1e-8)
+    with pytest.raises(UserError, match="needs the frozen original model"):
+        Unlearner(model, DIFFUSION, s, DIST)
+
+
+def test_sa_penalty_is_the_ewc_sum_and_its_surrogate_is_uniform_noise():
+    model, anchor = tiny_model(), tiny_model(seed=1).eval()
+    fisher = {n: torch.rand_like(p) for n, p in trainable(model).items()}
+    reference = FrozenReference(model=anchor, fisher=fisher)
+    by_hand = sum((fisher[n] * (p - dict(anchor.named_parameters())[n]).square()).sum()
+                  for n, p in trainable(model).items())
+    torch.testing.assert_close(ewc_penalty(list(trainable(model).items()), reference), by_hand)
+    # the step's gradient: the surrogate images' diffusion loss under the forget label + lambda * EWC
+    fb, rb = batch(1, 0), batch(2, 1)
+    got = step_gradient(model, settings(unlearn_loss="sa", remain_alpha=0.0, ewc_lambda=3.0, replay_samples=1),
+                        fb, rb, reference=reference)
+    keep = torch.zeros(2, dtype=torch.long)
+    anchor_params = dict(anchor.named_parameters())
+    expected = autograd_of(model, lambda th: diffusion_losses(model, th, fb, fb.y, keep).mean() + 3.0 * sum(
+        (fisher[n] * (th[n] - anchor_params[n].detach()).square()).sum() for n in fisher))
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-4, atol=1e-6)
+    noise = NoiseImages(5, 8, label=2, seed=0)
+    x, y = noise[3]
+    assert y == 2 and x.shape == (3, 8, 8) and -1 <= x.min() < -0.9 and 0.9 < x.max() <= 1
+    assert torch.equal(noise[3][0], x) and not torch.equal(noise[2][0], x)
+
+
+@pytest.mark.parametrize("name", ["ga", "ft", "rl"])
+def test_ga_ft_rl_touch_only_their_terms(name):
+    """GA: the ascent alone (the remain batch is never read); FT: the remain term alone; RL: both, relabelled."""
+    model, fb, rb = tiny_model(), batch(1, 0), batch(2, 1)
+    poisoned = copy.copy(fb if name == "ft" else rb)
+    if name != "rl":  # a term that is skipped may hold anything
+        poisoned.x = torch.full_like(poisoned.x, float("nan"))
+    s = {"ga": settings(unlearn_loss="ga", remain_alpha=0.0), "ft": settings(forget_alpha=0.0),
+         "rl": settings(unlearn_loss="rl", remain_alpha=2.0)}[name]
+    got = step_gradient(model, s, poisoned if name == "ft" else fb, rb if name == "ft" else poisoned,
+                        alpha=s.forget_alpha)
+    keep = torch.zeros(2, dtype=torch.long)
+    forget_term = {"ga": lambda th: -diffusion_losses(model, th, fb, fb.y, keep).mean(),
+                   "ft": lambda th: 0.0,
+                   "rl": lambda th: diffusion_losses(model, th, fb, torch.full((2,), 1), keep).mean()}[name]
+    remain_weight = {"ga": 0.0, "ft": 1.0, "rl": 2.0}[name]
+    expected = autograd_of(model, lambda th: forget_term(th) + remain_weight * diffusion_losses(
+        model, th, rb, rb.y, keep).mean())
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-4, atol=1e-6)
+
+
+def test_bad_combinations_are_one_line_errors(tmp_path):
+    proc = run_script("generate_mask.py", "--mask-path", tmp_path, "--forget-class", 0, "--criterion", "gradient",
+                      "--sparsity", "1.2", cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and proc.stderr.strip() == "error: --sparsity must be in (0, 1), got 1.2"
+    with pytest.raises(UserError, match="need --replay-samples"):
+        settings(unlearn_loss="sa", ewc_lambda=1.0).check()
+    with pytest.raises(UserError, match="nothing to optimise"):
+        settings(forget_alpha=0.0, remain_alpha=0.0).check()
