@@ -115,7 +115,8 @@ def unlearn(args, mask_path, results, seed=0):
         "--method", "ron", "--unlearn-loss", "ga", "--forget-alpha", args.forget_alpha, "--decay-forget-alpha",
         "--remain-alpha", 1.0, "--mask-path", mask_path, "--threshold", args.threshold, "--results-dir", results,
         "--log-every", 25, "--seed", seed, "--ema-decay", args.ema_decay,
-        "--forget-label-dropout" if args.forget_label_dropout else "--no-forget-label-dropout"])
+        "--forget-label-dropout" if args.forget_label_dropout else "--no-forget-label-dropout",
+        *(["--forget-loss-ceiling", args.forget_loss_ceiling] if args.forget_loss_ceiling else [])])
     run = max((d for d in os.listdir(results) if "-forget-" in d), key=lambda d: int(d.split("-")[0]))
     return os.path.join(results, run)
 
@@ -127,7 +128,7 @@ def main(args):
     mask_path, results = os.path.join(args.out, "mask"), os.path.join(args.out, "results")
     fisher_and_masks(args, mask_path, results)
     retrained = retrained_reference(args.forget_class, args.reference_dir, args.data_path, args.train_reference)
-    run = unlearn(args, mask_path, results)
+    run = unlearn(args, mask_path, results, args.seed)
     models = {"original": DIGITS_DIT, "unlearned": os.path.join(run, "checkpoints", f"{args.forget_iters:07d}.pt")}
     if retrained is not None:
         models["retrained"] = retrained
@@ -171,6 +172,8 @@ def parse_args(argv=None):
     parser.add_argument("--forget-iters", type=int, default=100, help="forget.py --n-iters")
     parser.add_argument("--lr", type=float, default=1.5e-4, help="forget.py --lr")
     parser.add_argument("--forget-alpha", type=float, default=1.0, help="forget.py --forget-alpha (cosine-decayed)")
+    parser.add_argument("--seed", type=int, default=0, help="forget.py --seed (the unlearning run's batch draws)")
+    parser.add_argument("--forget-loss-ceiling", type=float, default=None, help="forget.py --forget-loss-ceiling")
     parser.add_argument("--ema-decay", type=float, default=0.0, help="forget.py --ema-decay")
     parser.add_argument("--forget-label-dropout", action=argparse.BooleanOptionalAction, default=True,
                         help="forget.py's switch: label dropout on the forget step too (official) or not")

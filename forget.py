@@ -47,7 +47,8 @@ def unlearn_settings(args):
         decay_forget_alpha=args.decay_forget_alpha, remain_alpha=args.remain_alpha, grad_clip=args.grad_clip,
         lambd=args.lambd, forget_label_dropout=args.forget_label_dropout, seed=args.seed, precision=args.precision,
         ema_decay=args.ema_decay, esd_eta=args.esd_eta, ewc_lambda=args.ewc_lambda, remain_source=args.remain_source,
-        replay_samples=args.replay_samples, replay_steps=args.replay_steps, replay_cfg_scale=args.replay_cfg_scale)
+        replay_samples=args.replay_samples, replay_steps=args.replay_steps, replay_cfg_scale=args.replay_cfg_scale,
+        forget_loss_ceiling=args.forget_loss_ceiling)
 
 
 def experiment_name(settings, model):
@@ -278,6 +279,9 @@ def parse_args(argv=None):
     parser.add_argument("--decay-forget-alpha", action="store_true",
                         help="cosine decay of the forget weight: alpha (1 + cos(pi k / K)) / 2")
     parser.add_argument("--remain-alpha", type=float, default=1.0, help="weight of the remain loss")
+    parser.add_argument("--forget-loss-ceiling", type=float, default=None,
+                        help="ga/adaga: skip the forget step while the forget batch's mean diffusion loss is above "
+                             "this value (the remain step still runs); default: never (the paper's update)")
     parser.add_argument("--forget-label-dropout", action=argparse.BooleanOptionalAction, default=True,
                         help="drop forget labels to the null class as training mode does in the official script "
                              "(default); --no-forget-label-dropout drops labels on the remain step only "

@@ -18,7 +18,7 @@ from .vae import VAE_DOWNSAMPLE, is_pixel_space, latent_channels, load_vae
 
 @dataclass(frozen=True)
 class ModelRequest:
-    """The model a command line asks for; None means: as the checkpoint implies or records, else the official default."""
+    """The model a command line asks for; None: as the checkpoint implies or records, else the official default."""
     model: str = "DiT-XL/2"
     ckpt: Optional[str] = None   # a released name or a local file (None: the released checkpoint of model and size)
     image_size: Optional[int] = None

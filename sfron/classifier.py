@@ -1,7 +1,7 @@
 """
 The classifiers that judge generated images (the forget and remain accuracy of the SFR-on paper): a torchvision
-ImageNet model read from a local weights file, or the small CNN of the embedded digits case. Both take images in [-1, 1] and return logits;
-`features` gives the penultimate activations (the digits FID is computed in that space).
+ImageNet model read from a local weights file, or the small CNN of the embedded digits case. Both take images in
+[-1, 1] and return logits; `features` gives the penultimate activations (the digits FID is computed in that space).
 """
 import torch
 import torch.nn as nn

@@ -1,8 +1,8 @@
 """
 What the SFR-on paper reports (Huang et al., NeurIPS 2024): forget accuracy (FA), remain accuracy and FID,
-computed offline. FID uses torchmetrics' FrechetInceptionDistance, with torch-fidelity's InceptionV3 from a local weights file or
-any feature network (the digits classifier's penultimate layer for the embedded case); the statistics of the
-real images can be cached to a file.
+computed offline. FID uses torchmetrics' FrechetInceptionDistance, with torch-fidelity's InceptionV3 from a local
+weights file or any feature network (the digits classifier's penultimate layer for the embedded case); the
+statistics of the real images can be cached to a file.
 """
 import os
 

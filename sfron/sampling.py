@@ -170,7 +170,7 @@ def upscale(image, min_side=256):
 
 @dataclass(frozen=True)
 class SnapshotOptions:
-    """forget.py's sample grids: every `every` steps (0: none), with `sampler` over `steps` steps, guidance `cfg_scale`."""
+    """forget.py's sample grids: every `every` steps (0: none), `sampler` over `steps` steps, guidance `cfg_scale`."""
     every: int = 50
     sampler: str = "ddim"
     steps: int = 50

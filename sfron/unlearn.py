@@ -55,6 +55,7 @@ class UnlearnSettings:
     replay_samples: int = 0         # how many remain-class samples the original model generates for replay
     replay_steps: int = 50          # DDIM steps of each replay sample
     replay_cfg_scale: float = 4.0   # guidance scale of the replay samples
+    forget_loss_ceiling: Optional[float] = None  # ga/adaga: no ascent step while the forget loss is above it
 
     def check(self):
         """One clear error for settings that cannot run."""
@@ -73,6 +74,11 @@ class UnlearnSettings:
         if (self.remain_source == "replay" or self.ewc_lambda > 0) and self.replay_samples < 1:
             raise UserError("--remain-source replay and --ewc-lambda need --replay-samples of at least 1 (the "
                             "original model's samples the replay and the EWC Fisher use)")
+        if self.forget_loss_ceiling is not None:
+            if self.unlearn_loss not in ASCENT_LOSSES:
+                raise UserError("--forget-loss-ceiling applies to the ascent losses (ga, adaga) only")
+            if not self.forget_loss_ceiling > 0:
+                raise UserError(f"--forget-loss-ceiling must be positive, got {self.forget_loss_ceiling}")
         check_ema_decay(self.ema_decay, self.n_iters)
 
     def forget_alpha_at(self, step):
@@ -201,6 +207,20 @@ class Unlearner:
         self.amp = dict(device_type=dist.device.type, dtype=autocast_dtype(settings.precision),
                         enabled=settings.precision == "bf16")
 
+    def above_ceiling(self, f_losses):
+        """
+        Whether the ascent pauses this step: the forget batch's global mean loss is above --forget-loss-ceiling.
+        Once the class is gone its loss keeps climbing under ascent, and every further ascent step only damages
+        weights the remain classes share; the remain step still runs and may bring the loss back under.
+        """
+        ceiling = self.settings.forget_loss_ceiling
+        if ceiling is None:
+            return False
+        total = torch.stack([f_losses.detach().float().sum(), torch.tensor(float(f_losses.numel()),
+                                                                           device=f_losses.device)])
+        total = self.dist.all_reduce_sum_(total)  # every process decides alike
+        return bool(total[0] / total[1] > ceiling)
+
     def _optimizer_step(self, loss, masked):
         """zero_grad, backward, then (masked=True) the saliency mask and the global-norm clip, and the step."""
         self.opt.zero_grad(set_to_none=True)
@@ -258,7 +278,8 @@ class Unlearner:
                 with torch.autocast(**self.amp):
                     f_losses = self.forget_losses(forget_batch)
                     f_loss = forget_objective(f_losses, s.unlearn_loss, self.dist, s.lambd)
-                self._optimizer_step(alpha * f_loss, masked=True)                 # fast: forget
+                if not self.above_ceiling(f_losses):
+                    self._optimizer_step(alpha * f_loss, masked=True)             # fast: forget
             if use_remain or s.ewc_lambda > 0:
                 with torch.autocast(**self.amp):                                   # at the updated weights
                     r_losses = self.remain_losses(remain_batch) if use_remain else None
@@ -267,7 +288,8 @@ class Unlearner:
         elif s.method == "joint":  # one masked and clipped step on every term
             with torch.autocast(**self.amp):
                 loss, f_losses, r_losses = self._joint_loss(forget_batch, remain_batch, alpha)
-            self._optimizer_step(loss, masked=True)
+            if torch.is_tensor(loss):  # not when the forget term alone is paused at its ceiling
+                self._optimizer_step(loss, masked=True)
         else:
             raise UserError(f"unknown --method {s.method}; choose from {', '.join(METHODS)}")
         return self._global_means(f_losses, r_losses, forget_batch.step)
@@ -290,7 +312,7 @@ class Unlearner:
                 f_losses = self.forget_losses(forget_batch)
             if s.remain_alpha != 0:
                 r_losses = self.remain_losses(remain_batch)
-        if f_losses is not None:
+        if f_losses is not None and not self.above_ceiling(f_losses):
             loss = alpha * forget_objective(f_losses, s.unlearn_loss, self.dist, s.lambd)
         return loss + self._remain_objective(r_losses), f_losses, r_losses
 

@@ -174,3 +174,23 @@ def test_bad_combinations_are_one_line_errors(tmp_path):
         settings(unlearn_loss="sa", ewc_lambda=1.0).check()
     with pytest.raises(UserError, match="nothing to optimise"):
         settings(forget_alpha=0.0, remain_alpha=0.0).check()
+
+
+def test_forget_loss_ceiling_pauses_only_the_ascent():
+    """--forget-loss-ceiling: above it a ron step is its remain step alone; far above the losses it changes nothing."""
+    fb, rb = batch(1, 0), batch(2, 1)
+
+    def after_step(**kw):
+        model = tiny_model()
+        s = settings(method="ron", lr=1e-2, **kw)
+        Unlearner(model, DIFFUSION, s, DIST).step(fb, rb, s.forget_alpha)
+        return trainable(model)
+
+    start = trainable(tiny_model())
+    paused, remain_only = after_step(forget_loss_ceiling=1e-9), after_step(forget_alpha=0.0)
+    free, unbounded = after_step(forget_loss_ceiling=1e9), after_step()
+    assert all(torch.equal(paused[n], remain_only[n]) for n in start)
+    assert all(torch.equal(free[n], unbounded[n]) for n in start)
+    assert any(not torch.equal(free[n], paused[n]) for n in start)
+    with pytest.raises(UserError, match="ascent losses"):
+        settings(unlearn_loss="rl", forget_loss_ceiling=1.0).check()

@@ -9,7 +9,7 @@ from helpers import run_script
 
 
 def test_throughput_benchmark_fisher_equals_the_official_loop(tmp_path):
-    proc = run_script("bench/throughput.py", "--model", "DiT-S/8", "--image-size", 64, "--batch-size", 2,
+    proc = run_script("bench/throughput.py", "--model", "DiT-T/2", "--image-size", 32, "--batch-size", 2,
                       "--fisher-samples", 4, "--forget-steps", 2, "--mfu-batch-sizes", 2, 4, "--repeats", 1,
                       cwd=tmp_path)
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -27,7 +27,7 @@ def test_throughput_benchmark_fisher_equals_the_official_loop(tmp_path):
 
 def test_full_run_runs_the_three_scripts(tmp_path):
     work = tmp_path / "work"
-    proc = run_script("bench/full_run.py", "--model", "DiT-S/8", "--image-size", 64, "--images-per-class", 4,
+    proc = run_script("bench/full_run.py", "--model", "DiT-T/2", "--image-size", 32, "--images-per-class", 4,
                       "--fisher-samples", 4, "--fisher-batch-size", 2, "--forget-steps", 2, "--batch-size", 2,
                       "--num-workers", 0, "--reference-fisher-samples", 1, "--reference-forget-steps", 1,
                       "--work", work, cwd=tmp_path)
