@@ -45,8 +45,11 @@ def check_same_run(recorded, current):
     for section, fields in current.items():
         saved = recorded.get(section, {})
         for key, value in fields.items():
-            if key not in saved or saved[key] != value:
-                raise UserError(_difference(section, key, saved.get(key), value))
+            if key not in saved:
+                raise UserError(f"the resumed run records no {_flag(key)} (it was started by an earlier version "
+                                f"of forget.py): resume it with that version, or start a new run")
+            if saved[key] != value:
+                raise UserError(_difference(section, key, saved[key], value))
 
 
 def find_resume_checkpoint(path, required=("model", "opt", "run", "train_steps")):

@@ -3,7 +3,10 @@ import ast
 import glob
 import os
 
+import pytest
+
 from helpers import ROOT
+from sfron.utils import UserError
 
 LIBRARY = sorted(glob.glob(os.path.join(ROOT, "sfron", "*.py")) + glob.glob(os.path.join(ROOT, "diffusion", "*.py"))
                  + [os.path.join(ROOT, "models.py")])
@@ -58,3 +61,16 @@ def test_the_suite_carries_its_reference_outputs():
     assert os.path.commonpath([conftest.FIXTURE, ROOT]) == ROOT and os.path.isfile(conftest.FIXTURE)
     for path in glob.glob(os.path.join(ROOT, "tests", "*.py")):
         assert "shared" + os.sep not in open(path).read().replace("/", os.sep), path
+
+
+def test_a_run_recorded_without_a_newer_setting_is_refused_with_the_reason():
+    from sfron.resume import check_same_run, pinned_record
+    from sfron.unlearn import UnlearnSettings
+    current = pinned_record({"settings": UnlearnSettings(forget_class=0)})
+    older = {"settings": {k: v for k, v in current["settings"].items() if k != "forget_loss_ceiling"}}
+    with pytest.raises(UserError, match="records no --forget-loss-ceiling .*earlier version"):
+        check_same_run(older, current)
+    changed = {"settings": dict(current["settings"], lr=2e-4)}
+    with pytest.raises(UserError, match="--lr 0.0001 differs from the resumed run's 0.0002"):
+        check_same_run(changed, current)
+    check_same_run(current, current)
