@@ -264,8 +264,8 @@ def markdown(summary, references, chosen, step):
     """The table of the README: per method at `step`, mean ± std over classes and seeds."""
     def cell(v, digits=3):
         return "–" if v is None else f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}"
-    lines = [f"| method | lr | forget acc | remain acc | remain FD (x original) | FD to retrained | steps to forget "
-             f"| forgotten runs | seconds |", "| --- |" + " --- |" * 8]
+    lines = ["| method | lr | forget acc | remain acc | remain FD (x original) | FD to retrained | steps to forget "
+             "| forgotten runs | seconds |", "| --- |" + " --- |" * 8]
     for method, s in summary.items():
         row = s["steps"][step]
         lines.append(f"| {method} | {chosen.get(method, '–')} | {cell(row['forget_acc'])} | {cell(row['remain_acc'])} "

@@ -47,6 +47,20 @@ def tiny_dit(input_size=8, hidden_size=32, depth=2, num_classes=4, scale=0.1, se
     return model
 
 
+def tiny_train_dit(seed=0):
+    """The 1-block DiT on 4x4 pixels with 3 classes, in training mode, that the unlearning step tests take."""
+    return tiny_dit(input_size=4, hidden_size=16, depth=1, num_classes=3, scale=0.2, seed=seed).train()
+
+
+def toy_batch(seed, label, n=2, drop=None):
+    """A Batch of n random 4x4 images of one label, with timesteps and noise from `seed`; drop: label-drop ids."""
+    from sfron.data import Batch
+    g = torch.Generator().manual_seed(seed)
+    return Batch(x=torch.randn(n, 3, 4, 4, generator=g), y=torch.full((n,), label),
+                 t=torch.randint(0, 1000, (n,), generator=g), noise=torch.randn(n, 3, 4, 4, generator=g),
+                 drop=torch.zeros(n, dtype=torch.long) if drop is None else drop, step=0)
+
+
 def make_vae_folder(folder):
     """A tiny diffusers AutoencoderKL with the SD-VAE layout (4 latent channels, 8x downsampling)."""
     from diffusers.models import AutoencoderKL

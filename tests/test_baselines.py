@@ -6,8 +6,10 @@ import torch
 from torch.func import functional_call, grad
 
 from diffusion import create_diffusion
-from helpers import run_script, tiny_dit
-from sfron.data import Batch, NoiseImages
+from helpers import run_script
+from helpers import tiny_train_dit as tiny_model
+from helpers import toy_batch as batch
+from sfron.data import NoiseImages
 from sfron.dist import Dist
 from sfron.fisher import forget_gradient
 from sfron.mask import gradient_mask
@@ -16,17 +18,6 @@ from sfron.utils import UserError
 
 DIST = Dist()
 DIFFUSION = create_diffusion("")
-
-
-def tiny_model(seed=0):
-    return tiny_dit(input_size=4, hidden_size=16, depth=1, num_classes=3, scale=0.2, seed=seed).train()
-
-
-def batch(seed, label, n=2):
-    g = torch.Generator().manual_seed(seed)
-    return Batch(x=torch.randn(n, 3, 4, 4, generator=g), y=torch.full((n,), label),
-                 t=torch.randint(0, 1000, (n,), generator=g), noise=torch.randn(n, 3, 4, 4, generator=g),
-                 drop=torch.zeros(n, dtype=torch.long), step=0)
 
 
 def trainable(model):
@@ -108,7 +99,7 @@ def test_salun_forget_term_matches_the_next_class_prediction_without_gradient():
 
 
 def test_esd_target_is_negatively_guided_by_the_frozen_model():
-    model, frozen, fb, rb = tiny_model(), tiny_model(seed=1).eval(), batch(1, 0), batch(2, 1)
+    model, frozen, fb = tiny_model(), tiny_model(seed=1).eval(), batch(1, 0)
     s = settings(unlearn_loss="esd", remain_alpha=0.0, esd_eta=0.7)
     unlearner = Unlearner(model, DIFFUSION, s, DIST, reference=FrozenReference(model=frozen))
     params, fparams = dict(model.named_parameters()), dict(frozen.named_parameters())

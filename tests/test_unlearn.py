@@ -6,8 +6,8 @@ import torch
 from torch.func import functional_call, grad
 
 from diffusion import create_diffusion
-from helpers import tiny_dit
-from sfron.data import Batch
+from helpers import tiny_train_dit as tiny_model
+from helpers import toy_batch
 from sfron.dist import Dist
 from sfron.mask import load_mask
 from sfron.optim import make_optimizer
@@ -19,15 +19,9 @@ DIST = Dist()
 LR, EPS, BETAS = 1e-2, 1e-8, (0.9, 0.999)
 
 
-def tiny_model(seed=0):
-    return tiny_dit(input_size=4, hidden_size=16, depth=1, num_classes=3, scale=0.2, seed=seed).train()
-
-
 def batch(seed, label, n=2):
-    g = torch.Generator().manual_seed(seed)
-    return Batch(x=torch.randn(n, 3, 4, 4, generator=g), y=torch.full((n,), label),
-                 t=torch.randint(0, 1000, (n,), generator=g), noise=torch.randn(n, 3, 4, 4, generator=g),
-                 drop=torch.tensor([0, 1] * (n // 2)), step=0)
+    """A toy batch whose every other label is dropped to the null class."""
+    return toy_batch(seed, label, n, drop=torch.tensor([0, 1] * (n // 2)))
 
 
 def per_sample_loss(model, params, b, labels=None, drop=None):
