@@ -41,8 +41,9 @@ def add_model_args(parser, default_model="DiT-XL/2", several_ckpts=False):
                         help="ema | mse (stabilityai/sd-vae-ft-*), a local diffusers VAE folder, or none for a "
                              "pixel-space model (default: none for 3-channel checkpoints, else ema)")
     parser.add_argument("--ckpt", type=str, default=None, nargs="+" if several_ckpts else None,
-                        help="a DiT checkpoint: a released name (DiT-XL-2-256x256.pt, downloaded when online) or a "
-                             "local file (default: the released checkpoint of --model at --image-size)"
+                        help="a DiT checkpoint: a released name (DiT-XL-2-256x256.pt, downloaded when online), a "
+                             "local .pt or .safetensors file, or a diffusers DiT folder (default: the released "
+                             "checkpoint of --model at --image-size)"
                              + ("; several are drawn side by side from the same noise" if several_ckpts else ""))
     parser.add_argument("--random-flip", action=argparse.BooleanOptionalAction, default=None,
                         help="random horizontal flips of the data (default: as the checkpoint was trained, else on)")

@@ -10,7 +10,8 @@ def find_model(model_name):
     """
     A DiT state dict from a released name (DiT-XL-2-256x256.pt, DiT-XL-2-512x512.pt) or a local file: a raw
     state dict, a DiT train.py checkpoint {"model", "ema", "opt", "args"} (its "ema" preferred, as officially),
-    or a checkpoint of this repository. 'module.' key prefixes are removed.
+    a checkpoint of this repository, a .safetensors state dict, or a diffusers DiT folder (mapped to the
+    official keys). 'module.' key prefixes are removed.
     """
     return find_checkpoint(model_name)[0]
 

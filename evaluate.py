@@ -1,20 +1,24 @@
 """
 Evaluates generated samples as the paper does: forget accuracy (FA: share of forget-class samples a pretrained
-classifier assigns to the forget class; also top-5 and the mean forget-class probability), accuracy on the
-remaining classes (overall and per class), and FID of remain-class and forget-class samples against real images
-of those classes. Offline: every weight file is local. Writes a JSON report and a Markdown table.
+classifier assigns to the forget class; also top-5, the mean forget-class probability and the prediction's
+entropy), accuracy on the remaining classes (overall and per class), and FID of remain-class and forget-class
+samples against real images of those classes, with KID, precision/recall and the Inception Score beside it
+(torch-fidelity's formulas). Offline: every weight file is local. Writes a JSON report and a Markdown table.
 """
 import argparse
 import os
+from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 
 from cli import run_main
 from sfron.classifier import load_classifier
 from sfron.data import ImageSet, find_class_folders, list_images
 from sfron.files import atomic_json_dump, atomic_write_text
-from sfron.metrics import (FeatureNet, classification_report, classify, fid_against, load_samples, make_fid,
-                           markdown_table, reference_statistics)
+from sfron.metrics import (classification_report, classify, embed, feature_space, frechet_distance,
+                           frechet_statistics, image_set_metrics, inception_score, load_samples, markdown_table,
+                           nhwc_batches, reference_set)
 from sfron.sampling import to_uint8
 from sfron.utils import UserError, check_class_index
 
@@ -36,43 +40,85 @@ def real_image_batches(data_path, class_indices, image_size, per_class, batch_si
     return batches
 
 
-def evaluate_models(samples, forget_class, classifier, fid_metric=None, references=None, batch_size=64,
-                    device="cpu"):
+def evaluate_models(samples, forget_class, classifier, fid=None, device="cpu"):
     """
-    {name: report} for samples {name: (images uint8 NHWC, labels)}: classification metrics, and with a FID metric
-    and references {'remain': stats, 'forget': stats} the FID of remain-class and forget-class samples.
+    {name: report} for samples {name: (images uint8 NHWC, labels)}: the classification metrics, and with a
+    FidSetup the FID, KID, precision and recall of remain-class and forget-class samples against the real images
+    of those classes, the Inception Score of all samples, and the FID against the --ref-batch statistics.
     """
     reports = {}
+    batch_size = fid.batch_size if fid is not None else 64
     for name, (images, labels) in samples.items():
         report = classification_report(classify(classifier, images, batch_size, device), torch.from_numpy(labels),
                                        forget_class)
-        if fid_metric is not None:
-            forget = labels == forget_class
-            report["fid_remain"] = fid_against(fid_metric, references["remain"], images[~forget], batch_size)
-            report["fid_forget"] = fid_against(fid_metric, references["forget"], images[forget], batch_size)
+        if fid is not None:
+            report.update(fid_report(fid, images, labels == forget_class, device))
         reports[name] = report
     return reports
 
 
+def fid_report(fid, images, forget, device):
+    """The feature-space metrics of one model's samples (forget: the boolean mask of forget-class samples)."""
+    report, features, logits = {}, [], []
+    for which, chosen in (("remain", ~forget), ("forget", forget)):
+        f, lg = embed(fid.space, nhwc_batches(images[chosen], fid.batch_size), device)
+        features.append(f)
+        logits += [lg] if lg is not None else []
+        if which in fid.references:
+            report.update({f"{k}_{which}": v for k, v in image_set_metrics(f, fid.references[which]).items()})
+    report["inception_score"], report["inception_score_std"] = inception_score(torch.cat(logits) if logits else None)
+    if fid.ref_batch is not None:  # the DiT paper's FID: every sample against the reference batch
+        report["fid_ref_batch"] = frechet_distance(frechet_statistics(torch.cat([f for f in features if len(f)])),
+                                                   fid.ref_batch)
+    return report
+
+
+class FidSetup(NamedTuple):
+    space: torch.nn.Module      # the feature network
+    references: dict            # {'remain', 'forget'}: reference_set of the real images of those classes
+    ref_batch: Optional[dict]   # {'mu', 'sigma'} of --ref-batch, or None
+    about: str                  # which features, for the report
+    batch_size: int
+
+
+def read_ref_batch(path, space, batch_size, device):
+    """{'mu', 'sigma'} of an ADM-style reference batch .npz: its own statistics, else those of its images arr_0."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "mu" in data and "sigma" in data:
+                return {"mu": torch.from_numpy(data["mu"].astype(np.float64)),
+                        "sigma": torch.from_numpy(data["sigma"].astype(np.float64))}
+            images = data["arr_0"]
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"--ref-batch {path} is not a reference batch .npz with mu/sigma or arr_0 ({e})") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise UserError(f"--ref-batch {path}: arr_0 must be uint8 images (N, H, W, 3), got {images.dtype} "
+                        f"{images.shape}")
+    return frechet_statistics(embed(space, nhwc_batches(images, batch_size), device)[0])
+
+
 def fid_setup(args, classifier, image_size, device):
-    """(FID metric, {'remain', 'forget'} real-image statistics, description of the feature space)."""
-    root, classes = find_class_folders(args.data_path)
-    check_class_index(args.forget_class, len(classes), "--forget-class", root)
+    """The FidSetup of the flags: feature network, real-image references (with --data-path), --ref-batch."""
     if args.fid_features == "inception":
-        metric, about = make_fid("inception", args.inception_weights), "InceptionV3 pool3 (2048-d)"
+        about = "torch-fidelity InceptionV3 pool3 (2048-d), its TF-compatible resize to 299"
     else:
-        metric = make_fid(FeatureNet(classifier))
-        about = f"penultimate layer of the {args.classifier} classifier (not Inception: not comparable to published FIDs)"
-    metric = metric.to(device)
-    groups = {"remain": [c for c in range(len(classes)) if c != args.forget_class], "forget": [args.forget_class]}
+        about = (f"penultimate layer of the {args.classifier} classifier (not Inception: not comparable to published "
+                 f"FIDs)")
+    space = feature_space(args.fid_features, args.inception_weights, classifier).to(device)
     references = {}
-    for which, class_indices in groups.items():
-        batches = real_image_batches(args.data_path, class_indices, image_size, args.real_per_class, args.batch_size)
-        description = (f"{os.path.abspath(args.data_path)} classes {class_indices} size {image_size} per-class "
-                       f"{args.real_per_class} features {about}")
-        cache = os.path.join(args.fid_cache, f"fid_ref_{which}_{args.forget_class}.pt") if args.fid_cache else None
-        references[which] = reference_statistics(metric, batches, cache, description)
-    return metric, references, about
+    if args.data_path:
+        root, classes = find_class_folders(args.data_path)
+        check_class_index(args.forget_class, len(classes), "--forget-class", root)
+        groups = {"remain": [c for c in range(len(classes)) if c != args.forget_class], "forget": [args.forget_class]}
+        for which, class_indices in groups.items():
+            batches = real_image_batches(args.data_path, class_indices, image_size, args.real_per_class,
+                                         args.batch_size)
+            description = (f"{os.path.abspath(args.data_path)} classes {class_indices} size {image_size} per-class "
+                           f"{args.real_per_class} features {about}")
+            cache = os.path.join(args.fid_cache, f"fid_ref_{which}_{args.forget_class}.pt") if args.fid_cache else None
+            references[which] = reference_set(space, batches, cache, description, device)
+    ref_batch = read_ref_batch(args.ref_batch, space, args.batch_size, device) if args.ref_batch else None
+    return FidSetup(space, references, ref_batch, about, args.batch_size)
 
 
 def main(args):
@@ -85,12 +131,11 @@ def main(args):
     image_size = next(iter(samples.values()))[0].shape[1]
     num_classes = args.num_classes or (10 if args.classifier == "digits" else 1000)
     classifier = load_classifier(args.classifier, args.classifier_weights, num_classes).to(device)
-    fid_metric, references, about_fid = None, None, "not computed (no --data-path)"
-    if args.data_path:
-        fid_metric, references, about_fid = fid_setup(args, classifier, image_size, device)
-    reports = evaluate_models(samples, args.forget_class, classifier, fid_metric, references, args.batch_size, device)
-    out = {"about": {"forget_class": args.forget_class, "classifier": args.classifier, "fid_features": about_fid,
-                     "samples": dict(zip(names, args.samples))}, **reports}
+    fid = fid_setup(args, classifier, image_size, device) if args.data_path or args.ref_batch else None
+    reports = evaluate_models(samples, args.forget_class, classifier, fid, device)
+    out = {"about": {"forget_class": args.forget_class, "classifier": args.classifier,
+                     "fid_features": fid.about if fid else "not computed (no --data-path, no --ref-batch)",
+                     "ref_batch": args.ref_batch, "samples": dict(zip(names, args.samples))}, **reports}
     atomic_json_dump(out, args.out)
     table = markdown_table(reports)
     atomic_write_text(table, os.path.splitext(args.out)[0] + ".md")
@@ -117,6 +162,9 @@ def parse_args(argv=None):
                         help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (local file)")
     parser.add_argument("--real-per-class", type=int, default=None, help="real images per class for FID (default: all)")
     parser.add_argument("--fid-cache", type=str, default=None, help="folder caching the real-image FID statistics")
+    parser.add_argument("--ref-batch", type=str, default=None,
+                        help="an ADM-style reference batch .npz (mu/sigma, or images arr_0), e.g. the DiT paper's "
+                             "VIRTUAL_imagenet256_labeled.npz: adds fid_ref_batch, the FID of all samples against it")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--out", type=str, default="report.json")
     return parser.parse_args(argv)

@@ -9,7 +9,7 @@ import argparse
 import os
 import time
 from copy import deepcopy
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from cli import add_data_args, add_model_args, latent_cache_options, model_request, run_main
 from diffusion import create_diffusion
 from sfron.build import autocast_dtype, load_model_and_vae
+from sfron.checkpoint import save_safetensors_weights
 from sfron.data import (DiffusionBatches, LatentEncoder, NoiseImages, StreamConfig, TensorImages,
                         dataset_fingerprint, forget_latent_cache, unlearn_datasets)
 from sfron.dist import distributed
@@ -224,6 +225,10 @@ def run(args, settings, requests, dist, logger, experiment_dir, resumed):
             if dist.is_main:
                 path = os.path.join(checkpoint_dir, f"{train_steps:07d}.pt")
                 save_checkpoint(path, unlearner, ema, record, history)
+                if args.save_safetensors and train_steps == s.n_iters:
+                    weights = (ema if ema is not None else raw_model).state_dict()
+                    save_safetensors_weights(weights, path[:-len(".pt")] + ".safetensors", asdict(spec))
+                    logger.info(f"Saved the final weights to {path[:-len('.pt')]}.safetensors")
                 atomic_json_dump({"columns": ["step", "forget_loss", "remain_loss"], "losses": history},
                                  os.path.join(experiment_dir, "losses.json"))
                 logger.info(f"Saved checkpoint to {path}")
@@ -252,6 +257,9 @@ def parse_args(argv=None):
                         help="keep an EMA of the unlearned weights (saved as 'ema', sampled by the snapshots); "
                              "0: none, 'ema' is the final weights. A decay that would leave over 1%% of the original "
                              "model in the EMA is refused")
+    parser.add_argument("--save-safetensors", action="store_true",
+                        help="also write the final weights (the EMA's with --ema-decay) as one .safetensors file "
+                             "beside the last checkpoint")
     parser.add_argument("--resume", type=str, default=None,
                         help="an experiment folder or checkpoint of an interrupted run to continue; the run's "
                              "settings, data and mask must be those it started with")

@@ -17,6 +17,7 @@ from cli import run_main
 from diffusion import create_diffusion
 from models import DiT_models
 from sfron.build import ModelSpec, autocast_dtype, build_dit
+from sfron.checkpoint import save_safetensors_weights
 from sfron.data import DiffusionBatches, ImageSet, LatentEncoder, StreamConfig, find_class_folders, list_images
 from sfron.dist import distributed
 from sfron.files import atomic_torch_save
@@ -89,10 +90,16 @@ def main(args):
                 atomic_torch_save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                                    "args": vars(args), "spec": asdict(spec)}, path)
                 logger.info(f"Saved checkpoint to {path}")
+                if args.save_safetensors and train_steps == steps:
+                    save_safetensors_weights(ema.state_dict(), path[:-len(".pt")] + ".safetensors", asdict(spec))
+                    logger.info(f"Saved the final EMA weights to {path[:-len('.pt')]}.safetensors")
         if args.export and dist.is_main:
             dtype = torch.float16 if args.export_precision == "fp16" else torch.float32
             weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ema.state_dict().items()}
-            atomic_torch_save({"ema": weights, "spec": asdict(spec), "args": vars(args)}, args.export)
+            if args.export.endswith(".safetensors"):
+                save_safetensors_weights(weights, args.export, asdict(spec))
+            else:
+                atomic_torch_save({"ema": weights, "spec": asdict(spec), "args": vars(args)}, args.export)
             logger.info(f"Exported the EMA weights ({args.export_precision}) to {args.export}")
         logger.info("Done!")
 
@@ -120,7 +127,10 @@ def parse_args(argv=None):
     parser.add_argument("--export-precision", type=str, choices=["fp32", "fp16"], default="fp32",
                         help="dtype of the exported weights (fp16 halves the file; they load as float32)")
     parser.add_argument("--export", type=str, default=None,
-                        help="also write the final EMA weights and settings, without optimizer state, to this file")
+                        help="also write the final EMA weights and settings, without optimizer state, to this file "
+                             "(a .safetensors name writes safetensors)")
+    parser.add_argument("--save-safetensors", action="store_true",
+                        help="also write the final EMA weights as one .safetensors file beside the last checkpoint")
     parser.add_argument("--exclude-class", type=int, default=None,
                         help="leave this class out of training (a retrained-without-the-class reference)")
     return parser.parse_args(argv)

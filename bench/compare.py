@@ -39,8 +39,8 @@ from evaluate import real_image_batches  # noqa: E402
 from sfron.build import ModelRequest, load_model_and_vae  # noqa: E402
 from sfron.classifier import load_classifier  # noqa: E402
 from sfron.files import atomic_json_dump, atomic_write, atomic_write_text  # noqa: E402
-from sfron.metrics import FeatureNet, classification_report, classify, fid_against, make_fid  # noqa: E402
-from sfron.metrics import reference_statistics  # noqa: E402
+from sfron.metrics import (classification_report, classify, embed, feature_space, frechet_distance,  # noqa: E402
+                           frechet_statistics, nhwc_batches, reference_set)
 from sfron.sampling import SamplerConfig, generate, per_sample_noise, to_uint8_nhwc  # noqa: E402
 from sfron.utils import UserError  # noqa: E402
 
@@ -84,7 +84,7 @@ class Evaluator:
     def __init__(self, args):
         self.args, self.device = args, torch.device("cpu")
         self.classifier = load_classifier("digits", demo.DIGITS_CLASSIFIER, 10)
-        self.metric = make_fid(FeatureNet(self.classifier))
+        self.space = feature_space("classifier", classifier=self.classifier)
         self.config = SamplerConfig("ddim", args.sampling_steps, args.cfg_scale)
         self.labels = np.repeat(np.arange(10), args.samples_per_class)
         self._real = {}
@@ -102,13 +102,15 @@ class Evaluator:
             classes = [c for c in range(10) if c != forget_class]
             batches = real_image_batches(self.args.data_path, classes, 8, None, 500)
             cache = os.path.join(self.args.out, "fid_cache", f"real_remain_{forget_class}.pt")
-            self._real[forget_class] = reference_statistics(self.metric, batches, cache, f"real remain {forget_class}")
+            self._real[forget_class] = reference_set(self.space, batches, cache, f"real remain {forget_class}",
+                                                     self.device)
         return self._real[forget_class]
 
-    def statistics(self, images):
-        """FID statistics of a set of uint8 images (N, H, W, 3)."""
-        batches = [torch.from_numpy(images[i:i + 500]).permute(0, 3, 1, 2) for i in range(0, len(images), 500)]
-        return reference_statistics(self.metric, lambda: iter(batches), None, "generated")
+    def statistics(self, images, forget_class=None):
+        """FID statistics of a set of uint8 images (N, H, W, 3) of every digit (the remain digits' only, if given)."""
+        if forget_class is not None:
+            images = images[self.labels != forget_class]
+        return frechet_statistics(embed(self.space, nhwc_batches(images, 500), self.device)[0])
 
     def report(self, images, forget_class, retrained_stats=None):
         """Forget and remain accuracy, remain FD to the real images and (if given) to the retrained model's."""
@@ -116,9 +118,10 @@ class Evaluator:
         metrics = classification_report(logits, torch.from_numpy(self.labels), forget_class)
         remain = self.labels != forget_class
         out = {k: metrics[k] for k in ("forget_acc", "remain_acc")}
-        out["fd_remain"] = fid_against(self.metric, self.real_statistics(forget_class), images[remain], 500)
+        remain_stats = self.statistics(images[remain])
+        out["fd_remain"] = frechet_distance(remain_stats, self.real_statistics(forget_class))
         if retrained_stats is not None:
-            out["fd_to_retrained"] = fid_against(self.metric, retrained_stats, images[remain], 500)
+            out["fd_to_retrained"] = frechet_distance(remain_stats, retrained_stats)
         return out
 
 
@@ -173,14 +176,14 @@ class Benchmark:
             path, origin = self.retrained(forget_class)
             retrained = self.evaluator.samples(path)
             return {"original": self.evaluator.report(self.evaluator.samples(demo.DIGITS_DIT), forget_class,
-                                                      self.evaluator.statistics(retrained)),
+                                                      self.evaluator.statistics(retrained, forget_class)),
                     "retrained": self.evaluator.report(retrained, forget_class), "retrained_from": origin}
         return self.cached(self.path("references", f"{forget_class}.json"), compute)
 
     def retrained_stats(self, forget_class):
         if forget_class not in self._retrained_stats:
             path, _ = self.retrained(forget_class)
-            self._retrained_stats[forget_class] = self.evaluator.statistics(self.evaluator.samples(path))
+            self._retrained_stats[forget_class] = self.evaluator.statistics(self.evaluator.samples(path), forget_class)
         return self._retrained_stats[forget_class]
 
     def run(self, method, forget_class, seed, lr, steps):

@@ -40,9 +40,8 @@ def main(args):
             with contextlib.redirect_stdout(io.StringIO()):
                 run = demo.unlearn(base, mask_path, os.path.join(results, name), seed=seed)
                 npz = demo.sample_npz(os.path.join(run, "checkpoints", f"{base.forget_iters:07d}.pt"), name, base)
-                metric, references, _ = evaluate.fid_setup(eval_args, classifier, 8, "cpu")
-                report = evaluate.evaluate_models({name: load_samples(npz)}, base.forget_class, classifier, metric,
-                                                  references)[name]
+                fid = evaluate.fid_setup(eval_args, classifier, 8, "cpu")
+                report = evaluate.evaluate_models({name: load_samples(npz)}, base.forget_class, classifier, fid)[name]
             rows.append((dropout, seed, report["forget_acc"], report["remain_acc"], report["fid_remain"]))
             print(f"label dropout on {'forget and remain' if dropout else 'remain only':17s} seed {seed}: "
                   f"forget_acc {rows[-1][2]:.4f}  remain_acc {rows[-1][3]:.4f}  fid_remain {rows[-1][4]:.2f}",

@@ -1,8 +1,10 @@
 """
 DiT checkpoints in every form DiT users have, read without ever unpickling arbitrary objects: the released
 weights by name (downloaded into pretrained_models/ on first use), a raw state dict, a DiT train.py checkpoint
-{"model", "ema", "opt", "args"} and the checkpoints of this repository, which also record their settings.
+{"model", "ema", "opt", "args"}, the checkpoints of this repository (which also record their settings), a
+.safetensors state dict, and a diffusers DiT folder (a DiTPipeline or its transformer subfolder).
 """
+import json
 import os
 import shutil
 import sys
@@ -10,13 +12,15 @@ import urllib.request
 
 import torch
 
-from .files import atomic_write, safe_torch_load, strip_module_prefix
+from .diffusers_io import read_diffusers_dit
+from .files import atomic_safetensors_save, atomic_write, read_safetensors, safe_torch_load, strip_module_prefix
 from .utils import UserError
 
 PRETRAINED_MODELS = {"DiT-XL-2-512x512.pt", "DiT-XL-2-256x256.pt"}
 PRETRAINED_URL = "https://dl.fbaipublicfiles.com/DiT/models/{}"
 PRETRAINED_DIR = "pretrained_models"
 RECORDED_KEYS = ("image_size", "num_classes", "vae", "random_flip")
+SAFETENSORS_SETTINGS_KEY = "dit_settings"  # metadata entry: the recorded settings as JSON
 
 
 def find_checkpoint(source):
@@ -24,8 +28,30 @@ def find_checkpoint(source):
     records (image_size, num_classes, vae, random_flip), or {} for a raw state dict."""
     if source in PRETRAINED_MODELS and not os.path.isfile(source):
         return download_model(source), {}
+    if os.path.isdir(source):
+        return read_diffusers_dit(source)
+    if source.endswith(".safetensors"):
+        return read_safetensors_checkpoint(source)
     checkpoint = safe_torch_load(source, what="checkpoint")
     return state_dict_from_checkpoint(checkpoint, source), recorded_settings(checkpoint)
+
+
+def read_safetensors_checkpoint(path):
+    """(state dict, recorded settings) of a .safetensors state dict (settings from its metadata, if written here)."""
+    tensors, metadata = read_safetensors(path)
+    if not tensors:
+        raise UserError(f"{path} holds no tensors")
+    try:
+        recorded = json.loads(metadata.get(SAFETENSORS_SETTINGS_KEY, "{}"))
+    except ValueError:
+        recorded = {}
+    return strip_module_prefix(tensors), recorded_settings({"spec": recorded})
+
+
+def save_safetensors_weights(state_dict, path, settings):
+    """The weights as one .safetensors file, with the settings find_checkpoint reads back in its metadata."""
+    recorded = {k: settings[k] for k in RECORDED_KEYS if settings.get(k) is not None}
+    atomic_safetensors_save(state_dict, path, {SAFETENSORS_SETTINGS_KEY: json.dumps(recorded)})
 
 
 def recorded_settings(checkpoint):

@@ -77,6 +77,25 @@ def safe_torch_load(path, what="file"):
         raise UserError(f"{path} is not a readable torch {what} ({type(e).__name__}: {first_line(e)})") from None
 
 
+def atomic_safetensors_save(tensors, path, metadata=None):
+    """Writes a .safetensors file (metadata: str -> str), atomically."""
+    from safetensors.torch import save
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}  # no shared storage
+    atomic_write(path, lambda f: f.write(save(tensors, metadata=metadata)))
+
+
+def read_safetensors(path):
+    """(tensors, metadata) of a .safetensors file; one error line when it is not one."""
+    from safetensors import SafetensorError, safe_open
+    if not os.path.isfile(path):
+        raise UserError(f"safetensors file not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable .safetensors file ({first_line(e)})") from None
+
+
 def file_sha256(path):
     """The SHA-256 of a file's bytes (hex), read in 4 MiB pieces."""
     digest = hashlib.sha256()

@@ -1,8 +1,9 @@
 """
-What the SFR-on paper reports (Huang et al., NeurIPS 2024): forget accuracy (FA), remain accuracy and FID,
-computed offline. FID uses torchmetrics' FrechetInceptionDistance, with torch-fidelity's InceptionV3 from a local
-weights file or any feature network (the digits classifier's penultimate layer for the embedded case); the
-statistics of the real images can be cached to a file.
+What the SFR-on paper reports (Huang et al., NeurIPS 2024): forget accuracy (FA), remain accuracy and FID, and
+what the DiT paper's table adds (Inception Score, precision and recall) and KID, computed offline. The feature
+statistics and every metric formula are torch-fidelity's, so the numbers equal its `calculate_metrics` on the
+same images; the features come from its TF-compatible InceptionV3 (a local weights file) or from any feature
+network (the digits classifier's penultimate layer for the embedded case).
 """
 import os
 
@@ -13,12 +14,16 @@ import torch.nn as nn
 from .files import atomic_torch_save, safe_torch_load
 from .utils import UserError
 
+KID_PR_MAX = 10000   # most images per set entering KID and precision/recall (all pairs); FID uses them all
+PRC_NEIGHBOURS = 3   # the k of precision/recall (Kynkaanniemi et al., 2019), torch-fidelity's default
+
 
 def classification_report(logits, labels, forget_class):
     """
     From classifier logits (N, K) of generated images and the classes they were generated for (N,):
     forget_acc (share of forget-class images classified as the forget class), forget_top5, forget_prob (mean
-    probability of the forget class), remain_acc and remain_acc_per_class on the other classes.
+    probability of the forget class), forget_entropy (mean entropy of the classifier's prediction on them),
+    remain_acc and remain_acc_per_class on the other classes.
     """
     logits, labels = logits.float(), labels.long()
     pred = logits.argmax(1)
@@ -29,6 +34,8 @@ def classification_report(logits, labels, forget_class):
         report["forget_acc"] = (pred[forget] == forget_class).float().mean().item()
         report["forget_top5"] = (top5 == forget_class).any(1).float().mean().item()
         report["forget_prob"] = logits[forget].softmax(1)[:, forget_class].mean().item()
+        log_p = logits[forget].log_softmax(1)
+        report["forget_entropy"] = -(log_p.exp() * log_p).sum(1).mean().item()  # nats, as SA's evaluation prints
         report["n_forget"] = int(forget.sum())
     remain = ~forget
     if remain.any():
@@ -50,62 +57,137 @@ def classify(classifier, images_uint8, batch_size, device):
 
 
 class FeatureNet(nn.Module):
-    """Wraps a network with a .features(x in [-1, 1]) method for torchmetrics (which passes uint8 images)."""
+    """A network with a .features(x in [-1, 1]) method and logits from forward, as a feature space on uint8 images."""
 
     def __init__(self, net):
         super().__init__()
         self.net = net
 
     def forward(self, images_uint8):
-        return self.net.features(images_uint8.float() / 127.5 - 1.0)
+        features = self.net.features(images_uint8.float() / 127.5 - 1.0)
+        return features, self.net.head(features) if hasattr(self.net, "head") else None
 
 
-def make_fid(features, inception_weights=None):
-    """A torchmetrics FID on InceptionV3 pool features ('inception', weights from a local file) or a FeatureNet."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    if features == "inception":
+class InceptionNet(nn.Module):
+    """torch-fidelity's TF-compatible InceptionV3 (its own bilinear resize to 299): pool3 features and logits."""
+
+    def __init__(self, weights_path):
+        super().__init__()
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        safe_torch_load(weights_path, what="Inception weights")  # refuse anything but tensors before its own load
+        self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                               feature_extractor_weights_path=weights_path)
+
+    def forward(self, images_uint8):
+        return self.net(images_uint8)
+
+
+def feature_space(kind, inception_weights=None, classifier=None):
+    """The network FID, KID, precision/recall and IS are computed in: 'inception' (weights from a local file) or
+    'classifier' (the penultimate layer of a classifier with .features)."""
+    if kind == "inception":
         if not inception_weights:
             raise UserError("FID with InceptionV3 needs --inception-weights: torch-fidelity's "
                             "weights-inception-2015-12-05-6726825d.pth as a local file (nothing is downloaded)")
-        safe_torch_load(inception_weights, what="Inception weights")  # refuse anything but tensors up front
-        return FrechetInceptionDistance(feature=2048, reset_real_features=False,
-                                        feature_extractor_weights_path=inception_weights)
-    return FrechetInceptionDistance(feature=features, reset_real_features=False)
+        return InceptionNet(inception_weights).eval()
+    return FeatureNet(classifier).eval()
 
 
-def reference_statistics(metric, real_batches, cache_path, description):
+@torch.no_grad()
+def embed(space, batches, device):
+    """(features (N, D), logits (N, K) or None), float32 on the CPU, of uint8 (N, 3, H, W) batches."""
+    features, logits = [], []
+    for batch in batches:
+        f, lg = space(batch.to(device))
+        features.append(f.float().cpu())
+        logits.append(lg.float().cpu() if lg is not None else None)
+    if not features:
+        return torch.zeros(0, 0), None
+    return torch.cat(features), torch.cat(logits) if logits[0] is not None else None
+
+
+def nhwc_batches(images_uint8_nhwc, batch_size):
+    """uint8 (N, 3, H, W) tensor batches of an (N, H, W, 3) array."""
+    for i in range(0, len(images_uint8_nhwc), batch_size):
+        yield torch.from_numpy(images_uint8_nhwc[i:i + batch_size]).permute(0, 3, 1, 2)
+
+
+def frechet_statistics(features):
+    """{'mu', 'sigma'} (float64 tensors) of features (N, D), as torch-fidelity computes them."""
+    f = features.double()
+    return {"mu": f.mean(0), "sigma": torch.from_numpy(np.cov(f.numpy(), rowvar=False))}
+
+
+def frechet_distance(stats_1, stats_2):
+    """The Frechet distance of two {'mu', 'sigma'} (torch-fidelity's formula, in float64)."""
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+    as_numpy = [{k: np.asarray(s[k], dtype=np.float64) for k in ("mu", "sigma")} for s in (stats_1, stats_2)]
+    if as_numpy[0]["mu"].shape != as_numpy[1]["mu"].shape:
+        raise UserError(f"feature sizes differ: {as_numpy[0]['mu'].shape[0]} and {as_numpy[1]['mu'].shape[0]} "
+                        f"(reference statistics of another feature network?)")
+    return fid_statistics_to_metric(*as_numpy, verbose=False)["frechet_inception_distance"]
+
+
+def kid_and_precision_recall(gen_features, real_features):
+    """KID (torch-fidelity: 100 subsets of up to 1000) and precision/recall (3 neighbours) of two feature sets."""
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
+    out = {}
+    subset = min(1000, len(gen_features), len(real_features))
+    if subset >= 2:
+        kid = kid_features_to_metric(gen_features, real_features, kid_subsets=100, kid_subset_size=subset,
+                                     kid_degree=3, kid_gamma=None, kid_coef0=1, rng_seed=2020, verbose=False)
+        out["kid"], out["kid_std"] = kid["kernel_inception_distance_mean"], kid["kernel_inception_distance_std"]
+    if min(len(gen_features), len(real_features)) > PRC_NEIGHBOURS:
+        prc = prc_features_to_metric(gen_features, real_features, prc_neighborhood=PRC_NEIGHBOURS,
+                                     prc_batch_size=10000, save_cpu_ram=False, verbose=False)
+        out["precision"], out["recall"] = prc["precision"], prc["recall"]
+    return out
+
+
+def inception_score(logits):
+    """(mean, std) of the Inception Score over 10 splits (torch-fidelity's), or (None, None) under 10 images."""
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    if logits is None or len(logits) < 10:
+        return None, None
+    score = isc_features_to_metric(logits, splits=10, shuffle=True, rng_seed=2020)
+    return score["inception_score_mean"], score["inception_score_std"]
+
+
+def subset_for_kid_pr(features):
+    """At most KID_PR_MAX rows of features (a fixed random choice): KID and precision/recall need all pairs."""
+    if len(features) <= KID_PR_MAX:
+        return features
+    return features[torch.randperm(len(features), generator=torch.Generator().manual_seed(0))[:KID_PR_MAX].sort()[0]]
+
+
+def reference_set(space, real_batches, cache_path, description, device):
     """
-    The real-image FID statistics {sum, cov_sum, num_samples}: read from cache_path when it was made for the same
-    description, otherwise computed from real_batches() (uint8 NCHW batches) and written there.
+    The real images' {'mu', 'sigma', 'features'} (features: up to KID_PR_MAX rows, for KID and precision/recall):
+    read from cache_path when it was made for the same description, else computed from real_batches() and
+    written there.
     """
     if cache_path and os.path.isfile(cache_path):
         cached = safe_torch_load(cache_path, what="FID reference statistics")
-        if isinstance(cached, dict) and cached.get("description") == description:
-            return cached["state"]
-    metric.reset_real_features = True
-    metric.reset()
-    metric.reset_real_features = False
-    for batch in real_batches():
-        metric.update(batch.to(metric.device), real=True)
-    if metric.real_features_num_samples < 2:
+        if isinstance(cached, dict) and cached.get("description") == description and "features" in cached:
+            return cached
+    features, _ = embed(space, real_batches(), device)
+    if len(features) < 2:
         raise UserError(f"FID needs at least two real images ({description})")
-    state = {k: getattr(metric, f"real_features_{k}").detach().cpu().clone() for k in ("sum", "cov_sum", "num_samples")}
+    reference = {**frechet_statistics(features), "features": subset_for_kid_pr(features),
+                 "description": description}
     if cache_path:
-        atomic_torch_save({"description": description, "state": state}, cache_path)
-    return state
+        atomic_torch_save(reference, cache_path)
+    return reference
 
 
-def fid_against(metric, reference, fake_uint8_nhwc, batch_size):
-    """FID of generated images (N, H, W, 3) uint8 against reference statistics (None for fewer than 2 images)."""
-    if len(fake_uint8_nhwc) < 2:
-        return None
-    metric.reset()  # the fake statistics only (reset_real_features=False)
-    for k, v in reference.items():
-        setattr(metric, f"real_features_{k}", v.to(metric.device))
-    for i in range(0, len(fake_uint8_nhwc), batch_size):
-        batch = torch.from_numpy(fake_uint8_nhwc[i:i + batch_size]).permute(0, 3, 1, 2)
-        metric.update(batch.to(metric.device), real=False)
-    return float(metric.compute())
+def image_set_metrics(features, reference):
+    """FID, KID and precision/recall of generated images' features (N, D) against a reference_set."""
+    if len(features) < 2:
+        return {"fid": None}
+    out = {"fid": frechet_distance(frechet_statistics(features), reference)}
+    out.update(kid_and_precision_recall(subset_for_kid_pr(features), reference["features"]))
+    return out
 
 
 def load_samples(path):
@@ -124,8 +206,10 @@ def load_samples(path):
     return images, labels
 
 
-def markdown_table(reports, columns=("forget_acc", "forget_top5", "remain_acc", "fid_remain", "fid_forget")):
-    """A Markdown table of {model name: report} with one row per model."""
+def markdown_table(reports, columns=("forget_acc", "forget_top5", "remain_acc", "fid_remain", "fid_forget"),
+                   optional=("precision_remain", "recall_remain", "inception_score", "fid_ref_batch")):
+    """A Markdown table of {model name: report} with one row per model (optional columns where computed)."""
+    columns = list(columns) + [c for c in optional if any(r.get(c) is not None for r in reports.values())]
     def fmt(v):
         return "–" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
     lines = ["| model | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]

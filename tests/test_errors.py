@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from helpers import make_checkpoint, make_image_folder, run_script
+from helpers import make_checkpoint, make_image_folder, run_in_process, run_script
 
 
 def all_files(root):
@@ -36,11 +36,15 @@ def no_temporary_files(setup):
     assert [f for f in all_files(setup) if f.endswith(".tmp")] == []
 
 
-def fisher(setup, *args, data=None, ckpt=None, cls=1, model="DiT-T/2"):
-    return run_script("generate_fisher.py", "--model", model, "--data-path", data or setup / "data", "--ckpt",
-                      ckpt or setup / "tiny.pt", "--n-iters", 2, "--forget-class", cls, "--num-workers", 0,
-                      "--mask-path", setup / "mask", "--results-dir", setup / "results", *args, cwd=setup,
-                      check=False)
+def fisher(setup, *args, data=None, ckpt=None, cls=1, model="DiT-T/2", runner=run_in_process):
+    return runner("generate_fisher.py", "--model", model, "--data-path", data or setup / "data", "--ckpt",
+                  ckpt or setup / "tiny.pt", "--n-iters", 2, "--forget-class", cls, "--num-workers", 0,
+                  "--mask-path", setup / "mask", "--results-dir", setup / "results", *args, cwd=setup)
+
+
+def fisher_subprocess(setup, *args, **kw):
+    """fisher() as its own process: for what only a fresh interpreter shows (worker processes, exit paths)."""
+    return fisher(setup, *args, **kw, runner=lambda *a, cwd: run_script(*a, cwd=cwd, check=False))
 
 
 def test_missing_and_empty_data_folders(setup):
@@ -70,20 +74,19 @@ def test_checkpoint_that_does_not_fit(setup):
 def test_corrupt_image_in_a_worker_process(setup):
     make_image_folder(setup / "corrupt", num_classes=2, per_class=2)
     (setup / "corrupt" / "train" / "class1" / "broken.png").write_bytes(b"this is no png")
-    proc = fisher(setup, "--num-workers", "2", "--n-iters", 3, data=setup / "corrupt", ckpt=setup / "two_classes.pt")
+    proc = fisher_subprocess(setup, "--num-workers", "2", "--n-iters", 3, data=setup / "corrupt",
+                             ckpt=setup / "two_classes.pt")
     assert_one_line_error(proc, "cannot read image", "broken.png")
 
 
 def test_mask_of_another_model(setup):
     other = {"blocks.0.attn.qkv.weight": torch.ones(3, 3, dtype=torch.bool)}
     torch.save(other, setup / "other_mask.pt")
-    proc = run_script("forget.py", "--model", "DiT-T/2", "--data-path", setup / "data", "--ckpt", setup / "tiny.pt",
-                      "--forget-class", 1, "--n-iters", 2, "--mask-path", setup / "other_mask.pt", "--results-dir",
-                      setup / "results", "--num-workers", 0, cwd=setup, check=False)
+    common = ("--model", "DiT-T/2", "--data-path", setup / "data", "--ckpt", setup / "tiny.pt", "--forget-class", 1,
+              "--n-iters", 2, "--results-dir", setup / "results", "--num-workers", 0)
+    proc = run_in_process("forget.py", *common, "--mask-path", setup / "other_mask.pt", cwd=setup)
     assert_one_line_error(proc, "is for another model")
-    proc = run_script("forget.py", "--model", "DiT-T/2", "--data-path", setup / "data", "--ckpt", setup / "tiny.pt",
-                      "--forget-class", 1, "--n-iters", 2, "--mask-path", setup / "nomask", "--results-dir",
-                      setup / "results", "--num-workers", 0, cwd=setup, check=False)
+    proc = run_in_process("forget.py", *common, "--mask-path", setup / "nomask", cwd=setup)
     assert_one_line_error(proc, "neither a mask file nor a mask folder")
 
 

@@ -8,7 +8,7 @@ import torch
 from download import find_model
 from models import DiT_models
 from helpers import (assert_fisher_close, experiment_dirs, make_checkpoint, make_image_folder, make_vae_folder,
-                     run_script)
+                     run_in_process, run_script)
 from sfron.mask import saliency_mask
 from sfron.vae import encode_moments
 
@@ -74,13 +74,15 @@ def test_seed_commands_on_dit_s8_with_a_local_vae(tmp_path):
     vae = make_vae_folder(tmp_path / "vae")
     common = ("--model", "DiT-S/8", "--data-path", tmp_path / "data", "--batch-size", 2, "--ckpt", tmp_path / "s8.pt",
               "--vae", vae)
-    run_script("generate_fisher.py", *common, "--n-iters", 2, "--forget-class", 2, "--mask-path", tmp_path / "mask",
-               cwd=tmp_path)
-    run_script("generate_mask.py", "--mask-path", tmp_path / "mask", "--forget-class", 2, "--thresholds", "1",
-               cwd=tmp_path)
-    run_script("forget.py", *common, "--n-iters", 2, "--snapshot-every", 50, "--lr", "1e-4", "--forget-class", 2,
-               "--method", "ron", "--unlearn-loss", "ga", "--forget-alpha", "1e-3", "--decay-forget-alpha",
-               "--remain-alpha", "1.0", "--mask-path", tmp_path / "mask", "--snapshot-steps", 5, cwd=tmp_path)
+    # in this process (the VAE's import alone costs a subprocess seconds); the pixel-space test runs them as processes
+    run_in_process("generate_fisher.py", *common, "--n-iters", 2, "--forget-class", 2, "--mask-path",
+                   tmp_path / "mask", cwd=tmp_path, check=True)
+    run_in_process("generate_mask.py", "--mask-path", tmp_path / "mask", "--forget-class", 2, "--thresholds", "1",
+                   cwd=tmp_path, check=True)
+    run_in_process("forget.py", *common, "--n-iters", 2, "--snapshot-every", 50, "--lr", "1e-4", "--forget-class", 2,
+                   "--method", "ron", "--unlearn-loss", "ga", "--forget-alpha", "1e-3", "--decay-forget-alpha",
+                   "--remain-alpha", "1.0", "--mask-path", tmp_path / "mask", "--snapshot-steps", 5, cwd=tmp_path,
+                   check=True)
     (run,) = [d for d in experiment_dirs(tmp_path / "results") if "-forget-2-" in d]
     assert "256x256, 1000 classes, latent space" in open(os.path.join(run, "log.txt")).read()
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["0000000_sample.png", "0000002.pt"]
@@ -91,7 +93,7 @@ def test_fisher_is_the_same_at_any_batch_size(workdir):
     results = []
     for bz, iters in ((1, 6), (2, 3), (3, 2)):
         mask = workdir / f"mask_bz{bz}"
-        run_script("generate_fisher.py", *fisher_args(workdir, bz, iters, mask), cwd=workdir)
+        run_in_process("generate_fisher.py", *fisher_args(workdir, bz, iters, mask), cwd=workdir, check=True)
         results.append(load(mask / "1" / "forget_fisher.pt"))
     for other in results[1:]:
         assert_fisher_close(other, results[0])
@@ -265,13 +267,15 @@ def test_ema_option_and_stale_ema_refused(workdir):
             "--num-workers", 0)
     stale = run_script("forget.py", *args, "--ema-decay", "0.9999", cwd=workdir, check=False)
     assert stale.returncode == 1 and "of the original weights" in stale.stderr
-    run_script("forget.py", *args, "--ema-decay", "0.2", cwd=workdir)
+    run_script("forget.py", *args, "--ema-decay", "0.2", "--save-safetensors", cwd=workdir)
     (run,) = experiment_dirs(workdir / "ema")
     ckpt = load(os.path.join(run, "checkpoints", "0000004.pt"))
     diff = max((ckpt["ema"][k] - ckpt["model"][k]).abs().max() for k in ckpt["model"])
     assert diff > 0  # the EMA differs from the last weights, and the loader returns it
     assert torch.equal(find_model(os.path.join(run, "checkpoints", "0000004.pt"))["final_layer.linear.weight"],
                        ckpt["ema"]["final_layer.linear.weight"])
+    final = find_model(os.path.join(run, "checkpoints", "0000004.safetensors"))  # --save-safetensors: the EMA
+    assert all(torch.equal(final[k], v) for k, v in ckpt["ema"].items())
 
 
 def test_forget_under_torchrun_follows_the_one_process_run(workdir):

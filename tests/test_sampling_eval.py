@@ -9,8 +9,9 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from helpers import make_checkpoint, make_image_folder, run_script
-from sfron.metrics import FeatureNet, classification_report, fid_against, make_fid, reference_statistics
+from helpers import make_checkpoint, make_image_folder, run_in_process, run_script
+from sfron.metrics import (classification_report, embed, feature_space, frechet_distance, image_set_metrics,
+                           inception_score, reference_set)
 
 
 @pytest.fixture(scope="module")
@@ -24,19 +25,19 @@ def ckpts(tmp_path_factory):
 def test_sample_grid_and_side_by_side_figure(ckpts):
     common = ("--model", "DiT-T/2", "--image-size", 8, "--num-classes", 5, "--vae", "none", "--cfg-scale", 4.0,
               "--num-sampling-steps", 20, "--seed", 3, "--class-labels", 0, 1, 2, 3)
-    run_script("sample.py", *common, "--ckpt", ckpts / "a.pt", "--out", ckpts / "one.png", cwd=ckpts)
+    run_in_process("sample.py", *common, "--ckpt", ckpts / "a.pt", "--out", ckpts / "one.png", cwd=ckpts, check=True)
     one = np.asarray(Image.open(ckpts / "one.png"))
     assert one.shape == (2 + 10, 2 + 4 * 10, 3)  # a row of four 8x8 images with 2-pixel padding
-    run_script("sample.py", *common, "--ckpt", ckpts / "a.pt", ckpts / "a.pt", "--out", ckpts / "twice.png",
-               cwd=ckpts)
+    run_in_process("sample.py", *common, "--ckpt", ckpts / "a.pt", ckpts / "a.pt", "--out", ckpts / "twice.png",
+                   cwd=ckpts, check=True)
     twice = np.asarray(Image.open(ckpts / "twice.png"))
     w = one.shape[1]
     assert np.array_equal(twice[:, :w], one) and np.array_equal(twice[:, w + 6:], one)  # identical halves
-    run_script("sample.py", *common, "--ckpt", ckpts / "a.pt", ckpts / "b.pt", "--out", ckpts / "ab.png",
-               "--sampler", "ddim", cwd=ckpts)
+    run_in_process("sample.py", *common, "--ckpt", ckpts / "a.pt", ckpts / "b.pt", "--out", ckpts / "ab.png",
+                   "--sampler", "ddim", cwd=ckpts, check=True)
     ab = np.asarray(Image.open(ckpts / "ab.png"))
     assert not np.array_equal(ab[:, :w], ab[:, w + 6:])
-    bad = run_script("sample.py", *common[:-5], "--class-labels", 7, "--ckpt", ckpts / "a.pt", cwd=ckpts, check=False)
+    bad = run_in_process("sample.py", *common[:-5], "--class-labels", 7, "--ckpt", ckpts / "a.pt", cwd=ckpts)
     assert bad.returncode == 1 and "--class-labels 7 is outside the 5 classes of the model" in bad.stderr
 
 
@@ -86,19 +87,35 @@ class _Features(nn.Module):
 def test_fid_of_a_set_with_itself_is_zero_and_grows_with_a_shift():
     g = torch.Generator().manual_seed(0)
     real = (torch.rand(200, 3, 8, 8, generator=g) * 200).to(torch.uint8)
-    metric = make_fid(FeatureNet(_Features()))
-    ref = reference_statistics(metric, lambda: iter([real[:100], real[100:]]), None, "test")
-    nhwc = real.permute(0, 2, 3, 1).numpy()
-    same = fid_against(metric, ref, nhwc, batch_size=64)
-    shifted = fid_against(metric, ref, np.clip(nhwc.astype(int) + 40, 0, 255).astype(np.uint8), batch_size=64)
-    assert abs(same) < 1e-3 and shifted > 100 * max(abs(same), 1e-4) and shifted > 0.01
+    space = feature_space("classifier", classifier=_Features())
+    ref = reference_set(space, lambda: iter([real[:100], real[100:]]), None, "test", "cpu")
+    same = image_set_metrics(embed(space, [real], "cpu")[0], ref)
+    shifted = image_set_metrics(embed(space, [(real.int() + 40).clamp(0, 255).to(torch.uint8)], "cpu")[0], ref)
+    assert abs(same["fid"]) < 1e-3 and shifted["fid"] > 100 * max(abs(same["fid"]), 1e-4) and shifted["fid"] > 0.01
+    assert abs(same["kid"]) < 1e-3 < shifted["kid"]
+    assert same["precision"] == same["recall"] == 1.0 and shifted["precision"] < 0.5
+
+
+def test_inception_score_is_the_class_count_for_confident_balanced_logits():
+    logits = torch.full((5000, 5), -30.0)
+    logits[torch.arange(5000), torch.arange(5000) % 5] = 30.0  # every image sure of its class, the classes balanced
+    mean, _ = inception_score(logits)  # over 10 random splits of 500: each split close to balanced
+    assert mean == pytest.approx(5.0, rel=0.01)
+    assert inception_score(logits[:, :1] * 0)[0] == pytest.approx(1.0)  # one class: nothing to tell apart
 
 
 @pytest.fixture
 def no_network(monkeypatch):
+    connect = socket.socket.connect
+
+    def refuse_internet(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            raise AssertionError("network access attempted")
+        return connect(sock, address)  # Unix sockets: data loader workers share tensors through them
+
     def refuse(*args, **kwargs):
         raise AssertionError("network access attempted")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse_internet)
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 
@@ -114,35 +131,77 @@ def inception_weights(path):
     finally:
         fe.load_state_dict_from_url = original
         fe.FeatureExtractorInceptionV3.load_state_dict = original_load
+    torch.manual_seed(0)
+    for module in net.modules():  # He initialisation: features neither vanish nor explode through 94 layers
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    net.fc.weight.data *= 20  # logits that differ between images: an Inception Score above 1
     torch.save(net.state_dict(), path)
     return path
 
 
-def test_evaluate_reports_every_metric_offline(tmp_path, no_network, monkeypatch):
+def save_pngs(images_nhwc, folder, names):
+    os.makedirs(folder, exist_ok=True)
+    for image, name in zip(images_nhwc, names):
+        Image.fromarray(image).save(os.path.join(folder, name))
+
+
+def test_evaluate_equals_torch_fidelity_and_reads_adm_reference_batches(tmp_path, no_network):
+    """evaluate.py's numbers are torch-fidelity's calculate_metrics on the same two image folders."""
     import evaluate
+    import torch_fidelity
     import torchvision
-    make_image_folder(tmp_path / "data", num_classes=3, per_class=4, size=(16, 16))
+    make_image_folder(tmp_path / "data", num_classes=3, per_class=6, size=(16, 16))
     torch.save(torchvision.models.resnet18(weights=None, num_classes=3).state_dict(), tmp_path / "resnet18.pt")
-    inception_weights(tmp_path / "inception.pth")
+    weights = inception_weights(tmp_path / "inception.pth")
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "samples.npz", arr_0=rng.integers(0, 255, (9, 16, 16, 3), dtype=np.uint8),
-             arr_1=np.array([0, 0, 0, 1, 1, 1, 2, 2, 2]))
-    args = evaluate.argparse.Namespace(
-        samples=[str(tmp_path / "samples.npz")], names=["unlearned"], forget_class=1, classifier="resnet18",
-        classifier_weights=str(tmp_path / "resnet18.pt"), num_classes=3, data_path=str(tmp_path / "data"),
-        fid_features="inception", inception_weights=str(tmp_path / "inception.pth"), real_per_class=None,
-        fid_cache=str(tmp_path / "cache"), batch_size=4, out=str(tmp_path / "report.json"))
-    evaluate.main(args)
-    report = json.load(open(tmp_path / "report.json"))
-    for key in ("forget_acc", "forget_top5", "forget_prob", "remain_acc", "remain_acc_per_class", "fid_remain",
-                "fid_forget"):
-        assert key in report["unlearned"], key
-    assert report["about"]["fid_features"].startswith("InceptionV3")
+    labels = np.repeat([0, 2, 1], 6)  # 12 remain samples first, then the 6 of the forget class 1
+    images = rng.integers(0, 255, (18, 16, 16, 3), dtype=np.uint8)
+    real = {f"{c}_{f}": np.asarray(Image.open(tmp_path / "data" / "train" / c / f))
+            for c in ("class0", "class2") for f in sorted(os.listdir(tmp_path / "data" / "train" / c))}
+    images[:6] = np.stack(list(real.values())[::2])  # half the remain samples look like real images
+    np.savez(tmp_path / "samples.npz", arr_0=images, arr_1=labels)
+    # the same images as folders: generated remain samples, all samples, the real remain images in list order
+    save_pngs(images[:12], tmp_path / "gen_remain", [f"{i:03d}.png" for i in range(12)])
+    save_pngs(images, tmp_path / "gen_all", [f"{i:03d}.png" for i in range(18)])
+    save_pngs(real.values(), tmp_path / "real_remain", real.keys())
+    real_images = np.stack(list(real.values()))
+    np.savez(tmp_path / "ref_images.npz", arr_0=real_images)  # an ADM batch without statistics: computed here
+
+    argv = ["--samples", tmp_path / "samples.npz", "--names", "unlearned", "--forget-class", 1, "--classifier",
+            "resnet18", "--classifier-weights", tmp_path / "resnet18.pt", "--num-classes", 3, "--data-path",
+            tmp_path / "data", "--inception-weights", weights, "--fid-cache", tmp_path / "cache", "--batch-size", 8,
+            "--ref-batch", tmp_path / "ref_images.npz", "--out", tmp_path / "report.json"]
+    evaluate.main(evaluate.parse_args([str(a) for a in argv]))
+    report = json.load(open(tmp_path / "report.json"))["unlearned"]
+    # precision/recall in the Inception pool features, as the ADM evaluation (torch-fidelity's default: VGG16)
+    kwargs = dict(cuda=False, verbose=False, feature_extractor="inception-v3-compat", feature_layer_prc="2048",
+                  feature_extractor_weights_path=str(weights), cache=False, save_cpu_ram=True)
+    fidelity = torch_fidelity.calculate_metrics(input1=str(tmp_path / "gen_remain"),
+                                                input2=str(tmp_path / "real_remain"), fid=True, kid=True, prc=True,
+                                                kid_subset_size=12, **kwargs)
+    assert report["fid_remain"] == pytest.approx(fidelity["frechet_inception_distance"], rel=1e-3)
+    assert report["kid_remain"] == pytest.approx(fidelity["kernel_inception_distance_mean"], rel=1e-3, abs=1e-6)
+    assert (report["precision_remain"], report["recall_remain"]) == (fidelity["precision"], fidelity["recall"])
+    assert 0 < report["precision_remain"] < 1 and report["recall_remain"] > 0 and report["fid_remain"] > 0.1
+    on_all = torch_fidelity.calculate_metrics(input1=str(tmp_path / "gen_all"), input2=str(tmp_path / "real_remain"),
+                                              isc=True, fid=True, **kwargs)
+    assert report["inception_score"] - 1 == pytest.approx(on_all["inception_score_mean"] - 1, rel=1e-3)
+    assert report["inception_score"] > 1.01
+    assert report["fid_ref_batch"] == pytest.approx(on_all["frechet_inception_distance"], rel=1e-3)
+    for key in ("forget_acc", "forget_top5", "forget_prob", "forget_entropy", "remain_acc", "fid_forget"):
+        assert report[key] is not None, key
     assert sorted(os.listdir(tmp_path / "cache")) == ["fid_ref_forget_1.pt", "fid_ref_remain_1.pt"]
+
+    # an ADM-layout batch with its statistics (mu, sigma) gives the statistics, so the FID, of its images
+    space = evaluate.feature_space("inception", str(weights))
+    from_images = evaluate.read_ref_batch(str(tmp_path / "ref_images.npz"), space, 8, "cpu")
+    np.savez(tmp_path / "ref_stats.npz", arr_0=real_images[:1], mu=from_images["mu"].numpy(),
+             sigma=from_images["sigma"].numpy())
+    from_stats = evaluate.read_ref_batch(str(tmp_path / "ref_stats.npz"), space, 8, "cpu")
+    assert all(torch.equal(from_stats[k], from_images[k]) for k in ("mu", "sigma"))
+    assert frechet_distance(from_stats, from_images) == pytest.approx(0, abs=1e-4)
     assert "| unlearned |" in open(tmp_path / "report.md").read()
-    evaluate.main(args)  # the second run reads the cached reference statistics
-    assert json.load(open(tmp_path / "report.json"))["unlearned"]["fid_remain"] == pytest.approx(
-        report["unlearned"]["fid_remain"], rel=1e-6)
 
 
 def test_missing_weights_say_which_file_to_provide(tmp_path):

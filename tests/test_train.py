@@ -15,7 +15,7 @@ def test_train_exports_a_model_that_loads_and_samples(tmp_path):
     run_script("train.py", "--data-path", tmp_path / "data", "--model", "DiT-T/2", "--image-size", 8,
                "--num-classes", 3, "--vae", "none", "--no-random-flip", "--global-batch-size", 4, "--max-steps", 3,
                "--lr", "1e-3", "--ema-decay", 0.5, "--num-workers", 0, "--exclude-class", 1, "--export",
-               tmp_path / "dit.pt", "--export-precision", "fp16", cwd=tmp_path)
+               tmp_path / "dit.pt", "--export-precision", "fp16", "--save-safetensors", cwd=tmp_path)
     exported = torch.load(tmp_path / "dit.pt", weights_only=True)
     assert exported["spec"]["num_classes"] == 3 and exported["args"]["exclude_class"] == 1
     assert all(v.dtype == torch.float16 for v in exported["ema"].values() if v.is_floating_point())
@@ -26,7 +26,10 @@ def test_train_exports_a_model_that_loads_and_samples(tmp_path):
     # class 1 was left out: its label embedding never moved, the others did
     torch.testing.assert_close(table[1], raw_table[1].half().float())
     assert (raw["ema"]["y_embedder.embedding_table.weight"][0] != raw_table[0]).any()
-    run_script("sample.py", "--model", "DiT-T/2", "--ckpt", tmp_path / "dit.pt", "--num-sampling-steps", 5,
+    # the final EMA weights as safetensors, with the settings that let a script load them without flags
+    final = tmp_path / "results" / run / "checkpoints" / "0000003.safetensors"
+    assert all(torch.equal(find_model(str(final))[k], v) for k, v in raw["ema"].items())
+    run_script("sample.py", "--model", "DiT-T/2", "--ckpt", final, "--num-sampling-steps", 5,
                "--class-labels", 0, 2, "--out", tmp_path / "grid.png", cwd=tmp_path)
     assert np.asarray(Image.open(tmp_path / "grid.png")).shape == (12, 22, 3)
 
