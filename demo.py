@@ -6,7 +6,6 @@ evaluated with the shipped digits classifier. Writes <out>/report.json, <out>/re
 (original | unlearned | retrained, from the same noise) and <out>/losses.png.
 """
 import argparse
-import io
 import json
 import os
 import shlex
@@ -21,7 +20,7 @@ import sample
 import sample_ddp
 import train
 from cli import run_main
-from sfron.files import atomic_json_dump, atomic_write
+from sfron.files import atomic_json_dump, atomic_save_figure
 from sfron.utils import UserError, check_class_index
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
@@ -81,11 +80,7 @@ def plot_losses(losses_json, path, forget_class):
     ax.set_ylabel("diffusion loss (MSE + VB)")
     ax.set_yscale("log")
     ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+    atomic_save_figure(fig, path)
 
 
 def common_flags(args):

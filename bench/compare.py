@@ -10,7 +10,9 @@ from the same grid for every method, by the criterion of choose_setting(); then 
 and seed. A checkpoint's report: forget accuracy, remain accuracy, the Frechet distance of the remain-class samples
 to the real images (and as a ratio to the original model's), their distance to the retrained model's samples, and
 the forget run's wall time; per run, the first evaluated step whose forget accuracy is within 3 points of the
-retrained model's. Writes comparison.json, comparison.md, curves.png and tradeoff.png. Every run and evaluation is
+retrained model's; and on each final model and the references, forget accuracy after attack.py's label inversion
+and relearning attacks (README: "Is the class really gone?"). Writes comparison.json, comparison.md, curves.png and
+tradeoff.png. Every run and evaluation is
 saved as it finishes: started again with the same --out, the benchmark continues where it stopped.
 """
 import argparse
@@ -29,6 +31,7 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import attack  # noqa: E402
 import demo  # noqa: E402
 import forget  # noqa: E402
 import generate_fisher  # noqa: E402
@@ -36,9 +39,11 @@ import generate_mask  # noqa: E402
 import prepare_digits  # noqa: E402
 from cli import run_main  # noqa: E402
 from evaluate import real_image_batches  # noqa: E402
+from diffusion import create_diffusion  # noqa: E402
+from sfron.attack import AttackImages, AttackSettings, label_inversion, relearning  # noqa: E402
 from sfron.build import ModelRequest, load_model_and_vae  # noqa: E402
 from sfron.classifier import load_classifier  # noqa: E402
-from sfron.files import atomic_json_dump, atomic_write, atomic_write_text  # noqa: E402
+from sfron.files import atomic_json_dump, atomic_save_figure, atomic_write_text  # noqa: E402
 from sfron.metrics import (classification_report, classify, embed, feature_space, frechet_distance,  # noqa: E402
                            frechet_statistics, nhwc_batches, reference_set)
 from sfron.sampling import SamplerConfig, generate, per_sample_noise, to_uint8_nhwc  # noqa: E402
@@ -105,6 +110,28 @@ class Evaluator:
             self._real[forget_class] = reference_set(self.space, batches, cache, f"real remain {forget_class}",
                                                      self.device)
         return self._real[forget_class]
+
+    def forget_share(self, model, label, forget_class):
+        """The share of the images `model` draws for `label` (as many as per digit) that the classifier puts in
+        forget_class."""
+        n = self.args.samples_per_class
+        z = per_sample_noise(0, range(n), (3, 8, 8), self.device, "attack/noise")
+        with torch.no_grad():
+            images = to_uint8_nhwc(generate(model, None, torch.full((n,), label), z, self.config))
+        return float((classify(self.classifier, images, 500, self.device).argmax(1) == forget_class).float().mean())
+
+    def attacks(self, ckpt, forget_class):
+        """{inversion_fa, relearn_fa}: forget accuracy after attack.py's label inversion and relearning (8 images,
+        seed 0) at the budgets of --inversion-steps and --relearn-steps."""
+        model = load_model_and_vae(ModelRequest(model="DiT-T/2", ckpt=ckpt), self.device).model
+        images = AttackImages(attack.attacker_images(self.args.data_path, forget_class, 8, 8, 0), None)
+        budgets = self.args.inversion_steps, self.args.relearn_steps
+        settings = AttackSettings(forget_class, inversion_steps=(budgets[0],), relearn_steps=(budgets[1],))
+        rate = lambda net, label, step: self.forget_share(net, label, forget_class)  # noqa: E731
+        diffusion = create_diffusion(timestep_respacing="")
+        inverted = label_inversion(model, diffusion, images, settings, rate)
+        relearned = relearning(model, diffusion, images, settings, rate)
+        return {"inversion_fa": inverted[budgets[0]], "relearn_fa": relearned[budgets[1]]}
 
     def statistics(self, images, forget_class=None):
         """FID statistics of a set of uint8 images (N, H, W, 3) of every digit (the remain digits' only, if given)."""
@@ -175,9 +202,13 @@ class Benchmark:
         def compute():
             path, origin = self.retrained(forget_class)
             retrained = self.evaluator.samples(path)
-            return {"original": self.evaluator.report(self.evaluator.samples(demo.DIGITS_DIT), forget_class,
-                                                      self.evaluator.statistics(retrained, forget_class)),
-                    "retrained": self.evaluator.report(retrained, forget_class), "retrained_from": origin}
+            out = {"original": self.evaluator.report(self.evaluator.samples(demo.DIGITS_DIT), forget_class,
+                                                     self.evaluator.statistics(retrained, forget_class)),
+                   "retrained": self.evaluator.report(retrained, forget_class), "retrained_from": origin}
+            if self.args.attacks:
+                out["original"].update(self.evaluator.attacks(demo.DIGITS_DIT, forget_class))
+                out["retrained"].update(self.evaluator.attacks(path, forget_class))
+            return out
         return self.cached(self.path("references", f"{forget_class}.json"), compute)
 
     def retrained_stats(self, forget_class):
@@ -207,8 +238,11 @@ class Benchmark:
             (run_dir,) = [os.path.join(results, d) for d in os.listdir(results)]
             reports = {}
             for step in steps:
-                images = self.evaluator.samples(os.path.join(run_dir, "checkpoints", f"{step:07d}.pt"))
-                reports[step] = self.evaluator.report(images, forget_class, self.retrained_stats(forget_class))
+                ckpt = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
+                reports[step] = self.evaluator.report(self.evaluator.samples(ckpt), forget_class,
+                                                      self.retrained_stats(forget_class))
+            if self.args.attacks:  # the attacks on the final weights
+                reports[max(steps)].update(self.evaluator.attacks(ckpt, forget_class))
             return {"method": method, "forget_class": forget_class, "seed": seed, "lr": lr, "seconds": seconds,
                     "steps": reports, "flags": [str(f) for f in argv]}
         return self.cached(self.path("evals", f"{name}.json"), compute)
@@ -246,8 +280,9 @@ def summarise(runs, references, eval_steps):
         for step in eval_steps:
             rows = [dict(r["steps"][str(step)], fd_ratio=r["steps"][str(step)]["fd_remain"] /
                          references[r["forget_class"]]["original"]["fd_remain"]) for r in mine]
-            per_step[step] = {k: mean_std([row[k] for row in rows])
-                              for k in ("forget_acc", "remain_acc", "fd_remain", "fd_ratio", "fd_to_retrained")}
+            per_step[step] = {k: mean_std([row[k] for row in rows if k in row])
+                              for k in ("forget_acc", "remain_acc", "fd_remain", "fd_ratio", "fd_to_retrained",
+                                        "inversion_fa", "relearn_fa")}
         forgotten = [first_forgotten_step(r, references[r["forget_class"]]) for r in mine]
         summary[method] = {"steps": per_step, "runs": len(mine),
                            "forgotten_runs": sum(f is not None for f in forgotten),
@@ -268,18 +303,26 @@ def markdown(summary, references, chosen, step):
     def cell(v, digits=3):
         return "–" if v is None else f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}"
     lines = ["| method | lr | forget acc | remain acc | remain FD (x original) | FD to retrained | steps to forget "
-             "| forgotten runs | seconds |", "| --- |" + " --- |" * 8]
+             "| forgotten runs | seconds | FA after inversion | FA after relearning |", "| --- |" + " --- |" * 10]
     for method, s in summary.items():
         row = s["steps"][step]
         lines.append(f"| {method} | {chosen.get(method, '–')} | {cell(row['forget_acc'])} | {cell(row['remain_acc'])} "
                      f"| {cell(row['fd_ratio'], 2)} | {cell(row['fd_to_retrained'], 1)} "
-                     f"| {cell(s['steps_to_forget'], 0)} | {s['forgotten_runs']}/{s['runs']} | {cell(s['seconds'], 0)} |")
-    refs = [f"| digit {c} | original: forget acc {r['original']['forget_acc']:.3f}, remain acc "
-            f"{r['original']['remain_acc']:.4f}, remain FD {r['original']['fd_remain']:.1f} | retrained: forget acc "
-            f"{r['retrained']['forget_acc']:.3f}, remain acc {r['retrained']['remain_acc']:.4f}, remain FD "
-            f"{r['retrained']['fd_remain']:.1f} ({r['retrained_from']}) |" for c, r in sorted(references.items())]
+                     f"| {cell(s['steps_to_forget'], 0)} | {s['forgotten_runs']}/{s['runs']} | {cell(s['seconds'], 0)} "
+                     f"| {cell(row['inversion_fa'], 2)} | {cell(row['relearn_fa'], 2)} |")
+    refs = [f"| digit {c} | {reference_cell(r['original'])} | {reference_cell(r['retrained'])} "
+            f"({r['retrained_from']}) |" for c, r in sorted(references.items())]
     return (f"Step {step}, mean ± std over digits and seeds.\n\n" + "\n".join(lines) +
             "\n\n| reference | original | retrained |\n| --- | --- | --- |\n" + "\n".join(refs) + "\n")
+
+
+def reference_cell(report):
+    """A reference model's numbers in one table cell (the attacks' where they ran)."""
+    text = (f"forget acc {report['forget_acc']:.3f}, remain acc {report['remain_acc']:.4f}, remain FD "
+            f"{report['fd_remain']:.1f}")
+    if "inversion_fa" in report:
+        text += f"; after inversion {report['inversion_fa']:.2f}, after relearning {report['relearn_fa']:.2f}"
+    return text
 
 
 def plot(summary, eval_steps, path_curves, path_tradeoff):
@@ -295,7 +338,7 @@ def plot(summary, eval_steps, path_curves, path_tradeoff):
     axes[0].set(xlabel="unlearning step", ylabel="forget accuracy (lower: forgotten)")
     axes[1].set(xlabel="unlearning step", ylabel="remain FD / original's (lower: preserved)")
     axes[1].legend(fontsize=8)
-    save_figure(fig, path_curves)
+    atomic_save_figure(fig, path_curves)
     fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
     last = eval_steps[-1]
     for method, s in summary.items():
@@ -303,16 +346,7 @@ def plot(summary, eval_steps, path_curves, path_tradeoff):
         ax.errorbar(fa[0], fd[0], xerr=fa[1], yerr=fd[1], marker="o", capsize=3, label=method)
     ax.set(xlabel=f"forget accuracy at step {last}", ylabel="remain FD / original's")
     ax.legend(fontsize=8)
-    save_figure(fig, path_tradeoff)
-
-
-def save_figure(fig, path):
-    import matplotlib.pyplot as plt
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+    atomic_save_figure(fig, path_tradeoff)
 
 
 def main(args):
@@ -369,6 +403,11 @@ def parse_args(argv=None):
     parser.add_argument("--sampling-steps", type=int, default=25, help="DDIM steps of the evaluation samples")
     parser.add_argument("--cfg-scale", type=float, default=2.0, help="guidance scale of the evaluation samples")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--attacks", action=argparse.BooleanOptionalAction, default=True,
+                        help="attack.py's label inversion and relearning on each final model and the references "
+                             "(--no-attacks: skip)")
+    parser.add_argument("--inversion-steps", type=int, default=100, help="the label-inversion budget")
+    parser.add_argument("--relearn-steps", type=int, default=10, help="the relearning budget")
     return parser.parse_args(argv)
 
 

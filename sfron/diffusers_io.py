@@ -21,6 +21,8 @@ from .files import read_safetensors, safe_torch_load
 from .utils import UserError
 
 TRANSFORMER_CLASS = "DiTTransformer2DModel"
+# the published DiT pipelines predate that class: their config names Transformer2DModel with adaLN-Zero norms
+LEGACY_CLASS = "Transformer2DModel"
 PIPELINE_NULL_LABEL = 1000   # the null label DiTPipeline feeds for guidance, whatever the model's class count
 CLASS_COUNT_KEY = "_dit_num_classes"  # in config.json: the real class count of a padded label table
 PER_BLOCK_EMBEDDERS = (  # official key -> the copy every diffusers block holds under norm1.emb
@@ -30,7 +32,8 @@ PER_BLOCK_EMBEDDERS = (  # official key -> the copy every diffusers block holds 
     ("t_embedder.mlp.2.bias", "norm1.emb.timestep_embedder.linear_2.bias"),
     ("y_embedder.embedding_table.weight", "norm1.emb.class_embedder.embedding_table.weight"),
 )
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin")
 
 
 def one_to_one_keys(depth):
@@ -143,8 +146,9 @@ def read_diffusers_dit(path):
             config = json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(f"{path} is not a diffusers DiT folder: cannot read {config_path} ({e})") from None
-    if config.get("_class_name") != TRANSFORMER_CLASS:
-        raise UserError(f"{path}: {config_path} describes a {config.get('_class_name')}, not a {TRANSFORMER_CLASS}")
+    name = config.get("_class_name")
+    if name != TRANSFORMER_CLASS and not (name == LEGACY_CLASS and config.get("norm_type") == "ada_norm_zero"):
+        raise UserError(f"{path}: {config_path} describes a {name}, not a {TRANSFORMER_CLASS}")
     state_dict = diffusers_to_official(read_transformer_weights(folder), config, path)
     recorded = {"num_classes": state_dict["y_embedder.embedding_table.weight"].shape[0] - 1}
     if config.get("in_channels") != 3:  # a latent model: the image is 8 times its latent

@@ -55,6 +55,18 @@ def atomic_write_text(text, path):
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def atomic_save_figure(fig, path):
+    """Saves a matplotlib figure as PNG (tight layout), atomically, and closes it."""
+    import io
+
+    import matplotlib.pyplot as plt
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
 def atomic_save_image(image, path, durable=True):
     """Saves a PIL image as PNG, atomically."""
     atomic_write(path, lambda f: image.save(f, format="PNG"), durable)

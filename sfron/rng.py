@@ -24,6 +24,9 @@ STREAMS = {
     "snapshot/noise": 14,      # the initial noise of forget.py's sample grids
     "surrogate/images": 19,    # Selective Amnesia's uniform-noise images
     "replay/noise": 20,        # the initial noise of generated replay sample i
+    "attack/draws": 21,        # attack.py: which images, timesteps and noise at attack step s
+    "attack/noise": 22,        # attack.py: the initial noise of measured sample i
+    "attack/images": 23,       # attack.py: which forget-class images the attacker holds
 }
 
 

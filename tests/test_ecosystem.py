@@ -1,6 +1,7 @@
 """diffusers in and out, safetensors checkpoints: a tiny latent DiT with a tiny local VAE, no network."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -47,7 +48,7 @@ def test_exported_pipeline_loads_and_matches_the_official_forward(latent_model):
     assert images.shape == (2, 64, 64, 3) and float(images.std()) > 0
 
 
-def test_diffusers_folder_reads_back_bit_identical(latent_model):
+def test_diffusers_folder_reads_back_bit_identical(latent_model, tmp_path):
     loaded, pipe_dir, _ = latent_model
     original = find_checkpoint(loaded.ckpt)[0]
     for source in (pipe_dir, os.path.join(pipe_dir, "transformer")):
@@ -56,6 +57,16 @@ def test_diffusers_folder_reads_back_bit_identical(latent_model):
         assert all(torch.equal(state_dict[k], original[k]) for k in original)
         assert recorded["num_classes"] == 3 and recorded["image_size"] == 64
     assert recorded["vae"] == os.path.join(pipe_dir, "vae")
+    # the published DiT pipelines name the older class: Transformer2DModel with adaLN-Zero norms, same weights
+    legacy = shutil.copytree(os.path.join(pipe_dir, "transformer"), tmp_path / "legacy")
+    config = json.load(open(legacy / "config.json"))
+    with open(legacy / "config.json", "w") as f:
+        json.dump(dict(config, _class_name="Transformer2DModel", norm_type="ada_norm_zero"), f)
+    assert all(torch.equal(find_checkpoint(str(legacy))[0][k], v) for k, v in original.items())
+    with open(legacy / "config.json", "w") as f:
+        json.dump(dict(config, _class_name="UNet2DModel"), f)
+    with pytest.raises(UserError, match="describes a UNet2DModel"):
+        find_checkpoint(str(legacy))
     # a folder with its VAE loads with no other flag
     again = load_model_and_vae(ModelRequest(model="DiT-T/2", ckpt=pipe_dir), torch.device("cpu"))
     assert again.spec.num_classes == 3 and again.spec.image_size == 64
