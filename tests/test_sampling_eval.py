@@ -151,19 +151,19 @@ def test_evaluate_equals_torch_fidelity_and_reads_adm_reference_batches(tmp_path
     import evaluate
     import torch_fidelity
     import torchvision
-    make_image_folder(tmp_path / "data", num_classes=3, per_class=6, size=(16, 16))
+    make_image_folder(tmp_path / "data", num_classes=3, per_class=4, size=(16, 16))
     torch.save(torchvision.models.resnet18(weights=None, num_classes=3).state_dict(), tmp_path / "resnet18.pt")
     weights = inception_weights(tmp_path / "inception.pth")
     rng = np.random.default_rng(0)
-    labels = np.repeat([0, 2, 1], 6)  # 12 remain samples first, then the 6 of the forget class 1
-    images = rng.integers(0, 255, (18, 16, 16, 3), dtype=np.uint8)
+    labels = np.repeat([0, 2, 1], 4)  # 8 remain samples first, then the 4 of the forget class 1
+    images = rng.integers(0, 255, (12, 16, 16, 3), dtype=np.uint8)
     real = {f"{c}_{f}": np.asarray(Image.open(tmp_path / "data" / "train" / c / f))
             for c in ("class0", "class2") for f in sorted(os.listdir(tmp_path / "data" / "train" / c))}
-    images[:6] = np.stack(list(real.values())[::2])  # half the remain samples look like real images
+    images[:4] = np.stack(list(real.values())[::2])  # half the remain samples look like real images
     np.savez(tmp_path / "samples.npz", arr_0=images, arr_1=labels)
     # the same images as folders: generated remain samples, all samples, the real remain images in list order
-    save_pngs(images[:12], tmp_path / "gen_remain", [f"{i:03d}.png" for i in range(12)])
-    save_pngs(images, tmp_path / "gen_all", [f"{i:03d}.png" for i in range(18)])
+    save_pngs(images[:8], tmp_path / "gen_remain", [f"{i:03d}.png" for i in range(8)])
+    save_pngs(images, tmp_path / "gen_all", [f"{i:03d}.png" for i in range(12)])
     save_pngs(real.values(), tmp_path / "real_remain", real.keys())
     real_images = np.stack(list(real.values()))
     np.savez(tmp_path / "ref_images.npz", arr_0=real_images)  # an ADM batch without statistics: computed here
@@ -179,7 +179,7 @@ def test_evaluate_equals_torch_fidelity_and_reads_adm_reference_batches(tmp_path
                   feature_extractor_weights_path=str(weights), cache=False, save_cpu_ram=True)
     fidelity = torch_fidelity.calculate_metrics(input1=str(tmp_path / "gen_remain"),
                                                 input2=str(tmp_path / "real_remain"), fid=True, kid=True, prc=True,
-                                                kid_subset_size=12, **kwargs)
+                                                kid_subset_size=8, **kwargs)
     assert report["fid_remain"] == pytest.approx(fidelity["frechet_inception_distance"], rel=1e-3)
     assert report["kid_remain"] == pytest.approx(fidelity["kernel_inception_distance_mean"], rel=1e-3, abs=1e-6)
     assert (report["precision_remain"], report["recall_remain"]) == (fidelity["precision"], fidelity["recall"])
@@ -187,7 +187,7 @@ def test_evaluate_equals_torch_fidelity_and_reads_adm_reference_batches(tmp_path
     on_all = torch_fidelity.calculate_metrics(input1=str(tmp_path / "gen_all"), input2=str(tmp_path / "real_remain"),
                                               isc=True, fid=True, **kwargs)
     assert report["inception_score"] - 1 == pytest.approx(on_all["inception_score_mean"] - 1, rel=1e-3)
-    assert report["inception_score"] > 1.01
+    assert report["inception_score"] > 1.001
     assert report["fid_ref_batch"] == pytest.approx(on_all["frechet_inception_distance"], rel=1e-3)
     for key in ("forget_acc", "forget_top5", "forget_prob", "forget_entropy", "remain_acc", "fid_forget"):
         assert report[key] is not None, key

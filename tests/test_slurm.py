@@ -3,6 +3,7 @@ A real single-node SLURM on this machine (Debian's slurm-wlm and munge; .ci/run 
 batch script runs generate_fisher.py on the embedded digits case as 2 SLURM tasks, and its Fisher equals the
 one of a single process. Skipped, with the reason, where SLURM cannot be started.
 """
+import json
 import os
 import shutil
 import socket
@@ -109,3 +110,32 @@ def test_example_batch_script_runs_two_tasks(slurm, tmp_path):
         two = torch.load(tmp_path / "mask_slurm" / "0" / name, weights_only=True)
         one = torch.load(tmp_path / "mask_one" / "0" / name, weights_only=True)
         assert_fisher_close(two, one)
+
+
+def test_compare_job_array_gathers_one_table(slurm, tmp_path):
+    """slurm/compare_array.sbatch as a 2-task array (sfron with its masks, and ga) on the digits, then one table."""
+    data = tmp_path / "digits"
+    run_script("prepare_digits.py", "--out", data, cwd=tmp_path)
+    out = tmp_path / "cmp"
+    classifier = os.path.join(ROOT, "assets", "digits_classifier.pt")
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", DATA=str(data), OUT=str(out),
+               METHODS="sfron ga", CLASSES="0", SEEDS="0", MODEL_FLAGS=f"--model DiT-T/2 --ckpt {DIGITS_DIT}",
+               FISHER_FLAGS="--n-iters 1 --batch-size 4 --num-workers 0",
+               FORGET_FLAGS="--n-iters 2 --batch-size 4 --num-workers 0 --snapshot-every 0",
+               SAMPLE_FLAGS="--samples-per-class 2 --num-sampling-steps 3 --sampler ddim",
+               EVAL_FLAGS=f"--classifier digits --classifier-weights {classifier}")
+    proc = subprocess.run(["sbatch", "--wait", "--array=0-1", "-n", "1", "--ntasks-per-node=1", "-c", "1", "-o",
+                           str(tmp_path / "task-%a.out"),
+                           os.path.join(ROOT, "slurm", "compare_array.sbatch")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    logs = "".join(p.read_text() for p in tmp_path.glob("task-*.out"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr + logs
+    assert sorted(f for f in os.listdir(out / "reports") if f.endswith(".json")) == ["ga-0-seed0.json",
+                                                                                     "sfron-0-seed0.json"], logs
+    assert os.path.isfile(out / "masks" / "seed0" / "0" / "fisher_1.0.pt")  # sfron made its mask first
+    run_script("bench/gather.py", "--reports", out / "reports", "--out", out / "table.md", cwd=tmp_path)
+    summary = json.load(open(out / "table.json"))
+    for method in ("ga", "sfron"):
+        report = json.load(open(out / "reports" / f"{method}-0-seed0.json"))[f"{method}-0-seed0"]
+        assert summary[method]["cells"] == 1 and summary[method]["forget_acc"] == [report["forget_acc"], 0.0]
+    assert "| sfron | 1 |" in open(out / "table.md").read()
