@@ -86,6 +86,22 @@ def test_attack_script_reports_its_samples_and_touches_only_its_output(tmp_path)
     assert "| tiny |" in open(tmp_path / "out" / "report.md").read()
 
 
+def test_attack_on_a_latent_dit_runs_through_its_vae(tmp_path):
+    """The DiT-XL/2 path on a tiny latent DiT: images encoded by the VAE for the attack, samples decoded to judge."""
+    make_image_folder(tmp_path / "data", num_classes=3, per_class=3, size=(64, 64))
+    ckpt = make_checkpoint(tmp_path / "latent.pt", input_size=8, in_channels=4, num_classes=3, scale=0.1)
+    torch.save(DigitsClassifier(num_classes=3).state_dict(), tmp_path / "clf.pt")
+    run_in_process("attack.py", "--model", "DiT-T/2", "--ckpt", ckpt, "--vae", make_vae_folder(tmp_path / "vae"),
+                   "--names", "latent", "--data-path", tmp_path / "data", "--forget-class", 2, "--images", 2,
+                   "--inversion-steps", 1, "--relearn-steps", 1, "--samples", 2, "--num-sampling-steps", 2,
+                   "--classifier", "digits", "--classifier-weights", tmp_path / "clf.pt", "--out", tmp_path / "out",
+                   cwd=tmp_path, check=True)
+    report = json.load(open(tmp_path / "out" / "report.json"))["latent"]
+    with np.load(report["inversion"]["1"]["samples"]) as saved:
+        assert saved["arr_0"].shape == (2, 64, 64, 3)  # decoded images, not latents
+    assert report["relearning"]["1"]["n"] == 2
+
+
 def test_bad_attack_input_is_one_line(tmp_path):
     make_image_folder(tmp_path / "data", num_classes=3, per_class=2, size=(8, 8))
     ckpt = make_checkpoint(tmp_path / "dit.pt", num_classes=3)
