@@ -62,20 +62,15 @@ class ForgetRate:
         return {"forget_acc": hits / len(uint8), "n": len(uint8), "n_forget": hits, "samples": path}
 
 
-def attack_model(loaded, images, settings, forget_rate, name):
-    """{attack: {budget: report}} of one model."""
+def attack_model(loaded, images, settings, forget_rate, name, attacks):
+    """{attack: {budget: report}} of one model, for the attacks asked for (in the order of ATTACKS)."""
     diffusion = create_diffusion(timestep_respacing="")
+    runs = {"inversion": label_inversion, "relearning": relearning}
     out = {}
-    for attack in settings_attacks(forget_rate.args):
-        run = label_inversion if attack == "inversion" else relearning
-        out[attack] = run(loaded.model, diffusion, images, settings,
-                          lambda model, label, step: forget_rate(model, label, f"{name}-{attack}-{step}"))
+    for attack in [a for a in ATTACKS if a in attacks]:
+        out[attack] = runs[attack](loaded.model, diffusion, images, settings,
+                                   lambda model, label, step: forget_rate(model, label, f"{name}-{attack}-{step}"))
     return out
-
-
-def settings_attacks(args):
-    """The attacks asked for, in a fixed order."""
-    return [a for a in ATTACKS if a in args.attacks]
 
 
 def markdown(reports, settings):
@@ -135,7 +130,7 @@ def main(args):
     for name, ckpt in tqdm(list(zip(names, checkpoints)), desc="models", disable=len(checkpoints) < 2):
         loaded = first if ckpt == checkpoints[0] else load_model_and_vae(replace(same, ckpt=ckpt), device,
                                                                          with_vae=False)
-        reports[name] = attack_model(loaded, images, settings, forget_rate, name)
+        reports[name] = attack_model(loaded, images, settings, forget_rate, name, args.attacks)
         summary = ", ".join(f"{a} {max(r)} steps: {r[max(r)]['forget_acc']:.3f}" for a, r in reports[name].items())
         print(f"{name}: forget accuracy after {summary}", flush=True)
     about = {"forget_class": args.forget_class, "images": len(images), "settings": vars(args) | {"ckpt": checkpoints}}
