@@ -3,19 +3,26 @@ The flags several scripts share, declared once, and their conversion into the fr
 takes (sfron never sees an argparse namespace). Each script declares its own flags beside these.
 """
 import argparse
+import os
 import sys
 
 from models import DiT_models
 from sfron.build import ModelRequest
 from sfron.data import LatentCacheOptions
+from sfron.preemption import EXIT_PREEMPTED, Preempted, end_worker_processes
 from sfron.sampling import SamplerConfig
 from sfron.utils import UserError
 
 
 def run_main(main, args):
-    """Runs main(args); a UserError becomes one 'error: ...' line on stderr and exit status 1."""
+    """Runs main(args); a UserError becomes one 'error: ...' line on stderr and exit status 1; a run stopped by
+    SIGTERM/SIGUSR1 after saving its state says so in one line and exits with status 75 (EXIT_PREEMPTED)."""
     try:
         main(args)
+    except Preempted as e:
+        rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID"))
+        print(f"{f'[rank {rank}] ' if rank else ''}{e}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
     except UserError as e:
         message = str(e)
         if "Original Traceback" in message:  # re-raised from a DataLoader worker: keep the worker's own line
@@ -25,6 +32,8 @@ def run_main(main, args):
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        end_worker_processes()
 
 
 def add_model_args(parser, default_model="DiT-XL/2", several_ckpts=False):

@@ -21,12 +21,14 @@ from sfron.checkpoint import save_safetensors_weights
 from sfron.data import (DiffusionBatches, LatentEncoder, NoiseImages, StreamConfig, TensorImages,
                         dataset_fingerprint, forget_latent_cache, unlearn_datasets)
 from sfron.dist import distributed
-from sfron.files import atomic_json_dump, atomic_torch_save
+from sfron.files import atomic_json_dump, atomic_torch_save, remove_stale_temporaries
 from sfron.fisher import fisher_diagonal
 from sfron.loss import check_finite_weights
 from sfron.mask import MaskChoice, kept_share, saliency_mask_for
 from sfron.optim import update_ema
-from sfron.resume import check_same_run, find_resume_checkpoint, pinned_record
+from sfron.preemption import Preempted, StopSignals
+from sfron.resume import (RUN_RECORD, check_same_run, find_matching_run, find_resume_checkpoint, newest_checkpoint,
+                          pinned_record)
 from sfron.sampling import (SamplerConfig, SnapshotGrid, SnapshotOptions, generate_replay, per_sample_noise,
                             snapshot_classes)
 from sfron.unlearn import FORGET_LOSSES, METHODS, NON_FINITE_HINT, FrozenReference, Unlearner, UnlearnSettings
@@ -72,6 +74,27 @@ def save_checkpoint(path, unlearner, ema, run, history):
                        "spec": run["model"], "run": run, "train_steps": len(history), "losses": history}, path)
 
 
+def save_state(args, state, experiment_dir, dist, logger):
+    """Checks the weights on every process, then rank 0 writes checkpoints/NNNNNNN.pt (and the final
+    .safetensors) and losses.json; returns the checkpoint's path. state: (unlearner, ema, run record, history)."""
+    unlearner, ema, record, history = state
+    train_steps, n_iters = len(history), record["settings"]["n_iters"]
+    raw_model = unlearner.raw_model
+    check_finite_weights(raw_model, train_steps, NON_FINITE_HINT)  # every process: all stop together
+    path = os.path.join(experiment_dir, "checkpoints", f"{train_steps:07d}.pt")
+    if dist.is_main:
+        save_checkpoint(path, unlearner, ema, record, history)
+        if args.save_safetensors and train_steps == n_iters:
+            weights = (ema if ema is not None else raw_model).state_dict()
+            save_safetensors_weights(weights, path[:-len(".pt")] + ".safetensors", record["model"])
+            logger.info(f"Saved the final weights to {path[:-len('.pt')]}.safetensors")
+        atomic_json_dump({"columns": ["step", "forget_loss", "remain_loss"], "losses": history},
+                         os.path.join(experiment_dir, "losses.json"))
+        logger.info(f"Saved checkpoint to {path}")
+    dist.barrier()
+    return path
+
+
 def restore(resumed, unlearner, ema):
     """Loads a resumed run's weights, EMA and optimizer; returns its loss history."""
     unlearner.raw_model.load_state_dict(resumed["model"])  # the loader read "ema"; training continues from "model"
@@ -93,19 +116,48 @@ def main(args):
     settings = unlearn_settings(args)
     settings.check()
     original = model_request(args)  # the model the run starts from (and the frozen reference of ESD and SA)
-    resumed_path, resumed = find_resume_checkpoint(args.resume) if args.resume else (None, None)
-    with distributed() as dist:
+    with distributed() as dist, StopSignals() as stop:
         torch.manual_seed(settings.seed)
+        experiment_dir, resumed_path, resumed = experiment_of(args, settings, dist)
+        logger = create_logger(experiment_dir, dist.rank)
         if resumed is None:
-            experiment_dir, logger = start_experiment(dist, args.results_dir, experiment_name(settings, args.model))
             logger.info(f"Experiment directory created at {experiment_dir}")
         else:
-            experiment_dir = os.path.dirname(os.path.dirname(os.path.abspath(resumed_path)))
-            logger = create_logger(experiment_dir, dist.rank)
             logger.info(f"Resuming {experiment_dir} from {resumed_path} (step {resumed['train_steps']})")
         # a resumed run reads its weights from the checkpoint, whose recorded spec fills in what no flag gives
         request = original if resumed is None else replace(original, ckpt=resumed_path)
-        run(args, settings, (original, request), dist, logger, experiment_dir, resumed)
+        run(args, settings, (original, request), dist, logger, stop, experiment_dir, resumed)
+
+
+def experiment_of(args, settings, dist):
+    """
+    (experiment folder, checkpoint path, checkpoint) of the run: a new folder; the run --resume names; or with
+    --resume auto the newest run under --results-dir with the same settings and starting checkpoint (continued
+    from its last checkpoint, or from the start where it saved none), else a new folder.
+    """
+    if args.resume not in (None, "auto"):
+        path, checkpoint = find_resume_checkpoint(args.resume)
+        found = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+        remove_leftovers(found, dist)
+        return found, path, checkpoint
+    found = None
+    if args.resume == "auto" and dist.is_main:
+        found = find_matching_run(args.results_dir, {"settings": asdict(settings),
+                                                     "init": {"ckpt": checkpoint_identity(args.ckpt)}})
+    found = dist.broadcast_object(found)
+    if found is None:
+        return start_experiment(dist, args.results_dir, experiment_name(settings, args.model))[0], None, None
+    remove_leftovers(found, dist)
+    path = newest_checkpoint(found)
+    return (found, None, None) if path is None else (found, *find_resume_checkpoint(path))
+
+
+def remove_leftovers(experiment_dir, dist):
+    """Rank 0 removes the temporary files a process killed mid-write left in the run's folders."""
+    if dist.is_main:
+        remove_stale_temporaries(experiment_dir)
+        remove_stale_temporaries(os.path.join(experiment_dir, "checkpoints"))
+    dist.barrier()
 
 
 def frozen_reference(settings, original, spec, dist, logger):
@@ -147,8 +199,9 @@ def unlearning_data(settings, spec, data_sets, replay):
     return forget_set, replay if settings.remain_source == "replay" else remain_set
 
 
-def run(args, settings, requests, dist, logger, experiment_dir, resumed):
-    """The unlearning loop of main(); requests: (the original model's ModelRequest, the one to load weights from)."""
+def run(args, settings, requests, dist, logger, stop, experiment_dir, resumed):
+    """The unlearning loop of main(); requests: (the original model's ModelRequest, the one to load weights from);
+    stop: the StopSignals that end the run after the step in progress."""
     original, request = requests
     raw_model, vae, spec, _ = load_model_and_vae(request, dist.device, logger)
     raw_model.grad_checkpointing = args.grad_checkpointing
@@ -162,6 +215,8 @@ def run(args, settings, requests, dist, logger, experiment_dir, resumed):
                             "init": {"ckpt": checkpoint_identity(original.ckpt)}})
     if resumed is not None:
         check_same_run(resumed["run"], record)
+    elif dist.is_main:
+        atomic_json_dump(record, os.path.join(experiment_dir, RUN_RECORD))
     logger.info(f"Saliency mask {mask_record.file}: {100 * kept_share(mask):.2f}% of weights updated by the forget "
                 f"step" if mask is not None else "No --mask-path: the forget step updates every weight")
     reference, replay = frozen_reference(settings, original, spec, dist, logger)
@@ -203,6 +258,7 @@ def run(args, settings, requests, dist, logger, experiment_dir, resumed):
                 f"lr {s.lr}, forget alpha {s.forget_alpha}{' (cosine decay)' if s.decay_forget_alpha else ''}, "
                 f"remain alpha {s.remain_alpha}, batch {s.batch_size} on {dist.world_size} process(es)")
     running, log_steps, start_time = [0.0, 0.0], 0, time.time()
+    path = None
     for forget_batch, remain_batch in zip(streams["forget"], streams["remain"]):
         alpha = s.forget_alpha_at(len(history))
         f_loss, r_loss = unlearner.step(forget_batch, remain_batch, alpha)
@@ -220,19 +276,12 @@ def run(args, settings, requests, dist, logger, experiment_dir, resumed):
             running, log_steps, start_time = [0.0, 0.0], 0, time.time()
         if dist.is_main and snapshots.due(train_steps):
             snapshots.save(ema if ema is not None else raw_model, checkpoint_dir, train_steps, logger)
-        if train_steps % args.ckpt_every == 0 or train_steps == s.n_iters or train_steps in args.ckpt_steps:
-            check_finite_weights(raw_model, train_steps, NON_FINITE_HINT)  # every process: all stop together
-            if dist.is_main:
-                path = os.path.join(checkpoint_dir, f"{train_steps:07d}.pt")
-                save_checkpoint(path, unlearner, ema, record, history)
-                if args.save_safetensors and train_steps == s.n_iters:
-                    weights = (ema if ema is not None else raw_model).state_dict()
-                    save_safetensors_weights(weights, path[:-len(".pt")] + ".safetensors", asdict(spec))
-                    logger.info(f"Saved the final weights to {path[:-len('.pt')]}.safetensors")
-                atomic_json_dump({"columns": ["step", "forget_loss", "remain_loss"], "losses": history},
-                                 os.path.join(experiment_dir, "losses.json"))
-                logger.info(f"Saved checkpoint to {path}")
-            dist.barrier()
+        due = train_steps % args.ckpt_every == 0 or train_steps == s.n_iters or train_steps in args.ckpt_steps
+        stopping = stop.agreed(dist, f"after step {train_steps}")  # every process, every step: all stop together
+        if due or stopping:
+            path = save_state(args, (unlearner, ema, record, history), experiment_dir, dist, logger)
+        if stopping and train_steps < s.n_iters:
+            raise Preempted(stop.name(), f"after step {train_steps}; saved {path}")
     if dist.device.type == "cuda":
         logger.info(f"Peak GPU memory: {torch.cuda.max_memory_allocated(dist.device) / 2 ** 30:.2f} GiB")
     logger.info("Done!")
@@ -261,8 +310,10 @@ def parse_args(argv=None):
                         help="also write the final weights (the EMA's with --ema-decay) as one .safetensors file "
                              "beside the last checkpoint")
     parser.add_argument("--resume", type=str, default=None,
-                        help="an experiment folder or checkpoint of an interrupted run to continue; the run's "
-                             "settings, data and mask must be those it started with")
+                        help="an experiment folder or checkpoint of an interrupted run to continue (its settings, "
+                             "data and mask must be those it started with); auto: continue the newest run under "
+                             "--results-dir with these settings, or start one (the same command line every time, "
+                             "as a requeued job needs)")
     # unlearning
     parser.add_argument("--method", type=str, choices=METHODS, default="ron",
                         help="ron: fast forget step then slow remain step (SFR-on); joint: one step on both losses")

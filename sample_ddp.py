@@ -3,11 +3,15 @@ Samples many images for evaluation, like the official sample_ddp.py, on one devi
 --samples-per-class N images of each of --class-labels (default: all classes), or --num-fid-samples images of
 uniformly drawn classes. Writes a folder of PNGs and an .npz beside it (arr_0: uint8 NHWC images, arr_1: class
 labels) that the ADM evaluator and evaluate.py read. Image i depends only on --global-seed and i, so the same
-seed gives the same images whatever the number of processes.
+seed gives the same images whatever the number of processes. A run stopped by SIGTERM/SIGUSR1 or killed is
+continued by the same command: the images already written are kept, the rest drawn, the .npz completed.
 """
 import argparse
+import hashlib
+import json
 import math
 import os
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -17,10 +21,13 @@ from tqdm import tqdm
 from cli import add_model_args, add_sampling_args, model_request, run_main, sampler_config
 from sfron.build import autocast_dtype, load_model_and_vae
 from sfron.dist import distributed
-from sfron.files import atomic_save_image, atomic_write
+from sfron.files import atomic_json_dump, atomic_save_image, atomic_write, remove_stale_temporaries
+from sfron.preemption import Preempted, StopSignals
 from sfron.rng import generator
 from sfron.sampling import StepNoise, generate, per_sample_noise, to_uint8_nhwc
-from sfron.utils import check_class_index
+from sfron.utils import UserError, check_class_index
+
+RECORD = "sampling.json"  # the settings the folder's images were drawn with
 
 
 def sample_labels(args, num_classes):
@@ -54,31 +61,71 @@ def save_npz(folder, labels):
     return path
 
 
+def sampling_record(args, spec, labels):
+    """What the images of a folder depend on; a folder drawn with anything else is not continued."""
+    ckpt = args.ckpt
+    if ckpt and os.path.isfile(ckpt):
+        stat = os.stat(ckpt)
+        ckpt = {"path": os.path.abspath(ckpt), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return json.loads(json.dumps({
+        "model": asdict(spec), "ckpt": ckpt, "sampler": asdict(sampler_config(args)), "global_seed": args.global_seed,
+        "per_proc_batch_size": args.per_proc_batch_size, "precision": args.precision, "tf32": args.tf32,
+        "labels_sha256": hashlib.sha256(np.ascontiguousarray(labels).tobytes()).hexdigest()}))
+
+
+def check_folder(folder, record, dist):
+    """Rank 0 records the settings in <folder>/sampling.json, or checks them against those of the images already
+    there (an interrupted run, continued), and removes what a killed writer left; every rank then goes on, or
+    stops with the same error."""
+    error = None
+    if dist.is_main:
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, RECORD)
+        recorded = json.load(open(path)) if os.path.isfile(path) else None
+        if recorded is None:
+            atomic_json_dump(record, path)
+        elif recorded != record:
+            changed = sorted(k for k in record if recorded.get(k) != record[k])
+            error = (f"{folder} holds samples drawn with other settings ({', '.join(changed)} differ): use another "
+                     f"--sample-dir or remove that folder")
+        remove_stale_temporaries(folder)
+    error = dist.broadcast_object(error)
+    if error:
+        raise UserError(error)
+
+
 def main(args):
     """Writes the PNGs and the .npz."""
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
-    with distributed() as dist:
+    with distributed() as dist, StopSignals() as stop:
         model, vae, spec, _ = load_model_and_vae(model_request(args), dist.device)
         model.eval()
         labels = sample_labels(args, spec.num_classes)
         folder = output_folder(args, spec)
-        if dist.is_main:
-            os.makedirs(folder, exist_ok=True)
-            print(f"Saving {len(labels)} .png samples at {folder}")
-        dist.barrier()
+        check_folder(folder, sampling_record(args, spec, labels), dist)
         config = sampler_config(args)
         shape = (model.in_channels, model.input_size, model.input_size)
         per_proc = args.per_proc_batch_size
-        # chunks of per_proc images, chunk k on rank k % world_size: the same batches for any number of processes
-        chunks = range(dist.rank, math.ceil(len(labels) / per_proc), dist.world_size)
-        for k in tqdm(chunks, disable=not dist.is_main, desc="Sampling"):
+        # chunk k (per_proc images) is drawn by rank k % world_size: the same batches for any number of processes
+        n_chunks = math.ceil(len(labels) / per_proc)
+        rounds = math.ceil(n_chunks / dist.world_size)
+        paths = [os.path.join(folder, f"{i:06d}.png") for i in range(len(labels))]
+        done = sum(os.path.isfile(p) for p in paths)
+        if dist.is_main:
+            print(f"Saving {len(labels)} .png samples at {folder}" + (f" ({done} already there)" if done else ""))
+        for r in tqdm(range(rounds), disable=not dist.is_main, desc="Sampling"):
+            k = r * dist.world_size + dist.rank
             index = list(range(k * per_proc, min((k + 1) * per_proc, len(labels))))
-            y = torch.from_numpy(labels[index]).to(dist.device)
-            z = per_sample_noise(args.global_seed, index, shape, dist.device)
-            images = generate(model, vae, y, z, config, noise_fn=StepNoise(args.global_seed, index),
-                              autocast_dtype=autocast_dtype(args.precision))
-            for i, image in zip(index, to_uint8_nhwc(images)):
-                atomic_save_image(Image.fromarray(image), os.path.join(folder, f"{i:06d}.png"), durable=False)
+            if index and not all(os.path.isfile(paths[i]) for i in index):
+                y = torch.from_numpy(labels[index]).to(dist.device)
+                z = per_sample_noise(args.global_seed, index, shape, dist.device)
+                images = generate(model, vae, y, z, config, noise_fn=StepNoise(args.global_seed, index),
+                                  autocast_dtype=autocast_dtype(args.precision))
+                for i, image in zip(index, to_uint8_nhwc(images)):
+                    atomic_save_image(Image.fromarray(image), paths[i], durable=False)
+            where = f"after {min(len(labels), (r + 1) * dist.world_size * per_proc)} of {len(labels)} images"
+            if stop.agreed(dist, where) and r + 1 < rounds:  # every process, every round: all stop together
+                raise Preempted(stop.name(), f"{where}; they are saved")
         dist.barrier()
         if dist.is_main:
             save_npz(folder, labels)

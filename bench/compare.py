@@ -59,7 +59,7 @@ METHODS = {
     "salun": ["--method", "joint", "--unlearn-loss", "salun", "--forget-alpha", "1.0", "--remain-alpha", "1.0",
               "--mask", "gradient", "--sparsity", "0.5"],
     "sa": ["--method", "joint", "--unlearn-loss", "sa", "--forget-alpha", "1.0", "--remain-alpha", "1.0",
-           "--remain-source", "replay", "--replay-samples", "1000", "--ewc-lambda", "10"],
+           "--remain-source", "replay", "--replay-samples", "1000", "--replay-steps", "10", "--ewc-lambda", "10"],
     "esd": ["--method", "joint", "--unlearn-loss", "esd", "--esd-eta", "1.0", "--forget-alpha", "1.0",
             "--remain-alpha", "0"],
 }
@@ -336,7 +336,7 @@ def plot(summary, eval_steps, path_curves, path_tradeoff):
             means = [s["steps"][step][key][0] for step in eval_steps]
             ax.plot(eval_steps, means, marker="o", label=method)
     axes[0].set(xlabel="unlearning step", ylabel="forget accuracy (lower: forgotten)")
-    axes[1].set(xlabel="unlearning step", ylabel="remain FD / original's (lower: preserved)")
+    axes[1].set(xlabel="unlearning step", ylabel="remain FD / original's (lower: preserved)", yscale="log")
     axes[1].legend(fontsize=8)
     atomic_save_figure(fig, path_curves)
     fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
@@ -344,7 +344,7 @@ def plot(summary, eval_steps, path_curves, path_tradeoff):
     for method, s in summary.items():
         fa, fd = s["steps"][last]["forget_acc"], s["steps"][last]["fd_ratio"]
         ax.errorbar(fa[0], fd[0], xerr=fa[1], yerr=fd[1], marker="o", capsize=3, label=method)
-    ax.set(xlabel=f"forget accuracy at step {last}", ylabel="remain FD / original's")
+    ax.set(xlabel=f"forget accuracy at step {last}", ylabel="remain FD / original's", yscale="log")
     ax.legend(fontsize=8)
     atomic_save_figure(fig, path_tradeoff)
 
@@ -394,13 +394,13 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of each run")
     parser.add_argument("--tuning-class", type=int, default=5, help="the digit the learning rates are chosen on")
     parser.add_argument("--no-tuning", action="store_true", help="use the middle learning rate of the grid")
-    parser.add_argument("--steps", type=int, default=100, help="unlearning steps of every run")
-    parser.add_argument("--eval-steps", type=int, nargs="+", default=[10, 25, 50], help="checkpoints evaluated "
+    parser.add_argument("--steps", type=int, default=50, help="unlearning steps of every run")
+    parser.add_argument("--eval-steps", type=int, nargs="+", default=[10, 25], help="checkpoints evaluated "
                                                                                       "along the way (and --steps)")
     parser.add_argument("--batch-size", type=int, default=64, help="forget and remain samples per step")
     parser.add_argument("--fisher-iters", type=int, default=8, help="generate_fisher.py --n-iters")
-    parser.add_argument("--samples-per-class", type=int, default=100, help="generated images per digit evaluated")
-    parser.add_argument("--sampling-steps", type=int, default=25, help="DDIM steps of the evaluation samples")
+    parser.add_argument("--samples-per-class", type=int, default=50, help="generated images per digit evaluated")
+    parser.add_argument("--sampling-steps", type=int, default=10, help="DDIM steps of the evaluation samples")
     parser.add_argument("--cfg-scale", type=float, default=2.0, help="guidance scale of the evaluation samples")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--attacks", action=argparse.BooleanOptionalAction, default=True,

@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from .files import atomic_torch_save, safe_torch_load
+from .preemption import ignore_stop_signals
 from .rng import generator
 from .utils import UserError, check_class_index
 from .vae import encode_moments, sample_latents
@@ -238,7 +239,7 @@ class LatentCache:
         per_rank = -(-len(keys) // dist.world_size)
         mine = keys[dist.rank * per_rank:(dist.rank + 1) * per_rank]
         loader = DataLoader(dataset, batch_sampler=[mine[i:i + batch_size] for i in range(0, len(mine), batch_size)],
-                            num_workers=num_workers)
+                            num_workers=num_workers, worker_init_fn=ignore_stop_signals)
         side = dataset.image_size // 8
         parts = [torch.empty((0, 2 * vae.config.latent_channels, side, side), device=dist.device)]
         for x, _ in loader:
@@ -311,7 +312,8 @@ class DiffusionBatches:
                 yield step, moments, y
             return
         loader = DataLoader(self.dataset, batch_sampler=keys, num_workers=self.num_workers,
-                            pin_memory=self.dist.device.type == "cuda", persistent_workers=False)
+                            pin_memory=self.dist.device.type == "cuda", persistent_workers=False,
+                            worker_init_fn=ignore_stop_signals)
         for step, (x, y) in zip(self.steps, loader):
             yield step, x, y
 

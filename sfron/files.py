@@ -14,6 +14,7 @@ import torch
 
 from .utils import UserError, first_line
 
+TEMP_SUFFIX = ".tmp"  # atomic_write's temporary files: .<name>.<random>.tmp beside the target
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -24,20 +25,52 @@ def atomic_write(path, write_fn, durable=True):
     old file or the whole new one, never a part. durable=False skips the fsync (for many small files).
     """
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    tmp = f = None
     try:
-        with os.fdopen(fd, "wb") as f:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=TEMP_SUFFIX)
+        with os.fdopen(fd, "wb") as raw:
+            f = _WriteRecorder(raw)
             write_fn(f)
             f.flush()
             if durable:
                 os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+        failure = e if isinstance(e, OSError) else getattr(f, "error", None)
+        if failure is not None:  # a full disk, a read-only or missing folder, a file-size limit
+            raise UserError(f"cannot write {path} ({first_line(failure)}); the previous file there is "
+                            f"unchanged") from None
         raise
+
+
+class _WriteRecorder:
+    """A file object that remembers its first failed write: torch.save reports one only as a position mismatch."""
+
+    def __init__(self, f):
+        self._f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def remove_stale_temporaries(folder):
+    """Removes the temporary files atomic_write left in `folder` when its process was killed mid-write (call it
+    only where no other process is writing)."""
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if name.startswith(".") and name.endswith(TEMP_SUFFIX):
+                os.remove(os.path.join(folder, name))
 
 
 def atomic_torch_save(obj, path):

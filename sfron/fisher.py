@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .loss import check_finite, diffusion_loss
+from .progress import LoopProgress
 from .utils import UserError
 
 # per-sample weight gradients (B, out, in) are formed for at most this many elements at once
@@ -117,45 +118,59 @@ class PerSampleSquaredGrads:
         self.handles.clear()
 
 
-def fisher_diagonal(model, diffusion, batches, dist, desc="Fisher", autocast_dtype=None, log_every=0, logger=None):
+def fisher_diagonal(model, diffusion, batches, dist, desc="Fisher", autocast_dtype=None, progress=None):
     """
     Mean over every sample of every batch (all processes together) of the squared per-sample gradient of the
     full diffusion loss, as {parameter name: float32 tensor}. The model runs in eval mode (no label dropout),
-    as in the official script.
+    as in the official script. progress: a LoopProgress to continue from its saved sums (batches must then
+    start at its position) and to save them along the way.
     """
+    progress = progress or LoopProgress()
     was_training = model.training
     model.eval()
     count = torch.zeros((), dtype=torch.float64, device=dist.device)
+    total = progress.position + len(batches)
     with PerSampleSquaredGrads(model) as grads:
-        iterator = tqdm(batches, desc=desc, disable=not dist.is_main, dynamic_ncols=True)
-        for i, batch in enumerate(iterator):
+        if progress.state is not None:
+            count.copy_(progress.state["count"])
+            for name, saved in progress.state["sums"].items():
+                grads.sums[name].copy_(saved)
+        iterator = tqdm(batches, desc=desc, disable=not dist.is_main, dynamic_ncols=True, initial=progress.position,
+                        total=total)
+        for batch in iterator:
             with torch.autocast(dist.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 losses = diffusion_loss(model, diffusion, batch)
             check_finite(losses, f"loss in {desc}", batch.step, hint="check the checkpoint and the data")
             grads.backward(losses.float().sum())
             count += losses.shape[0]
-            if logger is not None and log_every and (i + 1) % log_every == 0:
-                logger.info(f"{desc}: {i + 1}/{len(batches)} batches")
+            progress.after_batch(batch.step + 1, total, lambda: {"sums": grads.sums, "count": count}, dist)
     model.train(was_training)
     dist.all_reduce_sum_(count)
     fisher = {}
-    for name, total in grads.sums.items():
-        fisher[name] = (dist.all_reduce_sum_(total) / count).float().cpu()
+    for name, summed in grads.sums.items():
+        fisher[name] = (dist.all_reduce_sum_(summed) / count).float().cpu()
     return fisher
 
 
-def forget_gradient(model, diffusion, batches, dist, clip=1.0, desc="Forget gradient"):
+def forget_gradient(model, diffusion, batches, dist, clip=1.0, desc="Forget gradient", progress=None):
     """
     SalUn's saliency statistic (Fan et al., ICLR 2024, as in the SFR-on authors' DDPM baseline): the sum over
     forget batches of the gradient of the epsilon-MSE loss, each batch's gradient (over the global batch) clipped
     to global norm `clip` before it is added. Returns {parameter name: float32 tensor} (signed; the mask uses |.|).
     Unlike the Fisher, this depends on the batch size (the clip acts per batch). The model runs in eval mode.
+    progress: a LoopProgress, as for fisher_diagonal.
     """
+    progress = progress or LoopProgress()
     was_training = model.training
     model.eval()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in named}
-    for batch in tqdm(batches, desc=desc, disable=not dist.is_main, dynamic_ncols=True):
+    if progress.state is not None:
+        for name, saved in progress.state["total"].items():
+            total[name].copy_(saved)
+    n_batches = progress.position + len(batches)
+    for batch in tqdm(batches, desc=desc, disable=not dist.is_main, dynamic_ncols=True, initial=progress.position,
+                      total=n_batches):
         model.zero_grad(set_to_none=True)
         losses = diffusion.training_losses(model, batch.x, batch.t, dict(y=batch.y), noise=batch.noise)["mse"]
         check_finite(losses, f"loss in {desc}", batch.step, hint="check the checkpoint and the data")
@@ -168,6 +183,7 @@ def forget_gradient(model, diffusion, batches, dist, clip=1.0, desc="Forget grad
             torch.nn.utils.clip_grad_norm_([p for _, p in named], clip)
         for n, p in named:
             total[n] += p.grad.float()
+        progress.after_batch(batch.step + 1, n_batches, lambda: {"total": total}, dist)
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     return {n: v.cpu() for n, v in total.items()}

@@ -2,8 +2,9 @@
 What a resumed run must keep. A run records its frozen settings dataclasses (the unlearning settings, the model
 spec, the data and the mask) in every checkpoint; a resumed run compares the same dataclasses, built from its own
 command line, field by field and refuses to go on where anything differs. Nothing is listed by hand: a new field
-of a settings dataclass is pinned by being there.
+of a settings dataclass is pinned by being there. `--resume auto` finds the run to continue by the same record.
 """
+import json
 import os
 from dataclasses import asdict
 from glob import glob
@@ -12,6 +13,7 @@ from .files import safe_torch_load
 from .utils import UserError
 
 CHECKPOINT_PATTERN = "[0-9]" * 7 + ".pt"
+RUN_RECORD = "run.json"  # an experiment folder's pinned settings, written when the run starts (--resume auto)
 
 
 def pinned_record(sections):
@@ -33,7 +35,9 @@ def _difference(section, key, recorded, current):
         return f"--mask-path/--threshold select the mask {current}, but the resumed run used {recorded}"
     if section == "mask" and key == "sha256":
         return "the mask file has changed since the run started (its SHA-256 differs); restore it or start a new run"
-    if section == "data" and key == "fingerprint":
+    if key == "processes":
+        return f"the run saved the running sums of {recorded} processes; continue it on {recorded}, not {current}"
+    if key in ("fingerprint", "data_fingerprint"):
         return "the images under --data-path differ from those the resumed run started with"
     if section == "model" and key == "learn_sigma":
         return f"the checkpoint's learned variance ({current}) differs from the resumed run's ({recorded})"
@@ -64,3 +68,25 @@ def find_resume_checkpoint(path, required=("model", "opt", "run", "train_steps")
         raise UserError(f"--resume {path} is not a resumable forget.py checkpoint (it lacks "
                         f"{', '.join(k for k in required if not isinstance(checkpoint, dict) or k not in checkpoint)})")
     return path, checkpoint
+
+
+def newest_checkpoint(experiment_dir):
+    """The newest checkpoints/NNNNNNN.pt of an experiment folder, or None."""
+    found = sorted(glob(os.path.join(experiment_dir, "checkpoints", CHECKPOINT_PATTERN)))
+    return found[-1] if found else None
+
+
+def find_matching_run(results_dir, sections):
+    """
+    The newest experiment folder under results_dir whose run.json records the same values for each of `sections`
+    ({section: {field: value}}, as JSON reads them back), or None: what `--resume auto` continues.
+    """
+    matches = []
+    for path in sorted(glob(os.path.join(results_dir, "*", RUN_RECORD))):
+        try:
+            recorded = json.load(open(path))
+        except (OSError, ValueError):
+            continue  # not a run of this script
+        if all(recorded.get(name) == json.loads(json.dumps(value)) for name, value in sections.items()):
+            matches.append(os.path.dirname(path))
+    return matches[-1] if matches else None

@@ -35,6 +35,13 @@ def make_checkpoint(path, model="DiT-T/2", input_size=8, in_channels=3, num_clas
     return path
 
 
+def make_tiny_run_folder(root):
+    """root/data (3 classes of 6 small images) and root/tiny.pt (a random DiT-T/2 for 8x8 pixels, 3 classes)."""
+    make_image_folder(root / "data", num_classes=3, per_class=6)
+    make_checkpoint(root / "tiny.pt", num_classes=3)
+    return root
+
+
 def tiny_dit(input_size=8, hidden_size=32, depth=2, num_classes=4, scale=0.1, seed=0):
     """A DiT small enough to check by hand (patch 2, 3 channels, 2 heads), every trainable weight N(0, scale^2)."""
     from models import DiT

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from helpers import ROOT, run_script
+from helpers import ROOT, run_in_process, run_script
 from sfron.classifier import load_classifier
 from sfron.data import ImageSet, find_class_folders, list_images
 
@@ -25,7 +25,7 @@ def test_shipped_files_are_small_and_load(tmp_path):
 
 
 def test_classifier_held_out_accuracy(tmp_path):
-    run_script("prepare_digits.py", "--out", tmp_path / "digits", cwd=tmp_path)
+    run_in_process("prepare_digits.py", "--out", tmp_path / "digits", cwd=tmp_path, check=True)
     root, classes = find_class_folders(str(tmp_path / "digits"), "val")
     val = ImageSet(list_images(root, classes, range(10)), 8, classes)
     x, y = zip(*(val[i] for i in range(len(val))))

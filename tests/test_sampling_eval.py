@@ -44,7 +44,7 @@ def test_sample_grid_and_side_by_side_figure(ckpts):
 def test_sample_ddp_gives_the_same_images_with_one_and_two_processes(ckpts):
     common = ("--model", "DiT-T/2", "--ckpt", ckpts / "a.pt", "--num-sampling-steps", 10, "--cfg-scale", 2.0,
               "--samples-per-class", 3, "--class-labels", 1, 4, "--per-proc-batch-size", 2, "--global-seed", 5)
-    run_script("sample_ddp.py", *common, "--sample-dir", ckpts / "np1", cwd=ckpts)
+    run_in_process("sample_ddp.py", *common, "--sample-dir", ckpts / "np1", cwd=ckpts, check=True)
     run_script("sample_ddp.py", *common, "--sample-dir", ckpts / "np2", cwd=ckpts, nproc=2)
     (f1,) = [f for f in os.listdir(ckpts / "np1") if f.endswith(".npz")]
     assert f1 == "DiT-T-2-a-size-8-vae-none-cfg-2.0-seed-5.npz"

@@ -1,8 +1,10 @@
 """
 A real single-node SLURM on this machine (Debian's slurm-wlm and munge; .ci/run installs them): the example
 batch script runs generate_fisher.py on the embedded digits case as 2 SLURM tasks, and its Fisher equals the
-one of a single process. Skipped, with the reason, where SLURM cannot be started.
+one of a single process; the comparison's job array; a preempted job requeued. Skipped, with the reason, where
+SLURM cannot be started.
 """
+import glob
 import json
 import os
 import shutil
@@ -14,7 +16,7 @@ import time
 import pytest
 import torch
 
-from helpers import ROOT, assert_fisher_close, run_script
+from helpers import ROOT, assert_fisher_close, make_tiny_run_folder, run_in_process, run_script
 
 DIGITS_DIT = os.path.join(ROOT, "assets", "digits_dit.pt")
 
@@ -30,6 +32,7 @@ def _slurm_conf(host, spool):
         "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
         f"StateSaveLocation={spool}/ctld", f"SlurmdSpoolDir={spool}/d", "SlurmctldPidFile=/run/slurmctld.pid",
         "SlurmdPidFile=/run/slurmd.pid", "ReturnToService=2", "MpiDefault=none",
+        f"SlurmctldLogFile={spool}/slurmctld.log", f"SlurmdLogFile={spool}/slurmd.log",
         f"NodeName={host} CPUs={os.cpu_count()} State=UNKNOWN",
         f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP", ""])
 
@@ -139,3 +142,48 @@ def test_compare_job_array_gathers_one_table(slurm, tmp_path):
         report = json.load(open(out / "reports" / f"{method}-0-seed0.json"))[f"{method}-0-seed0"]
         assert summary[method]["cells"] == 1 and summary[method]["forget_acc"] == [report["forget_acc"], 0.0]
     assert "| sfron | 1 |" in open(out / "table.md").read()
+
+
+def test_early_signal_requeues_the_job_and_it_ends_as_an_uninterrupted_run(slurm, tmp_path):
+    """The batch script gets its early signal (sbatch --signal=B:USR1 sends it to the batch shell, as scancel
+    --batch does here): the task saves and exits 75, the job requeues itself, and the requeued job's result
+    equals an uninterrupted run's."""
+    make_tiny_run_folder(tmp_path)
+    flags = ["--model", "DiT-T/2", "--data-path", tmp_path / "data", "--ckpt", tmp_path / "tiny.pt", "--batch-size", 4,
+             "--n-iters", 150, "--ckpt-every", 1000, "--snapshot-every", 0, "--forget-class", 0, "--lr", "1e-3",
+             "--num-workers", 0, "--log-every", 1, "--resume", "auto"]
+    run_in_process("forget.py", *flags, "--results-dir", tmp_path / "reference", cwd=tmp_path, check=True)
+    results, out = tmp_path / "results", tmp_path / "job.out"
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    job = _run(["sbatch", "--parsable", "-n", "1", "--ntasks-per-node=1", "-c", "1", "-o", str(out),
+                os.path.join(ROOT, "slurm", "single_node.sbatch"), os.path.join(ROOT, "forget.py"),
+                *map(str, flags), "--results-dir", str(results)], cwd=tmp_path, env=env)
+    assert job.returncode == 0, job.stderr
+    job_id = job.stdout.strip().split(";")[0]
+    deadline = time.time() + 240
+    while "(step=0000005)" not in "".join(open(p).read() for p in glob.glob(str(results / "*" / "log.txt"))):
+        assert time.time() < deadline, out.read_text() if out.exists() else "the job did not start"
+        time.sleep(0.1)
+    assert _run(["scancel", "--batch", "--signal=USR1", job_id]).returncode == 0
+    requeued = None
+    while True:
+        state = _run(["scontrol", "show", "job", job_id]).stdout
+        if "JobState=COMPLETED" in state or "JobState=FAILED" in state or time.time() > deadline:
+            break
+        if requeued is None and "Restarts=1" in state and "JobState=PENDING" in state:
+            requeued = time.time()
+        if requeued and time.time() > requeued + 6:
+            # SLURM holds a requeued job for about two minutes (its BeginTime); the test waits only until slurmd
+            # has let go of the first run (relaunched at once, slurmd refuses it: "already killed")
+            _run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+            requeued = 0
+        time.sleep(0.2)
+    log = out.read_text()
+    assert "JobState=COMPLETED" in state and "Restarts=1" in state, state + log
+    assert "stopping after step" in log and "requeueing job" in log, log
+    (checkpoint,) = glob.glob(str(results / "*" / "checkpoints" / "0000150.pt"))
+    (reference,) = glob.glob(str(tmp_path / "reference" / "*" / "checkpoints" / "0000150.pt"))
+    a, b = torch.load(checkpoint, weights_only=True), torch.load(reference, weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"]) and a["losses"] == b["losses"]
+    saved = sorted(os.path.basename(p) for p in glob.glob(str(results / "*" / "checkpoints" / "*.pt")))
+    assert len(saved) == 2 and saved[-1] == "0000150.pt"  # the one the signal wrote, and the last

@@ -6,16 +6,16 @@ import torch
 from PIL import Image
 
 from download import find_model
-from helpers import make_image_folder, run_script
+from helpers import make_image_folder, run_in_process
 from sfron.classifier import load_classifier
 
 
 def test_train_exports_a_model_that_loads_and_samples(tmp_path):
     make_image_folder(tmp_path / "data", num_classes=3, per_class=4, size=(8, 8))
-    run_script("train.py", "--data-path", tmp_path / "data", "--model", "DiT-T/2", "--image-size", 8,
-               "--num-classes", 3, "--vae", "none", "--no-random-flip", "--global-batch-size", 4, "--max-steps", 3,
-               "--lr", "1e-3", "--ema-decay", 0.5, "--num-workers", 0, "--exclude-class", 1, "--export",
-               tmp_path / "dit.pt", "--export-precision", "fp16", "--save-safetensors", cwd=tmp_path)
+    run_in_process("train.py", "--data-path", tmp_path / "data", "--model", "DiT-T/2", "--image-size", 8,
+                   "--num-classes", 3, "--vae", "none", "--no-random-flip", "--global-batch-size", 4, "--max-steps", 3,
+                   "--lr", "1e-3", "--ema-decay", 0.5, "--num-workers", 0, "--exclude-class", 1, "--export",
+                   tmp_path / "dit.pt", "--export-precision", "fp16", "--save-safetensors", cwd=tmp_path, check=True)
     exported = torch.load(tmp_path / "dit.pt", weights_only=True)
     assert exported["spec"]["num_classes"] == 3 and exported["args"]["exclude_class"] == 1
     assert all(v.dtype == torch.float16 for v in exported["ema"].values() if v.is_floating_point())
@@ -29,15 +29,15 @@ def test_train_exports_a_model_that_loads_and_samples(tmp_path):
     # the final EMA weights as safetensors, with the settings that let a script load them without flags
     final = tmp_path / "results" / run / "checkpoints" / "0000003.safetensors"
     assert all(torch.equal(find_model(str(final))[k], v) for k, v in raw["ema"].items())
-    run_script("sample.py", "--model", "DiT-T/2", "--ckpt", final, "--num-sampling-steps", 5,
-               "--class-labels", 0, 2, "--out", tmp_path / "grid.png", cwd=tmp_path)
+    run_in_process("sample.py", "--model", "DiT-T/2", "--ckpt", final, "--num-sampling-steps", 5,
+                   "--class-labels", 0, 2, "--out", tmp_path / "grid.png", cwd=tmp_path, check=True)
     assert np.asarray(Image.open(tmp_path / "grid.png")).shape == (12, 22, 3)
 
 
 def test_train_classifier_learns_the_digits(tmp_path):
-    run_script("prepare_digits.py", "--out", tmp_path / "digits", cwd=tmp_path)
-    proc = run_script("train_classifier.py", "--data-path", tmp_path / "digits", "--out", tmp_path / "clf.pt",
-                      "--epochs", 2, cwd=tmp_path)
+    run_in_process("prepare_digits.py", "--out", tmp_path / "digits", cwd=tmp_path, check=True)
+    proc = run_in_process("train_classifier.py", "--data-path", tmp_path / "digits", "--out", tmp_path / "clf.pt",
+                          "--epochs", 2, cwd=tmp_path, check=True)
     saved = torch.load(tmp_path / "clf.pt", weights_only=True)
     assert saved["val_accuracy"] > 0.6  # ten classes: chance is 0.1
     assert f"held-out acc {saved['val_accuracy']:.4f}" in proc.stdout
