@@ -25,7 +25,7 @@ from PIL import Image
 import forget
 import generate_fisher
 import sample_ddp
-from helpers import ROOT, make_tiny_run_folder, run_in_process
+from helpers import ROOT, assert_fisher_close, make_tiny_run_folder, run_in_process
 
 KILLS = {"forget": 18, "forget_mid_write": 2, "fisher": 10, "sample_ddp": 5}  # at least 20, 10 and some
 
@@ -283,3 +283,37 @@ def test_sigusr1_to_one_torchrun_process_stops_both_after_the_same_step(workdir,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_run(final_checkpoint(tmp_path / "stopped", 30), final_checkpoint(tmp_path / "reference", 30))
+
+
+def test_fisher_stopped_under_torchrun_continues_bit_identical(workdir, tmp_path):
+    """Two processes: SIGUSR1 to one of them, then the same command; the Fisher equals the uninterrupted 2-process
+    one bit for bit (and a one-process run to rounding); the progress refuses another number of processes."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                os.path.join(ROOT, "generate_fisher.py")]
+    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
+    run = subprocess.run(torchrun + [str(a) for a in fisher_args(workdir, reference)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "2 process(es)" in run.stdout, run.stderr[-2000:]
+    proc = subprocess.Popen(torchrun + [str(a) for a in fisher_args(workdir, stopped)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not os.path.isfile(stopped / "1" / "fisher_progress" / "manifest.json"):
+        assert time.time() < deadline and proc.poll() is None, proc.stdout.read()[-2000:]
+        time.sleep(0.05)
+    os.kill(children(proc.pid)[0], signal.SIGUSR1)
+    output = proc.communicate(timeout=120)[0]
+    stops = re.findall(r"\[rank (\d)\] [^:\n]+: stopping after batch (\d+)", output)
+    assert sorted(rank for rank, _ in stops) == ["0", "1"] and len({batch for _, batch in stops}) == 1, output[-3000:]
+    one = run_in_process("generate_fisher.py", *fisher_args(workdir, stopped), cwd=tmp_path)
+    assert one.returncode == 1 and "the running sums of 2 processes" in one.stderr
+    run = subprocess.run(torchrun + [str(a) for a in fisher_args(workdir, stopped)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "continuing from batch" in run.stdout, run.stderr[-2000:]
+    for name in ("forget_fisher.pt", "remain_fisher.pt", "forget_gradient.pt"):
+        a, b = (torch.load(m / "1" / name, weights_only=True) for m in (reference, stopped))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    run_in_process("generate_fisher.py", *fisher_args(workdir, tmp_path / "one"), cwd=tmp_path, check=True)
+    for name in ("forget_fisher.pt", "remain_fisher.pt"):  # the number of processes changes only the rounding
+        assert_fisher_close(torch.load(reference / "1" / name, weights_only=True),
+                            torch.load(tmp_path / "one" / "1" / name, weights_only=True))

@@ -8,7 +8,7 @@ import torch
 from download import find_model
 from models import DiT_models
 from helpers import (assert_fisher_close, experiment_dirs, make_checkpoint, make_image_folder, make_tiny_run_folder,
-                     make_vae_folder, run_in_process, run_script)
+                     make_vae_folder, run_in_process)
 from sfron.mask import saliency_mask
 from sfron.vae import encode_moments
 
@@ -95,13 +95,6 @@ def test_fisher_is_the_same_at_any_batch_size(workdir):
         results.append(load(mask / "1" / "forget_fisher.pt"))
     for other in results[1:]:
         assert_fisher_close(other, results[0])
-
-
-def test_fisher_under_torchrun_equals_one_process(workdir):
-    run_in_process("generate_fisher.py", *fisher_args(workdir, 2, 3, workdir / "mask_np1"), cwd=workdir, check=True)
-    run_script("generate_fisher.py", *fisher_args(workdir, 2, 3, workdir / "mask_np2"), cwd=workdir, nproc=2)
-    for name in ("forget_fisher.pt", "remain_fisher.pt"):
-        assert_fisher_close(load(workdir / "mask_np2" / "1" / name), load(workdir / "mask_np1" / "1" / name))
 
 
 def test_generate_mask_is_the_threshold_rule(tmp_path):

@@ -94,7 +94,7 @@ def slurm(tmp_path_factory):
 
 def test_example_batch_script_runs_two_tasks(slurm, tmp_path):
     data = tmp_path / "digits"
-    run_script("prepare_digits.py", "--out", data, cwd=tmp_path)
+    run_in_process("prepare_digits.py", "--out", data, cwd=tmp_path, check=True)
     flags = ["--model", "DiT-T/2", "--data-path", str(data), "--ckpt", DIGITS_DIT, "--batch-size", "4",
              "--n-iters", "3", "--forget-class", "0", "--num-workers", "0"]
     out = tmp_path / "job.out"
@@ -107,8 +107,8 @@ def test_example_batch_script_runs_two_tasks(slurm, tmp_path):
     log = out.read_text() if out.exists() else ""
     assert proc.returncode == 0, proc.stdout + proc.stderr + log
     assert "2 process(es)" in log, log
-    run_script("generate_fisher.py", *flags, "--mask-path", tmp_path / "mask_one", "--results-dir",
-               tmp_path / "results", cwd=tmp_path)
+    run_in_process("generate_fisher.py", *flags, "--mask-path", tmp_path / "mask_one", "--results-dir",
+                   tmp_path / "results", cwd=tmp_path, check=True)
     for name in ("forget_fisher.pt", "remain_fisher.pt"):
         two = torch.load(tmp_path / "mask_slurm" / "0" / name, weights_only=True)
         one = torch.load(tmp_path / "mask_one" / "0" / name, weights_only=True)
@@ -118,7 +118,7 @@ def test_example_batch_script_runs_two_tasks(slurm, tmp_path):
 def test_compare_job_array_gathers_one_table(slurm, tmp_path):
     """slurm/compare_array.sbatch as a 2-task array (sfron with its masks, and ga) on the digits, then one table."""
     data = tmp_path / "digits"
-    run_script("prepare_digits.py", "--out", data, cwd=tmp_path)
+    run_in_process("prepare_digits.py", "--out", data, cwd=tmp_path, check=True)
     out = tmp_path / "cmp"
     classifier = os.path.join(ROOT, "assets", "digits_classifier.pt")
     env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", DATA=str(data), OUT=str(out),
