@@ -27,8 +27,8 @@ from sfron.loss import check_finite_weights
 from sfron.mask import MaskChoice, kept_share, saliency_mask_for
 from sfron.optim import update_ema
 from sfron.preemption import Preempted, StopSignals
-from sfron.resume import (RUN_RECORD, check_same_run, find_matching_run, find_resume_checkpoint, newest_checkpoint,
-                          pinned_record)
+from sfron.resume import (RUN_RECORD, check_same_run, checkpoint_identity, find_matching_run, find_resume_checkpoint,
+                          newest_checkpoint, pinned_record)
 from sfron.sampling import (SamplerConfig, SnapshotGrid, SnapshotOptions, generate_replay, per_sample_noise,
                             snapshot_classes)
 from sfron.unlearn import FORGET_LOSSES, METHODS, NON_FINITE_HINT, FrozenReference, Unlearner, UnlearnSettings
@@ -102,11 +102,6 @@ def restore(resumed, unlearner, ema):
         ema.load_state_dict(resumed["ema"])
     unlearner.opt.load_state_dict(resumed["opt"])
     return list(resumed.get("losses", []))
-
-
-def checkpoint_identity(ckpt):
-    """How a run records the checkpoint it started from: a local file by its absolute path, else its name."""
-    return os.path.abspath(ckpt) if ckpt and os.path.isfile(ckpt) else ckpt
 
 
 def main(args):
@@ -258,7 +253,6 @@ def run(args, settings, requests, dist, logger, stop, experiment_dir, resumed):
                 f"lr {s.lr}, forget alpha {s.forget_alpha}{' (cosine decay)' if s.decay_forget_alpha else ''}, "
                 f"remain alpha {s.remain_alpha}, batch {s.batch_size} on {dist.world_size} process(es)")
     running, log_steps, start_time = [0.0, 0.0], 0, time.time()
-    path = None
     for forget_batch, remain_batch in zip(streams["forget"], streams["remain"]):
         alpha = s.forget_alpha_at(len(history))
         f_loss, r_loss = unlearner.step(forget_batch, remain_batch, alpha)

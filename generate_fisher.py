@@ -24,7 +24,7 @@ from sfron.fisher import fisher_diagonal, forget_gradient
 from sfron.mask import class_dir
 from sfron.preemption import StopSignals
 from sfron.progress import LoopProgress, ProgressFolder
-from sfron.resume import pinned_record
+from sfron.resume import checkpoint_identity, pinned_record
 from sfron.utils import UserError, create_logger, start_experiment
 
 PROGRESS_FOLDER = "fisher_progress"  # <mask-path>/<class>/fisher_progress: the running sums of an unfinished run
@@ -47,9 +47,8 @@ class FisherSettings:
 
 def fisher_settings(args, data_sets, dist):
     """The FisherSettings of the command line and the data."""
-    ckpt = os.path.abspath(args.ckpt) if args.ckpt and os.path.isfile(args.ckpt) else args.ckpt
     return FisherSettings(args.forget_class, args.n_iters, args.batch_size, args.seed, args.precision,
-                          args.gradient_saliency, ckpt, os.path.abspath(args.data_path),
+                          args.gradient_saliency, checkpoint_identity(args.ckpt), os.path.abspath(args.data_path),
                           dataset_fingerprint(*data_sets), dist.world_size)
 
 

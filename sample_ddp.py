@@ -21,7 +21,7 @@ from tqdm import tqdm
 from cli import add_model_args, add_sampling_args, model_request, run_main, sampler_config
 from sfron.build import autocast_dtype, load_model_and_vae
 from sfron.dist import distributed
-from sfron.files import atomic_json_dump, atomic_save_image, atomic_write, remove_stale_temporaries
+from sfron.files import as_read_back, atomic_json_dump, atomic_save_image, atomic_write, remove_stale_temporaries
 from sfron.preemption import Preempted, StopSignals
 from sfron.rng import generator
 from sfron.sampling import StepNoise, generate, per_sample_noise, to_uint8_nhwc
@@ -67,10 +67,10 @@ def sampling_record(args, spec, labels):
     if ckpt and os.path.isfile(ckpt):
         stat = os.stat(ckpt)
         ckpt = {"path": os.path.abspath(ckpt), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    return json.loads(json.dumps({
+    return as_read_back({
         "model": asdict(spec), "ckpt": ckpt, "sampler": asdict(sampler_config(args)), "global_seed": args.global_seed,
         "per_proc_batch_size": args.per_proc_batch_size, "precision": args.precision, "tf32": args.tf32,
-        "labels_sha256": hashlib.sha256(np.ascontiguousarray(labels).tobytes()).hexdigest()}))
+        "labels_sha256": hashlib.sha256(np.ascontiguousarray(labels).tobytes()).hexdigest()})
 
 
 def check_folder(folder, record, dist):
@@ -110,8 +110,8 @@ def main(args):
         n_chunks = math.ceil(len(labels) / per_proc)
         rounds = math.ceil(n_chunks / dist.world_size)
         paths = [os.path.join(folder, f"{i:06d}.png") for i in range(len(labels))]
-        done = sum(os.path.isfile(p) for p in paths)
         if dist.is_main:
+            done = sum(os.path.isfile(p) for p in paths)
             print(f"Saving {len(labels)} .png samples at {folder}" + (f" ({done} already there)" if done else ""))
         for r in tqdm(range(rounds), disable=not dist.is_main, desc="Sampling"):
             k = r * dist.world_size + dist.rank

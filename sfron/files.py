@@ -73,6 +73,11 @@ def remove_stale_temporaries(folder):
                 os.remove(os.path.join(folder, name))
 
 
+def as_read_back(value):
+    """A JSON-able value as json.load gives it back (tuples become lists): what a recorded copy compares equal to."""
+    return json.loads(json.dumps(value))
+
+
 def atomic_torch_save(obj, path):
     """torch.save that never leaves a half-written file at `path`."""
     atomic_write(path, lambda f: torch.save(obj, f))

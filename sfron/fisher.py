@@ -131,10 +131,9 @@ def fisher_diagonal(model, diffusion, batches, dist, desc="Fisher", autocast_dty
     count = torch.zeros((), dtype=torch.float64, device=dist.device)
     total = progress.position + len(batches)
     with PerSampleSquaredGrads(model) as grads:
+        progress.restore_into("sums", grads.sums)
         if progress.state is not None:
             count.copy_(progress.state["count"])
-            for name, saved in progress.state["sums"].items():
-                grads.sums[name].copy_(saved)
         iterator = tqdm(batches, desc=desc, disable=not dist.is_main, dynamic_ncols=True, initial=progress.position,
                         total=total)
         for batch in iterator:
@@ -165,9 +164,7 @@ def forget_gradient(model, diffusion, batches, dist, clip=1.0, desc="Forget grad
     model.eval()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in named}
-    if progress.state is not None:
-        for name, saved in progress.state["total"].items():
-            total[name].copy_(saved)
+    progress.restore_into("total", total)
     n_batches = progress.position + len(batches)
     for batch in tqdm(batches, desc=desc, disable=not dist.is_main, dynamic_ncols=True, initial=progress.position,
                       total=n_batches):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from glob import glob
 from typing import Any, Callable, Optional
 
-from .files import atomic_json_dump, atomic_torch_save, remove_stale_temporaries, safe_torch_load
+from .files import as_read_back, atomic_json_dump, atomic_torch_save, remove_stale_temporaries, safe_torch_load
 from .preemption import Preempted
 from .resume import check_same_run
 from .utils import UserError
@@ -26,7 +26,7 @@ class ProgressFolder:
 
     def __init__(self, folder, record, dist):
         self.folder, self.dist = folder, dist
-        self.record = json.loads(json.dumps(record))  # as the manifest reads it back
+        self.record = as_read_back(record)
         self.manifest = self._read()
         if self.manifest is not None:
             try:
@@ -93,9 +93,10 @@ class ProgressFolder:
             shutil.rmtree(self.folder, ignore_errors=True)
 
     def _remove_other_positions(self, phase, keep):
-        """This rank's files of the phase other than position `keep` (all of them for keep < 0)."""
+        """This rank's files of the phase other than position `keep` (all of them for keep <= 0)."""
+        kept = self._file(phase, keep, self.dist.rank) if keep > 0 else None
         for path in glob(os.path.join(self.folder, f"{phase}-*-rank{self.dist.rank}.pt")):
-            if path != self._file(phase, max(keep, 0), self.dist.rank) or keep < 0:
+            if path != kept:
                 os.remove(path)
 
 
@@ -110,6 +111,12 @@ class LoopProgress:
     stop: Any = None
     log_every: int = 0
     logger: Any = None
+
+    def restore_into(self, key, tensors):
+        """Copies the saved tensors of state[key] into `tensors` ({name: tensor}), where there is a saved state."""
+        if self.state is not None:
+            for name, saved in self.state[key].items():
+                tensors[name].copy_(saved)
 
     def after_batch(self, done, total, state_fn, dist):
         """Called by every process after batch `done` (1-based) of `total`; state_fn() gives the state to save."""

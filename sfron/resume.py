@@ -9,7 +9,7 @@ import os
 from dataclasses import asdict
 from glob import glob
 
-from .files import safe_torch_load
+from .files import as_read_back, safe_torch_load
 from .utils import UserError
 
 CHECKPOINT_PATTERN = "[0-9]" * 7 + ".pt"
@@ -59,15 +59,19 @@ def check_same_run(recorded, current):
 def find_resume_checkpoint(path, required=("model", "opt", "run", "train_steps")):
     """(path, checkpoint) to resume: a checkpoint file, or the newest checkpoints/NNNNNNN.pt of an experiment folder."""
     if os.path.isdir(path):
-        found = sorted(glob(os.path.join(path, "checkpoints", CHECKPOINT_PATTERN)))
-        if not found:
-            raise UserError(f"--resume {path}: no checkpoints/NNNNNNN.pt in that folder")
-        path = found[-1]
+        folder, path = path, newest_checkpoint(path)
+        if path is None:
+            raise UserError(f"--resume {folder}: no checkpoints/NNNNNNN.pt in that folder")
     checkpoint = safe_torch_load(path, what="checkpoint")
     if not isinstance(checkpoint, dict) or not set(required) <= checkpoint.keys():
         raise UserError(f"--resume {path} is not a resumable forget.py checkpoint (it lacks "
                         f"{', '.join(k for k in required if not isinstance(checkpoint, dict) or k not in checkpoint)})")
     return path, checkpoint
+
+
+def checkpoint_identity(ckpt):
+    """How a run records the checkpoint it started from: a local file by its absolute path, else its name."""
+    return os.path.abspath(ckpt) if ckpt and os.path.isfile(ckpt) else ckpt
 
 
 def newest_checkpoint(experiment_dir):
@@ -87,6 +91,6 @@ def find_matching_run(results_dir, sections):
             recorded = json.load(open(path))
         except (OSError, ValueError):
             continue  # not a run of this script
-        if all(recorded.get(name) == json.loads(json.dumps(value)) for name, value in sections.items()):
+        if all(recorded.get(name) == as_read_back(value) for name, value in sections.items()):
             matches.append(os.path.dirname(path))
     return matches[-1] if matches else None

@@ -79,16 +79,21 @@ def make_vae_folder(folder):
     return folder
 
 
-def run_script(script, *args, cwd, nproc=None, timeout=600, check=True):
-    """Runs a top-level script (under torchrun with nproc processes if given); returns the CompletedProcess."""
+def script_command(script, *args, nproc=None):
+    """(command line, environment) of a top-level script, under torchrun with nproc processes if given."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                os.path.join(ROOT, script)]
     else:
         cmd = [sys.executable, os.path.join(ROOT, script)]
-    proc = subprocess.run(cmd + [str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return cmd + [str(a) for a in args], env
+
+
+def run_script(script, *args, cwd, nproc=None, timeout=600, check=True):
+    """Runs a top-level script (under torchrun with nproc processes if given); returns the CompletedProcess."""
+    cmd, env = script_command(script, *args, nproc=nproc)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc

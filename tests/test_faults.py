@@ -25,7 +25,7 @@ from PIL import Image
 import forget
 import generate_fisher
 import sample_ddp
-from helpers import ROOT, assert_fisher_close, make_tiny_run_folder, run_in_process
+from helpers import assert_fisher_close, make_tiny_run_folder, run_in_process, run_script, script_command
 
 KILLS = {"forget": 18, "forget_mid_write": 2, "fisher": 10, "sample_ddp": 5}  # at least 20, 10 and some
 
@@ -245,18 +245,28 @@ def children(pid):
     return sorted(found)
 
 
-def test_sigusr1_to_one_torchrun_process_stops_both_after_the_same_step(workdir, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                os.path.join(ROOT, "forget.py")]
+def sigusr1_to_one_of_two(script, args, cwd, ready, worker):
+    """Runs script under torchrun with 2 processes, sends SIGUSR1 to one of them (`worker`: 0 or 1 in pid order)
+    once a file matching the glob `ready` exists, and returns the run's output."""
+    cmd, env = script_command(script, *args, nproc=2)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not glob.glob(str(ready)):
+        assert time.time() < deadline and proc.poll() is None, proc.stdout.read()[-2000:]
+        time.sleep(0.05)
+    workers = children(proc.pid)
+    assert len(workers) == 2
+    os.kill(workers[worker], signal.SIGUSR1)  # one process only: the other learns of it at the step boundary
+    return proc.communicate(timeout=120)[0]
 
+
+def test_sigusr1_to_one_torchrun_process_stops_both_after_the_same_step(workdir, tmp_path):
     def argv(results):
         args = forget_args(workdir, results, "--log-every", 1)
         args[args.index("--n-iters") + 1] = 30
-        return [str(a) for a in args]
-    reference = subprocess.run(torchrun + argv(tmp_path / "reference"), cwd=tmp_path, env=env, capture_output=True,
-                               text=True, timeout=300)
-    assert reference.returncode == 0 and "on 2 process(es)" in reference.stdout, reference.stderr[-2000:]
+        return args
+    reference = run_script("forget.py", *argv(tmp_path / "reference"), cwd=tmp_path, nproc=2)
+    assert "on 2 process(es)" in reference.stdout
     # DDP on gloo (each process takes half of every batch) follows the one-process run
     one = forget_args(workdir, tmp_path / "one")
     one[one.index("--n-iters") + 1] = 3
@@ -265,51 +275,30 @@ def test_sigusr1_to_one_torchrun_process_stops_both_after_the_same_step(workdir,
     torch.testing.assert_close(torch.tensor(b["losses"]), torch.tensor(a["losses"]), rtol=1e-4, atol=1e-6)
     for k in a["model"]:
         torch.testing.assert_close(b["model"][k], a["model"][k], rtol=0, atol=2e-3)
-    proc = subprocess.Popen(torchrun + argv(tmp_path / "stopped"), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while not glob.glob(str(tmp_path / "stopped" / "*" / "checkpoints" / "0000003.pt")):
-        assert time.time() < deadline and proc.poll() is None, proc.stdout.read()[-2000:]
-        time.sleep(0.05)
-    workers = children(proc.pid)
-    assert len(workers) == 2
-    os.kill(workers[1], signal.SIGUSR1)  # one process only: the other learns of it at the step boundary
-    output = proc.communicate(timeout=120)[0]
+    output = sigusr1_to_one_of_two("forget.py", argv(tmp_path / "stopped"), tmp_path,
+                                   tmp_path / "stopped" / "*" / "checkpoints" / "0000003.pt", 1)
     stops = re.findall(r"\[rank (\d)\] ([^:\n]+): stopping after step (\d+)", output)
     assert sorted(rank for rank, _, _ in stops) == ["0", "1"], output[-3000:]
     assert sorted(name for _, name, _ in stops) == ["SIGUSR1", "a signal to another process"], stops
     assert len({step for _, _, step in stops}) == 1 and int(stops[0][2]) < 30, stops
-    resumed = subprocess.run(torchrun + argv(tmp_path / "stopped"), cwd=tmp_path, env=env, capture_output=True,
-                             text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    run_script("forget.py", *argv(tmp_path / "stopped"), cwd=tmp_path, nproc=2)
     assert_same_run(final_checkpoint(tmp_path / "stopped", 30), final_checkpoint(tmp_path / "reference", 30))
 
 
 def test_fisher_stopped_under_torchrun_continues_bit_identical(workdir, tmp_path):
     """Two processes: SIGUSR1 to one of them, then the same command; the Fisher equals the uninterrupted 2-process
     one bit for bit (and a one-process run to rounding); the progress refuses another number of processes."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                os.path.join(ROOT, "generate_fisher.py")]
     reference, stopped = tmp_path / "reference", tmp_path / "stopped"
-    run = subprocess.run(torchrun + [str(a) for a in fisher_args(workdir, reference)], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0 and "2 process(es)" in run.stdout, run.stderr[-2000:]
-    proc = subprocess.Popen(torchrun + [str(a) for a in fisher_args(workdir, stopped)], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while not os.path.isfile(stopped / "1" / "fisher_progress" / "manifest.json"):
-        assert time.time() < deadline and proc.poll() is None, proc.stdout.read()[-2000:]
-        time.sleep(0.05)
-    os.kill(children(proc.pid)[0], signal.SIGUSR1)
-    output = proc.communicate(timeout=120)[0]
+    run = run_script("generate_fisher.py", *fisher_args(workdir, reference), cwd=tmp_path, nproc=2)
+    assert "2 process(es)" in run.stdout
+    output = sigusr1_to_one_of_two("generate_fisher.py", fisher_args(workdir, stopped), tmp_path,
+                                   stopped / "1" / "fisher_progress" / "manifest.json", 0)
     stops = re.findall(r"\[rank (\d)\] [^:\n]+: stopping after batch (\d+)", output)
     assert sorted(rank for rank, _ in stops) == ["0", "1"] and len({batch for _, batch in stops}) == 1, output[-3000:]
     one = run_in_process("generate_fisher.py", *fisher_args(workdir, stopped), cwd=tmp_path)
     assert one.returncode == 1 and "the running sums of 2 processes" in one.stderr
-    run = subprocess.run(torchrun + [str(a) for a in fisher_args(workdir, stopped)], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0 and "continuing from batch" in run.stdout, run.stderr[-2000:]
+    run = run_script("generate_fisher.py", *fisher_args(workdir, stopped), cwd=tmp_path, nproc=2)
+    assert "continuing from batch" in run.stdout
     for name in ("forget_fisher.pt", "remain_fisher.pt", "forget_gradient.pt"):
         a, b = (torch.load(m / "1" / name, weights_only=True) for m in (reference, stopped))
         assert all(torch.equal(a[k], b[k]) for k in a), name
