@@ -111,7 +111,11 @@ def unlearn(args, mask_path, results, seed=0):
         "--remain-alpha", 1.0, "--mask-path", mask_path, "--threshold", args.threshold, "--results-dir", results,
         "--log-every", 25, "--seed", seed, "--ema-decay", args.ema_decay,
         "--forget-label-dropout" if args.forget_label_dropout else "--no-forget-label-dropout",
-        *(["--forget-loss-ceiling", args.forget_loss_ceiling] if args.forget_loss_ceiling else [])])
+        *(["--forget-loss-ceiling", args.forget_loss_ceiling] if args.forget_loss_ceiling else []),
+        *(["--null-label-stop", args.null_label_stop] if args.null_label_stop else []),
+        *(["--remain-lr", args.remain_lr] if args.remain_lr else []),
+        *(["--separate-forget-optimizer"] if args.separate_forget_optimizer else []),
+        *(["--mask-remain-step"] if args.mask_remain_step else [])])
     run = max((d for d in os.listdir(results) if "-forget-" in d), key=lambda d: int(d.split("-")[0]))
     return os.path.join(results, run)
 
@@ -169,6 +173,12 @@ def parse_args(argv=None):
     parser.add_argument("--forget-alpha", type=float, default=1.0, help="forget.py --forget-alpha (cosine-decayed)")
     parser.add_argument("--seed", type=int, default=0, help="forget.py --seed (the unlearning run's batch draws)")
     parser.add_argument("--forget-loss-ceiling", type=float, default=None, help="forget.py --forget-loss-ceiling")
+    parser.add_argument("--null-label-stop", type=float, default=None, help="forget.py --null-label-stop")
+    parser.add_argument("--remain-lr", type=float, default=None, help="forget.py --remain-lr (default: --lr)")
+    parser.add_argument("--separate-forget-optimizer", action="store_true",
+                        help="forget.py --separate-forget-optimizer (the forget step's own AdamW moments)")
+    parser.add_argument("--mask-remain-step", action="store_true",
+                        help="forget.py --mask-remain-step (the remain step moves the mask's weights only)")
     parser.add_argument("--ema-decay", type=float, default=0.0, help="forget.py --ema-decay")
     parser.add_argument("--forget-label-dropout", action=argparse.BooleanOptionalAction, default=True,
                         help="forget.py's switch: label dropout on the forget step too (official) or not")

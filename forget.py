@@ -51,7 +51,8 @@ def unlearn_settings(args):
         lambd=args.lambd, forget_label_dropout=args.forget_label_dropout, seed=args.seed, precision=args.precision,
         ema_decay=args.ema_decay, esd_eta=args.esd_eta, ewc_lambda=args.ewc_lambda, remain_source=args.remain_source,
         replay_samples=args.replay_samples, replay_steps=args.replay_steps, replay_cfg_scale=args.replay_cfg_scale,
-        forget_loss_ceiling=args.forget_loss_ceiling)
+        forget_loss_ceiling=args.forget_loss_ceiling, null_label_stop=args.null_label_stop, remain_lr=args.remain_lr,
+        separate_forget_optimizer=args.separate_forget_optimizer, mask_remain_step=args.mask_remain_step)
 
 
 def experiment_name(settings, model):
@@ -63,15 +64,19 @@ def experiment_name(settings, model):
 
 def save_checkpoint(path, unlearner, ema, run, history):
     """
-    {"model", "ema", "opt", "args", "spec", "run", "train_steps", "losses"}. The official loader prefers "ema":
+    {"model", "ema", "opt", "args", "spec", "run", "train_steps", "losses"} (and "forget_opt", the forget step's
+    own optimizer, with --separate-forget-optimizer). The official loader prefers "ema":
     without --ema-decay it holds the very tensors of "model" (stored once), the unlearned weights. (An EMA with
     decay 0.9999 over a few hundred steps, as the official script saves, would still be ~95% the original model.)
     "run" pins what a resumed run must keep; "args" and "spec" are what other scripts read back.
     """
     state = unlearner.raw_model.state_dict()
-    atomic_torch_save({"model": state, "ema": ema.state_dict() if ema is not None else state,
-                       "opt": unlearner.opt.state_dict(), "args": {**run["settings"], "model": run["model"]["model"]},
-                       "spec": run["model"], "run": run, "train_steps": len(history), "losses": history}, path)
+    checkpoint = {"model": state, "ema": ema.state_dict() if ema is not None else state,
+                  "opt": unlearner.opt.state_dict(), "args": {**run["settings"], "model": run["model"]["model"]},
+                  "spec": run["model"], "run": run, "train_steps": len(history), "losses": history}
+    if unlearner.forget_opt is not unlearner.opt:  # --separate-forget-optimizer
+        checkpoint["forget_opt"] = unlearner.forget_opt.state_dict()
+    atomic_torch_save(checkpoint, path)
 
 
 def save_state(args, state, experiment_dir, dist, logger):
@@ -101,6 +106,8 @@ def restore(resumed, unlearner, ema):
     if ema is not None:
         ema.load_state_dict(resumed["ema"])
     unlearner.opt.load_state_dict(resumed["opt"])
+    if unlearner.forget_opt is not unlearner.opt:
+        unlearner.forget_opt.load_state_dict(resumed["forget_opt"])
     return list(resumed.get("losses", []))
 
 
@@ -335,6 +342,18 @@ def parse_args(argv=None):
     parser.add_argument("--forget-loss-ceiling", type=float, default=None,
                         help="ga/adaga: skip the forget step while the forget batch's mean diffusion loss is above "
                              "this value (the remain step still runs); default: never (the paper's update)")
+    parser.add_argument("--null-label-stop", type=float, default=None,
+                        help="ga/adaga: skip the forget step while the forget batch's loss under its label is at "
+                             "least this many times its loss under the null label; default: never")
+    parser.add_argument("--remain-lr", type=float, default=None,
+                        help="learning rate of the slow (remain) step of --method ron; default: --lr")
+    parser.add_argument("--separate-forget-optimizer", action=argparse.BooleanOptionalAction, default=False,
+                        help="ron: the forget step keeps its own AdamW moments, so that it moves only the weights "
+                             "of the mask (the official script shares one optimizer, whose momentum from the remain "
+                             "steps moves every weight at the forget step too)")
+    parser.add_argument("--mask-remain-step", action=argparse.BooleanOptionalAction, default=False,
+                        help="ron: the remain step too moves only the weights of the saliency mask (the official "
+                             "remain step moves every weight)")
     parser.add_argument("--forget-label-dropout", action=argparse.BooleanOptionalAction, default=True,
                         help="drop forget labels to the null class as training mode does in the official script "
                              "(default); --no-forget-label-dropout drops labels on the remain step only "

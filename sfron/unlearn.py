@@ -56,6 +56,10 @@ class UnlearnSettings:
     replay_steps: int = 50          # DDIM steps of each replay sample
     replay_cfg_scale: float = 4.0   # guidance scale of the replay samples
     forget_loss_ceiling: Optional[float] = None  # ga/adaga: no ascent step while the forget loss is above it
+    null_label_stop: Optional[float] = None  # ga/adaga: no ascent step while L(x, c) >= this times L(x, null)
+    remain_lr: Optional[float] = None        # the slow (remain) step's learning rate; None: lr
+    separate_forget_optimizer: bool = False  # ron: the forget step keeps its own AdamW moments
+    mask_remain_step: bool = False           # ron: the remain step moves the weights of the saliency mask only
 
     def check(self):
         """One clear error for settings that cannot run."""
@@ -79,6 +83,17 @@ class UnlearnSettings:
                 raise UserError("--forget-loss-ceiling applies to the ascent losses (ga, adaga) only")
             if not self.forget_loss_ceiling > 0:
                 raise UserError(f"--forget-loss-ceiling must be positive, got {self.forget_loss_ceiling}")
+        if self.null_label_stop is not None:
+            if self.unlearn_loss not in ASCENT_LOSSES:
+                raise UserError("--null-label-stop applies to the ascent losses (ga, adaga) only")
+            if not self.null_label_stop > 0:
+                raise UserError(f"--null-label-stop must be positive, got {self.null_label_stop}")
+        if self.remain_lr is not None and not self.remain_lr > 0:
+            raise UserError(f"--remain-lr must be positive, got {self.remain_lr}")
+        if (self.remain_lr is not None or self.separate_forget_optimizer or self.mask_remain_step) and \
+                self.method != "ron":
+            raise UserError("--remain-lr, --separate-forget-optimizer and --mask-remain-step apply to --method ron "
+                            "(two steps) only")
         check_ema_decay(self.ema_decay, self.n_iters)
 
     def forget_alpha_at(self, step):
@@ -201,11 +216,32 @@ class Unlearner:
         self.named = [(n, p) for n, p in self.raw_model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named]
         self.opt = optimizer if optimizer is not None else make_optimizer(self.params, settings.lr)
+        # Own moments keep the forget step inside its mask: AdamW moves a weight whose masked gradient is 0 by the
+        # momentum the shared moments carry from the remain steps, so a shared optimizer frees every weight.
+        self.forget_opt = make_optimizer(self.params, settings.lr) if settings.separate_forget_optimizer else self.opt
         num_classes = self.raw_model.num_classes
         self.relabel = {"rl": relabel_class(settings.forget_class, num_classes),
                         "salun": (settings.forget_class + 1) % num_classes}.get(settings.unlearn_loss)
         self.amp = dict(device_type=dist.device.type, dtype=autocast_dtype(settings.precision),
                         enabled=settings.precision == "bf16")
+
+    def ascent_paused(self, batch, f_losses):
+        """Whether this step's ascent is skipped: above --forget-loss-ceiling, or past --null-label-stop."""
+        return self.above_ceiling(f_losses) or self.label_no_longer_helps(batch, f_losses)
+
+    def label_no_longer_helps(self, batch, f_losses):
+        """
+        --null-label-stop R: whether the forget batch's loss under its label is at least R times its loss under
+        the null label (the same x_t, t and noise; no gradient). Past that point classifier-free guidance towards
+        the forget label steers away from the forget images, and further ascent only costs the remain classes.
+        """
+        ratio = self.settings.null_label_stop
+        if ratio is None:
+            return False
+        with torch.no_grad(), torch.autocast(**self.amp):
+            null = diffusion_loss(self.model, self.diffusion, batch, force_drop_ids=torch.ones_like(batch.drop))
+        total = self.dist.all_reduce_sum_(torch.stack([f_losses.detach().float().sum(), null.float().sum()]))
+        return bool(total[0] >= ratio * total[1])
 
     def above_ceiling(self, f_losses):
         """
@@ -221,15 +257,20 @@ class Unlearner:
         total = self.dist.all_reduce_sum_(total)  # every process decides alike
         return bool(total[0] / total[1] > ceiling)
 
-    def _optimizer_step(self, loss, masked):
-        """zero_grad, backward, then (masked=True) the saliency mask and the global-norm clip, and the step."""
-        self.opt.zero_grad(set_to_none=True)
+    def _optimizer_step(self, loss, masked, lr=None):
+        """zero_grad, backward, then (masked=True: the forget step) the saliency mask, the global-norm clip and
+        the forget optimizer's step; otherwise the optimizer's step at lr (None: the run's --lr), masked with
+        --mask-remain-step."""
+        opt = self.forget_opt if masked else self.opt
+        for group in opt.param_groups:
+            group["lr"] = self.settings.lr if lr is None else lr
+        opt.zero_grad(set_to_none=True)
         loss.backward()
-        if masked and self.mask is not None:
+        if (masked or self.settings.mask_remain_step) and self.mask is not None:
             apply_mask_(self.named, self.mask)
         if masked and self.settings.grad_clip is not None and self.settings.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)
-        self.opt.step()
+        opt.step()
 
     def forget_losses(self, batch):
         """Per-sample losses of the forget term (b,): diffusion losses (ga, adaga, rl, sa) or the distance of the
@@ -278,13 +319,13 @@ class Unlearner:
                 with torch.autocast(**self.amp):
                     f_losses = self.forget_losses(forget_batch)
                     f_loss = forget_objective(f_losses, s.unlearn_loss, self.dist, s.lambd)
-                if not self.above_ceiling(f_losses):
+                if not self.ascent_paused(forget_batch, f_losses):
                     self._optimizer_step(alpha * f_loss, masked=True)             # fast: forget
             if use_remain or s.ewc_lambda > 0:
                 with torch.autocast(**self.amp):                                   # at the updated weights
                     r_losses = self.remain_losses(remain_batch) if use_remain else None
                     r_loss = self._remain_objective(r_losses)
-                self._optimizer_step(r_loss, masked=False)                        # slow: remain
+                self._optimizer_step(r_loss, masked=False, lr=s.remain_lr)         # slow: remain
         elif s.method == "joint":  # one masked and clipped step on every term
             with torch.autocast(**self.amp):
                 loss, f_losses, r_losses = self._joint_loss(forget_batch, remain_batch, alpha)
@@ -312,7 +353,7 @@ class Unlearner:
                 f_losses = self.forget_losses(forget_batch)
             if s.remain_alpha != 0:
                 r_losses = self.remain_losses(remain_batch)
-        if f_losses is not None and not self.above_ceiling(f_losses):
+        if f_losses is not None and not self.ascent_paused(forget_batch, f_losses):
             loss = alpha * forget_objective(f_losses, s.unlearn_loss, self.dist, s.lambd)
         return loss + self._remain_objective(r_losses), f_losses, r_losses
 

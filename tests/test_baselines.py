@@ -167,21 +167,105 @@ def test_bad_combinations_are_one_line_errors(tmp_path):
         settings(forget_alpha=0.0, remain_alpha=0.0).check()
 
 
+def after_ron_step(**kw):
+    """The trainable weights of a tiny DiT after one ron step on fixed forget and remain batches."""
+    model = tiny_model()
+    s = settings(method="ron", lr=1e-2, **kw)
+    Unlearner(model, DIFFUSION, s, DIST).step(batch(1, 0), batch(2, 1), s.forget_alpha)
+    return trainable(model)
+
+
 def test_forget_loss_ceiling_pauses_only_the_ascent():
     """--forget-loss-ceiling: above it a ron step is its remain step alone; far above the losses it changes nothing."""
-    fb, rb = batch(1, 0), batch(2, 1)
-
-    def after_step(**kw):
-        model = tiny_model()
-        s = settings(method="ron", lr=1e-2, **kw)
-        Unlearner(model, DIFFUSION, s, DIST).step(fb, rb, s.forget_alpha)
-        return trainable(model)
-
     start = trainable(tiny_model())
-    paused, remain_only = after_step(forget_loss_ceiling=1e-9), after_step(forget_alpha=0.0)
-    free, unbounded = after_step(forget_loss_ceiling=1e9), after_step()
+    paused, remain_only = after_ron_step(forget_loss_ceiling=1e-9), after_ron_step(forget_alpha=0.0)
+    free, unbounded = after_ron_step(forget_loss_ceiling=1e9), after_ron_step()
     assert all(torch.equal(paused[n], remain_only[n]) for n in start)
     assert all(torch.equal(free[n], unbounded[n]) for n in start)
     assert any(not torch.equal(free[n], paused[n]) for n in start)
     with pytest.raises(UserError, match="ascent losses"):
         settings(unlearn_loss="rl", forget_loss_ceiling=1.0).check()
+
+
+def half_mask(model, seed=0):
+    """A saliency mask that frees a random half of every trainable tensor."""
+    g = torch.Generator().manual_seed(seed)
+    return {n: (torch.rand(p.shape, generator=g) < 0.5).float() for n, p in trainable(model).items()}
+
+
+def forget_step_moves(**kw):
+    """How far the forget step of a second ron step moves the weights outside and inside the mask (the first ron
+    step leaves AdamW momentum from its remain step)."""
+    fb, rb = batch(1, 0), batch(2, 1)
+    model = tiny_model()
+    mask = half_mask(model)
+    s = settings(method="ron", lr=1e-2, **kw)
+    unlearner = Unlearner(model, DIFFUSION, s, DIST, mask=mask)
+    unlearner.step(fb, rb, 1.0)
+    moved = {}
+    plain_step = unlearner._optimizer_step
+
+    def record(loss, masked, lr=None):
+        before = {n: p.detach().clone() for n, p in trainable(model).items()}
+        plain_step(loss, masked, lr)
+        if masked:
+            for n, p in trainable(model).items():
+                change = (p.detach() - before[n]).abs()
+                moved["outside"] = max(moved.get("outside", 0.0), float((change * (1 - mask[n])).max()))
+                moved["inside"] = max(moved.get("inside", 0.0), float((change * mask[n]).max()))
+    unlearner._optimizer_step = record
+    unlearner.step(fb, rb, 1.0)
+    return moved
+
+
+def test_separate_forget_optimizer_keeps_the_forget_step_inside_its_mask():
+    """With one AdamW for both steps (the official), the remain step's momentum moves weights the mask freezes at
+    the forget step; with its own moments the forget step moves the mask's weights only."""
+    shared, separate = forget_step_moves(), forget_step_moves(separate_forget_optimizer=True)
+    assert shared["outside"] > 1e-3 and shared["inside"] > 1e-3
+    assert separate["outside"] == 0.0 and separate["inside"] > 1e-3
+
+
+def test_mask_remain_step_freezes_every_weight_outside_the_mask():
+    fb, rb = batch(1, 0), batch(2, 1)
+    for kw, frozen in (({}, False), ({"mask_remain_step": True}, True),
+                       ({"mask_remain_step": True, "separate_forget_optimizer": True}, True)):
+        model = tiny_model()
+        mask, start = half_mask(model), {n: p.detach().clone() for n, p in trainable(model).items()}
+        s = settings(method="ron", lr=1e-2, **kw)
+        unlearner = Unlearner(model, DIFFUSION, s, DIST, mask=mask)
+        for _ in range(3):
+            unlearner.step(fb, rb, 1.0)
+        outside = max(float(((p.detach() - start[n]) * (1 - mask[n])).abs().max()) for n, p in trainable(model).items())
+        assert (outside == 0.0) == frozen, kw
+
+
+def test_remain_lr_sets_the_size_of_the_remain_step():
+    """AdamW's first step moves each weight by about its learning rate: the remain step's is --remain-lr."""
+    fb, rb = batch(1, 0), batch(2, 1)
+    for remain_lr in (None, 1e-5):
+        model = tiny_model()
+        start = {n: p.detach().clone() for n, p in trainable(model).items()}
+        s = settings(method="ron", lr=1e-2, forget_alpha=0.0, remain_lr=remain_lr)
+        Unlearner(model, DIFFUSION, s, DIST).step(fb, rb, 0.0)
+        largest = max(float((p.detach() - start[n]).abs().max()) for n, p in trainable(model).items())
+        assert largest == pytest.approx(remain_lr or 1e-2, rel=1e-2)  # fp32 differences
+
+
+def test_null_label_stop_pauses_only_the_ascent():
+    """--null-label-stop R: a forget batch whose loss is R times its null-label loss gets no ascent step."""
+    fb = batch(1, 0)
+    model = tiny_model()
+    with torch.no_grad():
+        ratio = float(diffusion_losses(model, trainable(model) | {"pos_embed": model.pos_embed}, fb, fb.y, fb.drop).mean()
+                      / diffusion_losses(model, trainable(model) | {"pos_embed": model.pos_embed}, fb, fb.y,
+                                         torch.ones_like(fb.drop)).mean())
+    paused, remain_only = after_ron_step(null_label_stop=ratio * 0.99), after_ron_step(forget_alpha=0.0)
+    free, unbounded = after_ron_step(null_label_stop=ratio * 1.01), after_ron_step()
+    assert all(torch.equal(paused[n], remain_only[n]) for n in paused)
+    assert all(torch.equal(free[n], unbounded[n]) for n in free)
+    assert any(not torch.equal(free[n], paused[n]) for n in free)
+    with pytest.raises(UserError, match="ascent losses"):
+        settings(unlearn_loss="rl", null_label_stop=1.0).check()
+    with pytest.raises(UserError, match="--method ron"):
+        settings(method="joint", remain_lr=1e-5).check()

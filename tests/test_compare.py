@@ -44,3 +44,33 @@ def test_compare_refuses_a_tuning_class_it_evaluates(tmp_path):
     proc = run_script("bench/compare.py", "--out", tmp_path / "cmp", "--classes", 0, 5, "--tuning-class", 5,
                       cwd=tmp_path, check=False)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: --tuning-class 5")
+
+
+def test_sfron_variants_checks_each_run_against_the_three_targets(tmp_path, monkeypatch):
+    """bench/sfron_variants.py, shortened: every row holds its evaluation's numbers and the targets they miss."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import sfron_variants
+    monkeypatch.chdir(tmp_path)
+    argv = ["--name", "small-mask", "--lr", "1e-3", "--flags", "--threshold 5 --mask-remain-step", "--digits", "3",
+            "--seeds", "0", "--steps", "2", "4", "--out", "out", "--data-path", "digits", "--cache-dir", "ret",
+            "--batch-size", "8", "--fisher-iters", "1", "--samples-per-class", "4", "--sampling-steps", "3"]
+    sfron_variants.main(sfron_variants.parse_args(argv))
+    result = json.load(open(tmp_path / "out" / "variants-small-mask.json"))
+    assert result["flags"][-3:] == ["--threshold", "5", "--mask-remain-step"]
+    reference = json.load(open(tmp_path / "out" / "references" / "3.json"))
+    run = json.load(open(tmp_path / "out" / "evals" / "small-mask-3-seed0-lr0.001.json"))
+    assert "--mask-remain-step" in run["flags"] and os.path.isfile(tmp_path / "out" / "mask" / "seed0" / "3" /
+                                                                    "fisher_5.0.pt")
+    for row in result["rows"]:
+        report = run["steps"][str(row["step"])]
+        assert row["forget_acc"] == report["forget_acc"]
+        assert row["fd_ratio"] == pytest.approx(report["fd_remain"] / reference["original"]["fd_remain"])
+        expected = ("F" if report["forget_acc"] > reference["retrained"]["forget_acc"] + 0.03 else "") + \
+                   ("R" if report["remain_acc"] < reference["original"]["remain_acc"] - 0.01 else "") + \
+                   ("D" if row["fd_ratio"] > 1.2 else "")
+        assert row["missed"] == expected
+    table = open(tmp_path / "out" / "variants-small-mask.md").read()
+    assert table.count("\n| 3 | 0 |") == 2 and "runs meet all three targets" in table
+    with pytest.raises(sfron_variants.UserError, match="is a method of bench/compare.py"):
+        sfron_variants.main(sfron_variants.parse_args(["--name", "ga", "--lr", "1e-3"]))

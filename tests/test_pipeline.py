@@ -152,10 +152,13 @@ def test_fisher_files_of_the_official_script_give_a_mask_forget_py_uses(workdir,
     assert "fisher_1.0.pt: 49." in proc.stdout or "fisher_1.0.pt: 50." in proc.stdout  # about half the weights
 
 
-def test_resumed_run_ends_where_an_uninterrupted_one_does(workdir, tmp_path):
+@pytest.mark.parametrize("extra", [(), ("--separate-forget-optimizer", "--remain-lr", "2e-5", "--null-label-stop", 50)],
+                         ids=["official", "own-forget-moments"])
+def test_resumed_run_ends_where_an_uninterrupted_one_does(workdir, tmp_path, extra):
+    """--resume continues bit-identically, the forget step's own AdamW moments included."""
     args = ("--model", "DiT-T/2", "--data-path", workdir / "data", "--batch-size", 2, "--ckpt", workdir / "tiny.pt",
             "--n-iters", 6, "--ckpt-every", 3, "--snapshot-every", 0, "--forget-class", 0, "--forget-alpha", "0.1",
-            "--decay-forget-alpha", "--unlearn-loss", "adaga", "--results-dir", tmp_path, "--num-workers", 0)
+            "--decay-forget-alpha", "--unlearn-loss", "adaga", "--results-dir", tmp_path, "--num-workers", 0, *extra)
     run_in_process("forget.py", *args, cwd=workdir, check=True)
     (full,) = experiment_dirs(tmp_path)
     interrupted = interrupted_copy(full, 3)
@@ -166,6 +169,9 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(workdir, tmp_path):
     for k in a["model"]:
         torch.testing.assert_close(b["model"][k], a["model"][k], rtol=0, atol=0)
     assert a["losses"] == b["losses"] and len(a["losses"]) == 6
+    if extra:
+        assert "forget_opt" in a and "forget_opt" in b
+        return
     bad = run_in_process("forget.py", *args, "--lr", "1e-3", "--resume", interrupted, cwd=workdir, check=False)
     assert bad.returncode == 1 and "--lr 0.001 differs from the resumed run's 0.0001" in bad.stderr
 
