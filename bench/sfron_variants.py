@@ -75,9 +75,10 @@ def markdown(rows, command):
         lines.append(f"| {r['digit']} | {r['seed']} | {r['step']} | {r['forget_acc']:.3f} ({r['retrained_fa']:.3f}) "
                      f"| {r['remain_acc']:.3f} ({r['original_ra']:.3f}) | {r['fd_ratio']:.2f} "
                      f"| {'pass' if not r['missed'] else 'misses ' + r['missed']} |")
-    passed = sum(not r["missed"] for r in rows if r["step"] == max(x["step"] for x in rows))
-    finals = sum(r["step"] == max(x["step"] for x in rows) for r in rows)
-    return "\n".join(lines) + f"\n\nAt the last step: {passed} of {finals} runs meet all three targets.\n"
+    last = max(r["step"] for r in rows)
+    finals = [r for r in rows if r["step"] == last]
+    passed = sum(not r["missed"] for r in finals)
+    return "\n".join(lines) + f"\n\nAt the last step: {passed} of {len(finals)} runs meet all three targets.\n"
 
 
 def main(args):

@@ -191,7 +191,8 @@ def concat_batches(a, b):
 
 
 def apply_mask_(named_params, mask):
-    """Multiplies each gradient elementwise by its saliency mask (weights outside the mask stay frozen)."""
+    """Multiplies each gradient elementwise by its saliency mask. Weights outside the mask then get no gradient;
+    an AdamW step still moves them by the momentum its moments hold from unmasked steps."""
     pairs = [(p.grad, mask[name]) for name, p in named_params if p.grad is not None]
     if pairs:
         torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])  # one launch per group, not per tensor
@@ -259,11 +260,13 @@ class Unlearner:
 
     def _optimizer_step(self, loss, masked, lr=None):
         """zero_grad, backward, then (masked=True: the forget step) the saliency mask, the global-norm clip and
-        the forget optimizer's step; otherwise the optimizer's step at lr (None: the run's --lr), masked with
-        --mask-remain-step."""
+        the forget optimizer's step; otherwise the optimizer's step, masked with --mask-remain-step. lr: this
+        step's learning rate (None: the optimizer's own)."""
         opt = self.forget_opt if masked else self.opt
-        for group in opt.param_groups:
-            group["lr"] = self.settings.lr if lr is None else lr
+        own_rates = [group["lr"] for group in opt.param_groups]
+        if lr is not None:  # for this step only: a shared optimizer's next forget step keeps its rate
+            for group in opt.param_groups:
+                group["lr"] = lr
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if (masked or self.settings.mask_remain_step) and self.mask is not None:
@@ -271,6 +274,8 @@ class Unlearner:
         if masked and self.settings.grad_clip is not None and self.settings.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)
         opt.step()
+        for group, rate in zip(opt.param_groups, own_rates):
+            group["lr"] = rate
 
     def forget_losses(self, batch):
         """Per-sample losses of the forget term (b,): diffusion losses (ga, adaga, rl, sa) or the distance of the

@@ -48,8 +48,7 @@ def test_compare_refuses_a_tuning_class_it_evaluates(tmp_path):
 
 def test_sfron_variants_checks_each_run_against_the_three_targets(tmp_path, monkeypatch):
     """bench/sfron_variants.py, shortened: every row holds its evaluation's numbers and the targets they miss."""
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
     import sfron_variants
     monkeypatch.chdir(tmp_path)
     argv = ["--name", "small-mask", "--lr", "1e-3", "--flags", "--threshold 5 --mask-remain-step", "--digits", "3",
