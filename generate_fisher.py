@@ -19,7 +19,7 @@ from sfron.build import autocast_dtype, load_model_and_vae
 from sfron.data import (DiffusionBatches, LatentEncoder, StreamConfig, dataset_fingerprint, forget_latent_cache,
                         unlearn_datasets)
 from sfron.dist import distributed
-from sfron.files import atomic_torch_save
+from sfron.files import atomic_torch_save, remove_stale_temporaries
 from sfron.fisher import fisher_diagonal, forget_gradient
 from sfron.mask import class_dir
 from sfron.preemption import StopSignals
@@ -63,6 +63,8 @@ def main(args):
         model, vae, spec, ckpt = load_model_and_vae(model_request(args), dist.device)
         data_sets = unlearn_datasets(args.data_path, args.forget_class, spec.image_size, spec.num_classes)[:2]
         out_dir = class_dir(args.mask_path, args.forget_class)
+        if dist.is_main:  # a run killed while writing its outputs left temporaries beside them
+            remove_stale_temporaries(out_dir)
         record = pinned_record({"fisher": fisher_settings(args, data_sets, dist), "model": spec})
         progress = ProgressFolder(os.path.join(out_dir, PROGRESS_FOLDER), record, dist)
         if progress.experiment_dir is None:

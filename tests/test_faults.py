@@ -163,6 +163,8 @@ def test_fisher_killed_10_times_ends_bit_identical(workdir, tmp_path):
     reference, mask, killed = reference_and_kills(generate_fisher, lambda out: fisher_args(workdir, out), tmp_path,
                                                   1, KILLS["fisher"], 1 / 3)
     assert killed == KILLS["fisher"]
+    (mask / "1").mkdir(parents=True, exist_ok=True)
+    (mask / "1" / ".forget_fisher.pt.planted.tmp").write_bytes(b"half")  # as a kill during the output write leaves
     assert wait(forked(generate_fisher, fisher_args(workdir, mask), tmp_path)) == 0
     for name in ("forget_fisher.pt", "remain_fisher.pt", "forget_gradient.pt"):
         a, b = (torch.load(m / "1" / name, weights_only=True) for m in (reference, mask))
