@@ -30,6 +30,14 @@ DIGITS_CLASSIFIER = os.path.join(ASSETS, "digits_classifier.pt")
 TRAIN_FLAGS = ["--model", "DiT-T/2", "--image-size", 8, "--num-classes", 10, "--vae", "none", "--no-random-flip",
                "--global-batch-size", 128, "--max-steps", 6000, "--lr", "1e-3", "--ema-decay", 0.999,
                "--num-workers", 0]
+# SFR-on's forget.py flags beyond the method's own (ron, cosine-decayed forget weight 1, remain weight 1), with the
+# learning rate and mask threshold; README: "Keeping the remain classes" measures both on every digit.
+RECIPES = {
+    "recommended": {"lr": 2e-3, "threshold": 5.0,
+                    "flags": ["--unlearn-loss", "esd", "--esd-eta", 1.0, "--separate-forget-optimizer",
+                              "--mask-remain-step", "--remain-lr", 1e-5]},
+    "paper": {"lr": 1.5e-4, "threshold": 1.0, "flags": ["--unlearn-loss", "ga"]},
+}
 
 
 def step(script, argv):
@@ -99,23 +107,30 @@ def fisher_and_masks(args, mask_path, results):
         step(prepare_digits, ["--out", args.data_path])
     step(generate_fisher, common_flags(args) + ["--n-iters", args.fisher_iters, "--forget-class", args.forget_class,
                                                 "--mask-path", mask_path, "--results-dir", results])
-    step(generate_mask, ["--mask-path", mask_path, "--forget-class", args.forget_class, "--thresholds",
-                         *args.thresholds])
+    thresholds = sorted({float(t) for t in args.thresholds} | {recipe_value(args, "threshold")})
+    step(generate_mask, ["--mask-path", mask_path, "--forget-class", args.forget_class, "--thresholds", *thresholds])
+
+
+def recipe_value(args, key):
+    """--lr or --threshold as given, else the recipe's."""
+    given = getattr(args, key)
+    return RECIPES[args.recipe][key] if given is None else given
+
+
+def forget_flags(args):
+    """forget.py's SFR-on flags of the demo's command line: the recipe's at its --lr and --threshold, then
+    --forget-flags."""
+    return ["--method", "ron", "--forget-alpha", args.forget_alpha, "--decay-forget-alpha", "--remain-alpha", 1.0,
+            "--lr", recipe_value(args, "lr"), "--threshold", recipe_value(args, "threshold"),
+            *RECIPES[args.recipe]["flags"], *shlex.split(args.forget_flags)]
 
 
 def unlearn(args, mask_path, results, seed=0):
-    """Step 3, SFR-on with the seed README's flags; returns the run folder."""
+    """Step 3, SFR-on with the recipe's flags; returns the run folder."""
     step(forget, common_flags(args) + [
-        "--n-iters", args.forget_iters, "--snapshot-every", 50, "--lr", args.lr, "--forget-class", args.forget_class,
-        "--method", "ron", "--unlearn-loss", "ga", "--forget-alpha", args.forget_alpha, "--decay-forget-alpha",
-        "--remain-alpha", 1.0, "--mask-path", mask_path, "--threshold", args.threshold, "--results-dir", results,
-        "--log-every", 25, "--seed", seed, "--ema-decay", args.ema_decay,
-        "--forget-label-dropout" if args.forget_label_dropout else "--no-forget-label-dropout",
-        *(["--forget-loss-ceiling", args.forget_loss_ceiling] if args.forget_loss_ceiling else []),
-        *(["--null-label-stop", args.null_label_stop] if args.null_label_stop else []),
-        *(["--remain-lr", args.remain_lr] if args.remain_lr else []),
-        *(["--separate-forget-optimizer"] if args.separate_forget_optimizer else []),
-        *(["--mask-remain-step"] if args.mask_remain_step else [])])
+        "--n-iters", args.forget_iters, "--snapshot-every", 50, "--forget-class", args.forget_class,
+        "--mask-path", mask_path, "--results-dir", results, "--log-every", 25, "--seed", seed,
+        "--ema-decay", args.ema_decay, *forget_flags(args)])
     run = max((d for d in os.listdir(results) if "-forget-" in d), key=lambda d: int(d.split("-")[0]))
     return os.path.join(results, run)
 
@@ -167,21 +182,20 @@ def parse_args(argv=None):
     parser.add_argument("--fisher-iters", type=int, default=8, help="generate_fisher.py --n-iters")
     parser.add_argument("--thresholds", type=str, nargs="+", default=["0.5", "1", "3", "5", "10"],
                         help="generate_mask.py --thresholds")
-    parser.add_argument("--threshold", type=float, default=1.0, help="the mask threshold forget.py uses")
+    parser.add_argument("--recipe", type=str, choices=list(RECIPES), default="recommended",
+                        help="SFR-on's forget.py flags: recommended (the forget class's conditional prediction "
+                             "trained toward the frozen original's negatively guided one, inside the saliency mask; "
+                             "README: Keeping the remain classes) or paper (the official gradient ascent)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="the mask threshold forget.py uses (default: the recipe's)")
     parser.add_argument("--forget-iters", type=int, default=100, help="forget.py --n-iters")
-    parser.add_argument("--lr", type=float, default=1.5e-4, help="forget.py --lr")
+    parser.add_argument("--lr", type=float, default=None, help="forget.py --lr (default: the recipe's)")
     parser.add_argument("--forget-alpha", type=float, default=1.0, help="forget.py --forget-alpha (cosine-decayed)")
     parser.add_argument("--seed", type=int, default=0, help="forget.py --seed (the unlearning run's batch draws)")
-    parser.add_argument("--forget-loss-ceiling", type=float, default=None, help="forget.py --forget-loss-ceiling")
-    parser.add_argument("--null-label-stop", type=float, default=None, help="forget.py --null-label-stop")
-    parser.add_argument("--remain-lr", type=float, default=None, help="forget.py --remain-lr (default: --lr)")
-    parser.add_argument("--separate-forget-optimizer", action="store_true",
-                        help="forget.py --separate-forget-optimizer (the forget step's own AdamW moments)")
-    parser.add_argument("--mask-remain-step", action="store_true",
-                        help="forget.py --mask-remain-step (the remain step moves the mask's weights only)")
+    parser.add_argument("--forget-flags", type=str, default="",
+                        help="more forget.py flags, in one string, after the recipe's (a repeated flag wins), "
+                             "e.g. \"--forget-loss-ceiling 2\"")
     parser.add_argument("--ema-decay", type=float, default=0.0, help="forget.py --ema-decay")
-    parser.add_argument("--forget-label-dropout", action=argparse.BooleanOptionalAction, default=True,
-                        help="forget.py's switch: label dropout on the forget step too (official) or not")
     parser.add_argument("--samples-per-class", type=int, default=100, help="generated images per digit to evaluate")
     parser.add_argument("--sampling-steps", type=int, default=25, help="DDIM steps of the evaluation samples")
     parser.add_argument("--cfg-scale", type=float, default=2.0, help="guidance scale of the evaluation samples")

@@ -20,6 +20,7 @@ import contextlib
 import io
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -65,6 +66,11 @@ METHODS = {
 }
 LR_GRID = (5e-5, 1.5e-4, 5e-4)  # the same grid for every method
 FORGOTTEN_MARGIN = 0.03          # "forgotten": forget accuracy at most 3 points above the retrained model's
+COMPARISON_DEFAULTS = dict(classes=[0, 3, 8], steps=50, eval_steps=[10, 25], batch_size=64, samples_per_class=50,
+                           sampling_steps=10)
+ALL_DIGITS_DEFAULTS = dict(classes=list(range(10)), steps=100, eval_steps=[], batch_size=128, samples_per_class=100,
+                           sampling_steps=25)
+TARGETS = "forget acc <= retrained + 0.03, remain acc >= original - 0.01, remain FD <= 1.2x original"
 
 
 def quiet(fn, *args, log=None):
@@ -248,10 +254,101 @@ class Benchmark:
         return self.cached(self.path("evals", f"{name}.json"), compute)
 
 
+def is_forgotten(report, reference):
+    """Forget accuracy at most FORGOTTEN_MARGIN above the retrained model's (accuracies are float32 shares of whole
+    samples: 1e-6 absorbs their rounding)."""
+    return report["forget_acc"] <= reference["retrained"]["forget_acc"] + FORGOTTEN_MARGIN + 1e-6
+
+
+def targets_missed(report, reference):
+    """The targets of the embedded case a checkpoint misses: F (forget accuracy), R (remain accuracy at most 1 point
+    below the original's), D (remain Frechet distance at most 1.2x the original's)."""
+    original = reference["original"]
+    return "".join(letter for letter, ok in (
+        ("F", is_forgotten(report, reference)),
+        ("R", report["remain_acc"] >= original["remain_acc"] - 0.01 - 1e-6),
+        ("D", report["fd_remain"] <= 1.2 * original["fd_remain"])) if not ok)
+
+
+def threshold_of(flags):
+    """The --threshold the flags end with (SFR-on's default 1.0 otherwise)."""
+    return float(flags[len(flags) - 1 - flags[::-1].index("--threshold") + 1]) if "--threshold" in flags else 1.0
+
+
+def setting_rows(bench, name, lr, digits, seeds, steps):
+    """Runs (or reads back) the method `name` of METHODS on every digit and seed at lr: one row per checkpoint of
+    `steps`, with the targets it misses."""
+    rows = []
+    for digit in digits:
+        reference = bench.reference(digit)
+        for seed in seeds:
+            folder = bench.masks(digit, seed)
+            threshold = threshold_of(METHODS[name])
+            if not os.path.isfile(os.path.join(folder, str(digit), f"fisher_{threshold}.pt")):
+                quiet(call, generate_mask, ["--mask-path", folder, "--forget-class", digit, "--thresholds", threshold])
+            run = bench.run(name, digit, seed, lr, steps)
+            for step in steps:
+                report = run["steps"][str(step)]
+                rows.append({"name": name, "digit": digit, "seed": seed, "step": step, **report,
+                             "fd_ratio": report["fd_remain"] / reference["original"]["fd_remain"],
+                             "retrained_fa": reference["retrained"]["forget_acc"],
+                             "original_ra": reference["original"]["remain_acc"],
+                             "missed": targets_missed(report, reference), "seconds": run["seconds"]})
+    return rows
+
+
+def targets_table(rows, command):
+    """Markdown: one line per setting, digit, seed and step, and how many final runs of each setting pass."""
+    lines = [f"`{command}`", "", f"Targets: {TARGETS}.", "",
+             "| setting | digit | seed | step | forget acc (retrained) | remain acc (original) | remain FD (x original) "
+             "| targets |", "| --- |" + " --- |" * 7]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['digit']} | {r['seed']} | {r['step']} | {r['forget_acc']:.3f} "
+                     f"({r['retrained_fa']:.3f}) | {r['remain_acc']:.3f} ({r['original_ra']:.3f}) | {r['fd_ratio']:.2f} "
+                     f"| {'pass' if not r['missed'] else 'misses ' + r['missed']} |")
+    lines.append("")
+    for name in dict.fromkeys(r["name"] for r in rows):
+        mine = [r for r in rows if r["name"] == name]
+        for step in sorted({r["step"] for r in mine}):
+            at = [r for r in mine if r["step"] == step]
+            lines.append(f"{name}, step {step}: {sum(not r['missed'] for r in at)} of {len(at)} runs meet all three "
+                         f"targets.")
+    return "\n".join(lines) + "\n"
+
+
+def recipe_methods(recipes):
+    """{sfron-<recipe>: (forget.py flags, lr)} of demo.py's SFR-on recipes."""
+    out = {}
+    for recipe in recipes:
+        args = demo.parse_args(["--recipe", recipe])
+        out[f"sfron-{recipe}"] = ([str(f) for f in demo.forget_flags(args)] + ["--mask", "fisher"],
+                                  demo.recipe_value(args, "lr"))
+    return out
+
+
+def all_digits(bench, args):
+    """--all-digits: demo.py's SFR-on recipes on every digit and seed against the three targets; writes
+    all_digits.json and all_digits.md."""
+    unknown = [r for r in args.recipes if r not in demo.RECIPES]
+    if unknown:
+        raise UserError(f"unknown --recipes {', '.join(unknown)}; choose from {', '.join(demo.RECIPES)}")
+    recipes = recipe_methods(args.recipes)
+    rows = []
+    for name, (flags, lr) in recipes.items():
+        METHODS[name] = flags
+        rows += setting_rows(bench, name, lr, args.classes, args.seeds, sorted(set(args.eval_steps) | {args.steps}))
+    command = "python bench/compare.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    table = targets_table(rows, command)
+    atomic_json_dump({"recipes": recipes, "rows": rows}, os.path.join(args.out, "all_digits.json"))
+    atomic_write_text(table, os.path.join(args.out, "all_digits.md"))
+    print(table)
+    print(f"Saved all_digits.json and all_digits.md to {args.out}")
+
+
 def score(report, reference):
     """The tuning criterion of one final checkpoint (smaller is better): forgotten settings first, ranked by their
     remain FD ratio to the original; settings that do not forget after them, by their forget accuracy."""
-    forgotten = report["forget_acc"] <= reference["retrained"]["forget_acc"] + FORGOTTEN_MARGIN
+    forgotten = is_forgotten(report, reference)
     ratio = report["fd_remain"] / reference["original"]["fd_remain"]
     return (0, ratio) if forgotten else (1, report["forget_acc"])
 
@@ -266,8 +363,7 @@ def choose_setting(bench, method, args):
 
 def first_forgotten_step(run, reference):
     """The first evaluated step whose forget accuracy is within 3 points of the retrained model's (or None)."""
-    limit = reference["retrained"]["forget_acc"] + FORGOTTEN_MARGIN
-    hits = [int(s) for s, r in run["steps"].items() if r["forget_acc"] <= limit]
+    hits = [int(s) for s, r in run["steps"].items() if is_forgotten(r, reference)]
     return min(hits) if hits else None
 
 
@@ -354,13 +450,15 @@ def main(args):
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         raise UserError(f"unknown --methods {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    if args.tuning_class in args.classes:
+    if args.tuning_class in args.classes and not args.all_digits:
         raise UserError(f"--tuning-class {args.tuning_class} must not be one of the evaluated --classes")
     torch.set_num_threads(args.threads or torch.get_num_threads())
     os.makedirs(args.out, exist_ok=True)
     if not os.path.isdir(os.path.join(args.data_path, "train")):
         quiet(call, prepare_digits, ["--out", args.data_path])
     bench = Benchmark(args)
+    if args.all_digits:
+        return all_digits(bench, args)
     eval_steps = sorted(set(args.eval_steps) | {args.steps})
     start = time.time()
     chosen, tuning = {}, {}
@@ -390,25 +488,43 @@ def parse_args(argv=None):
     parser.add_argument("--cache-dir", type=str, default="retrained",
                         help="retrained references not shipped in assets/ are trained once and kept here")
     parser.add_argument("--methods", type=str, nargs="+", default=list(METHODS), help="methods to compare")
-    parser.add_argument("--classes", type=int, nargs="+", default=[0, 3, 8], help="digits to forget")
+    parser.add_argument("--classes", type=int, nargs="+", default=None,
+                        help="digits to forget (default: 0 3 8; with --all-digits 0-9)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of each run")
     parser.add_argument("--tuning-class", type=int, default=5, help="the digit the learning rates are chosen on")
     parser.add_argument("--no-tuning", action="store_true", help="use the middle learning rate of the grid")
-    parser.add_argument("--steps", type=int, default=50, help="unlearning steps of every run")
-    parser.add_argument("--eval-steps", type=int, nargs="+", default=[10, 25], help="checkpoints evaluated "
-                                                                                      "along the way (and --steps)")
-    parser.add_argument("--batch-size", type=int, default=64, help="forget and remain samples per step")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="unlearning steps of every run (default: 50; with --all-digits 100)")
+    parser.add_argument("--eval-steps", type=int, nargs="*", default=None,
+                        help="checkpoints evaluated along the way, and --steps (default: 10 25; with --all-digits "
+                             "none)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="forget and remain samples per step (default: 64; with --all-digits the demo's 128)")
     parser.add_argument("--fisher-iters", type=int, default=8, help="generate_fisher.py --n-iters")
-    parser.add_argument("--samples-per-class", type=int, default=50, help="generated images per digit evaluated")
-    parser.add_argument("--sampling-steps", type=int, default=10, help="DDIM steps of the evaluation samples")
+    parser.add_argument("--samples-per-class", type=int, default=None,
+                        help="generated images per digit evaluated (default: 50; with --all-digits the demo's 100)")
+    parser.add_argument("--sampling-steps", type=int, default=None,
+                        help="DDIM steps of the evaluation samples (default: 10; with --all-digits the demo's 25)")
     parser.add_argument("--cfg-scale", type=float, default=2.0, help="guidance scale of the evaluation samples")
+    parser.add_argument("--all-digits", action="store_true",
+                        help="instead of the comparison: demo.py's SFR-on recipes (recommended, paper) on --classes "
+                             "x --seeds against the embedded case's three targets (README: Keeping the remain "
+                             "classes); writes all_digits.md and all_digits.json")
+    parser.add_argument("--recipes", type=str, nargs="+", default=["recommended", "paper"],
+                        help="--all-digits: demo.py's recipes to measure")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--attacks", action=argparse.BooleanOptionalAction, default=True,
                         help="attack.py's label inversion and relearning on each final model and the references "
                              "(--no-attacks: skip)")
     parser.add_argument("--inversion-steps", type=int, default=100, help="the label-inversion budget")
     parser.add_argument("--relearn-steps", type=int, default=10, help="the relearning budget")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # the comparison's budget, or the demo's protocol that the embedded case's targets are stated at
+    defaults = ALL_DIGITS_DEFAULTS if args.all_digits else COMPARISON_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
 
 if __name__ == "__main__":

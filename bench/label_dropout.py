@@ -21,7 +21,7 @@ import evaluate  # noqa: E402
 
 def main(args):
     """Runs every (setting, seed) and prints the comparison."""
-    base = demo.parse_args(["--out", args.out, "--samples-per-class", str(args.samples_per_class)])
+    base = demo.parse_args(["--out", args.out, "--samples-per-class", str(args.samples_per_class), "--recipe", "paper"])
     mask_path, results = os.path.join(args.out, "mask"), os.path.join(args.out, "results")
     with contextlib.redirect_stdout(io.StringIO()):
         demo.fisher_and_masks(base, mask_path, results)
@@ -35,7 +35,7 @@ def main(args):
     rows = []
     for dropout in (True, False):
         for seed in args.seeds:
-            base.forget_label_dropout = dropout
+            base.forget_flags = "--forget-label-dropout" if dropout else "--no-forget-label-dropout"
             name = f"{'both' if dropout else 'remain-only'}-seed{seed}"
             with contextlib.redirect_stdout(io.StringIO()):
                 run = demo.unlearn(base, mask_path, os.path.join(results, name), seed=seed)

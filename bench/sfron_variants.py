@@ -22,65 +22,11 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import compare  # noqa: E402
-import generate_mask  # noqa: E402
 from cli import run_main  # noqa: E402
 from sfron.files import atomic_json_dump, atomic_write_text  # noqa: E402
 from sfron.utils import UserError  # noqa: E402
 
 COMPARED = tuple(compare.METHODS)  # the comparison's own method names, which a setting must not take
-TARGETS = "forget acc <= retrained + 0.03, remain acc >= original - 0.01, remain FD <= 1.2x original"
-
-
-def targets_missed(report, reference):
-    """The targets a checkpoint misses: F (forget accuracy), R (remain accuracy), D (remain distance)."""
-    original, retrained = reference["original"], reference["retrained"]
-    return "".join(letter for letter, ok in (
-        ("F", report["forget_acc"] <= retrained["forget_acc"] + compare.FORGOTTEN_MARGIN),
-        ("R", report["remain_acc"] >= original["remain_acc"] - 0.01),
-        ("D", report["fd_remain"] <= 1.2 * original["fd_remain"])) if not ok)
-
-
-def threshold_of(flags):
-    """The --threshold the flags end with (SFR-on's default 1.0 otherwise)."""
-    return float(flags[len(flags) - 1 - flags[::-1].index("--threshold") + 1])
-
-
-def measure(bench, args, flags):
-    """Runs (or reads back) every digit and seed; returns the table's rows."""
-    rows = []
-    for digit in args.digits:
-        reference = bench.reference(digit)
-        for seed in args.seeds:
-            folder = bench.masks(digit, seed)
-            if not os.path.isfile(os.path.join(folder, str(digit), f"fisher_{threshold_of(flags)}.pt")):
-                compare.quiet(compare.call, generate_mask, ["--mask-path", folder, "--forget-class", digit,
-                                                            "--thresholds", threshold_of(flags)])
-            run = bench.run(args.name, digit, seed, args.lr, args.steps)
-            for step in args.steps:
-                report = run["steps"][str(step)]
-                rows.append({"name": args.name, "digit": digit, "seed": seed, "step": step, **report,
-                             "fd_ratio": report["fd_remain"] / reference["original"]["fd_remain"],
-                             "retrained_fa": reference["retrained"]["forget_acc"],
-                             "original_ra": reference["original"]["remain_acc"],
-                             "missed": targets_missed(report, reference), "seconds": run["seconds"]})
-    return rows
-
-
-def markdown(rows, command):
-    """One line per digit, seed and step."""
-    lines = [f"`{command}`", "", f"Targets: {TARGETS}.", "",
-             "| digit | seed | step | forget acc (retrained) | remain acc (original) | remain FD (x original) | "
-             "targets |", "| --- |" + " --- |" * 6]
-    for r in rows:
-        lines.append(f"| {r['digit']} | {r['seed']} | {r['step']} | {r['forget_acc']:.3f} ({r['retrained_fa']:.3f}) "
-                     f"| {r['remain_acc']:.3f} ({r['original_ra']:.3f}) | {r['fd_ratio']:.2f} "
-                     f"| {'pass' if not r['missed'] else 'misses ' + r['missed']} |")
-    last = max(r["step"] for r in rows)
-    finals = [r for r in rows if r["step"] == last]
-    passed = sum(not r["missed"] for r in finals)
-    return "\n".join(lines) + f"\n\nAt the last step: {passed} of {len(finals)} runs meet all three targets.\n"
-
-
 def main(args):
     """Measures one named setting and writes its table."""
     if args.name in COMPARED:
@@ -93,9 +39,10 @@ def main(args):
                                      "--fisher-iters", str(args.fisher_iters)])
     if not os.path.isdir(os.path.join(args.data_path, "train")):
         compare.quiet(compare.call, compare.prepare_digits, ["--out", args.data_path])
-    rows = measure(compare.Benchmark(bench_args), args, flags)
+    rows = compare.setting_rows(compare.Benchmark(bench_args), args.name, args.lr, args.digits, args.seeds,
+                                args.steps)
     command = "python bench/sfron_variants.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    table = markdown(rows, command)
+    table = compare.targets_table(rows, command)
     os.makedirs(args.out, exist_ok=True)
     atomic_json_dump({"name": args.name, "lr": args.lr, "flags": flags, "rows": rows},
                      os.path.join(args.out, f"variants-{args.name}.json"))

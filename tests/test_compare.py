@@ -3,6 +3,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from helpers import run_script
 
@@ -70,6 +71,36 @@ def test_sfron_variants_checks_each_run_against_the_three_targets(tmp_path, monk
                    ("D" if row["fd_ratio"] > 1.2 else "")
         assert row["missed"] == expected
     table = open(tmp_path / "out" / "variants-small-mask.md").read()
-    assert table.count("\n| 3 | 0 |") == 2 and "runs meet all three targets" in table
+    assert table.count("\n| small-mask | 3 | 0 |") == 2 and "small-mask, step 4: " in table
     with pytest.raises(sfron_variants.UserError, match="is a method of bench/compare.py"):
         sfron_variants.main(sfron_variants.parse_args(["--name", "ga", "--lr", "1e-3"]))
+
+
+def test_all_digits_measures_both_recipes_against_the_targets(tmp_path, monkeypatch):
+    """compare.py --all-digits, shortened: demo.py's two SFR-on recipes, each row traced to its run's flags and
+    evaluation."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import compare
+    import demo
+    monkeypatch.chdir(tmp_path)
+    argv = ["--all-digits", "--classes", "3", "--seeds", "0", "--steps", "4", "--eval-steps", "2", "--out", "out",
+            "--data-path", "digits", "--cache-dir", "ret", "--batch-size", "8", "--fisher-iters", "1",
+            "--samples-per-class", "4", "--sampling-steps", "3"]
+    compare.main(compare.parse_args(argv))
+    result = json.load(open(tmp_path / "out" / "all_digits.json"))
+    assert [r["name"] for r in result["rows"]] == ["sfron-recommended"] * 2 + ["sfron-paper"] * 2
+    reference = json.load(open(tmp_path / "out" / "references" / "3.json"))
+    for recipe in demo.RECIPES:
+        run = json.load(open(tmp_path / "out" / "evals" / f"sfron-{recipe}-3-seed0-lr{demo.RECIPES[recipe]['lr']}.json"))
+        flags = run["flags"]
+        assert flags[flags.index("--threshold") + 1] == str(demo.RECIPES[recipe]["threshold"])
+        assert all(str(f) in flags for f in demo.RECIPES[recipe]["flags"])
+        for row in (r for r in result["rows"] if r["name"] == f"sfron-{recipe}"):
+            report = run["steps"][str(row["step"])]
+            assert row["remain_acc"] == report["remain_acc"]
+            assert row["missed"] == compare.targets_missed(report, reference)
+    share = float(torch.tensor(0.05)), {"retrained": {"forget_acc": float(torch.tensor(0.02))}}  # float32 shares
+    assert compare.is_forgotten({"forget_acc": share[0]}, share[1])  # 5 of 100 against 2 of 100: 3 points
+    assert not compare.is_forgotten({"forget_acc": float(torch.tensor(0.06))}, share[1])
+    table = open(tmp_path / "out" / "all_digits.md").read()
+    assert "sfron-recommended, step 4: " in table and "sfron-paper, step 2: " in table

@@ -13,15 +13,16 @@ ASSETS = os.path.join(ROOT, "assets")
 
 
 def test_shipped_files_are_small_and_load(tmp_path):
-    references = [f"digits_dit_without_{k}.pt" for k in (0, 3, 5, 8)]
+    references = [f"digits_dit_without_{k}.pt" for k in range(9)]  # 9: trained on first use
     assert sorted(os.listdir(ASSETS)) == sorted(["digits_classifier.pt", "digits_dit.pt", *references])
     sizes = [os.path.getsize(os.path.join(ASSETS, f)) for f in os.listdir(ASSETS)]
-    assert sum(sizes) < 16 * 2 ** 20 and max(os.path.getsize(os.path.join(ASSETS, f)) for f in references[1:]) < 2.5e6
+    assert sum(sizes) < 30 * 2 ** 20 and max(os.path.getsize(os.path.join(ASSETS, f)) for f in references[1:]) < 2.5e6
     for name, excluded in (("digits_dit.pt", None), *((f, int(f[-4])) for f in references)):
         ckpt = torch.load(os.path.join(ASSETS, name), weights_only=True)
         assert ckpt["spec"] == {"model": "DiT-T/2", "image_size": 8, "num_classes": 10, "vae": "none",
                                 "learn_sigma": True, "random_flip": False}
         assert ckpt["args"]["exclude_class"] == excluded
+        assert ckpt["args"]["data_path"] == "data/digits" and ckpt["args"]["export"] == f"assets/{name}"
 
 
 def test_classifier_held_out_accuracy(tmp_path):
@@ -35,23 +36,25 @@ def test_classifier_held_out_accuracy(tmp_path):
     assert len(val) == 355 and accuracy >= 0.97
 
 
-def test_shortened_demo_forgets_the_digit(tmp_path):
-    """demo.py with fewer, larger steps: digit 0 is forgotten, the other digits are still drawn."""
-    proc = run_script("demo.py", "--out", tmp_path / "out", "--data-path", tmp_path / "digits", "--fisher-iters", 2,
-                      "--batch-size", 32, "--forget-iters", 30, "--lr", "5e-4", "--samples-per-class", 10,
+def test_shortened_demo_forgets_digit_3_and_keeps_the_others(tmp_path):
+    """demo.py's recommended recipe on digit 3, shortened (batch 32, 10 samples per digit, DDIM 10): the digit is forgotten
+    as far as the retrained model, the other digits keep their accuracy and their distance to the real images."""
+    proc = run_script("demo.py", "--out", tmp_path / "out", "--data-path", tmp_path / "digits", "--forget-class", 3,
+                      "--fisher-iters", 2, "--batch-size", 32, "--samples-per-class", 10,
                       "--sampling-steps", 10, cwd=tmp_path)
-    for command in ("generate_fisher.py", "generate_mask.py", "forget.py", "--method ron", "sample_ddp.py",
-                    "evaluate.py", "sample.py"):
+    for command in ("generate_fisher.py", "generate_mask.py", "forget.py", "--method ron", "--unlearn-loss esd",
+                    "--separate-forget-optimizer", "--mask-remain-step", "sample_ddp.py", "evaluate.py", "sample.py"):
         assert command in proc.stdout
     report = json.load(open(tmp_path / "out" / "report.json"))
     for model in ("original", "unlearned", "retrained"):
         assert report[model]["n_forget"] == 10 and report[model]["n_remain"] == 90
         assert report[model]["forget_acc"] * 10 == pytest.approx(round(report[model]["forget_acc"] * 10))
     assert "digits classifier" in report["about"]["fid_features"]
+    assert report["about"]["retrained"].endswith("digits_dit_without_3.pt")
     original, unlearned, retrained = (report[m] for m in ("original", "unlearned", "retrained"))
-    assert original["forget_acc"] >= 0.9 and retrained["forget_acc"] <= 0.2
-    assert unlearned["forget_acc"] <= 0.2                              # forgotten
-    assert unlearned["remain_acc"] >= original["remain_acc"] - 0.05     # the other digits are not
-    assert unlearned["fid_remain"] < 3 * original["fid_remain"]
+    assert original["forget_acc"] >= 0.9 and retrained["forget_acc"] <= 0.1
+    assert unlearned["forget_acc"] <= retrained["forget_acc"] + 0.1             # forgotten (1 sample of 10)
+    assert unlearned["remain_acc"] >= original["remain_acc"] - 0.02             # 2 of 90 remain samples
+    assert unlearned["fid_remain"] <= 1.2 * original["fid_remain"]
     for name in ("samples.png", "losses.png", "report.md"):
         assert os.path.getsize(tmp_path / "out" / name) > 0
