@@ -278,12 +278,11 @@ def threshold_of(flags):
 def setting_rows(bench, name, lr, digits, seeds, steps):
     """Runs (or reads back) the method `name` of METHODS on every digit and seed at lr: one row per checkpoint of
     `steps`, with the targets it misses."""
-    rows = []
+    rows, threshold = [], threshold_of(METHODS[name])
     for digit in digits:
         reference = bench.reference(digit)
         for seed in seeds:
             folder = bench.masks(digit, seed)
-            threshold = threshold_of(METHODS[name])
             if not os.path.isfile(os.path.join(folder, str(digit), f"fisher_{threshold}.pt")):
                 quiet(call, generate_mask, ["--mask-path", folder, "--forget-class", digit, "--thresholds", threshold])
             run = bench.run(name, digit, seed, lr, steps)
@@ -329,9 +328,6 @@ def recipe_methods(recipes):
 def all_digits(bench, args):
     """--all-digits: demo.py's SFR-on recipes on every digit and seed against the three targets; writes
     all_digits.json and all_digits.md."""
-    unknown = [r for r in args.recipes if r not in demo.RECIPES]
-    if unknown:
-        raise UserError(f"unknown --recipes {', '.join(unknown)}; choose from {', '.join(demo.RECIPES)}")
     recipes = recipe_methods(args.recipes)
     rows = []
     for name, (flags, lr) in recipes.items():
@@ -510,7 +506,7 @@ def parse_args(argv=None):
                         help="instead of the comparison: demo.py's SFR-on recipes (recommended, paper) on --classes "
                              "x --seeds against the embedded case's three targets (README: Keeping the remain "
                              "classes); writes all_digits.md and all_digits.json")
-    parser.add_argument("--recipes", type=str, nargs="+", default=["recommended", "paper"],
+    parser.add_argument("--recipes", type=str, nargs="+", choices=list(demo.RECIPES), default=list(demo.RECIPES),
                         help="--all-digits: demo.py's recipes to measure")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--attacks", action=argparse.BooleanOptionalAction, default=True,
