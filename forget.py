@@ -52,7 +52,8 @@ def unlearn_settings(args):
         ema_decay=args.ema_decay, esd_eta=args.esd_eta, ewc_lambda=args.ewc_lambda, remain_source=args.remain_source,
         replay_samples=args.replay_samples, replay_steps=args.replay_steps, replay_cfg_scale=args.replay_cfg_scale,
         forget_loss_ceiling=args.forget_loss_ceiling, null_label_stop=args.null_label_stop, remain_lr=args.remain_lr,
-        separate_forget_optimizer=args.separate_forget_optimizer, mask_remain_step=args.mask_remain_step)
+        separate_forget_optimizer=args.separate_forget_optimizer, mask_remain_step=args.mask_remain_step,
+        remain_loss=args.remain_loss)
 
 
 def experiment_name(settings, model):
@@ -330,14 +331,18 @@ def parse_args(argv=None):
     parser.add_argument("--remain-source", type=str, choices=["data", "replay"], default="data",
                         help="the remain term's images: the remain data, or samples the original model generates "
                              "(generative replay, Selective Amnesia)")
+    parser.add_argument("--remain-loss", type=str, choices=["diffusion", "distill"], default="diffusion",
+                        help="the remain term: the diffusion loss on the remain images (the paper's), or distill: "
+                             "the distance of the noise prediction to the frozen original's, which is 0 until the "
+                             "forget steps move the remain classes")
     parser.add_argument("--replay-samples", type=int, default=0, help="how many replay samples to generate")
     parser.add_argument("--replay-steps", type=int, default=50, help="DDIM steps of each replay sample")
     parser.add_argument("--replay-cfg-scale", type=float, default=4.0, help="guidance scale of the replay samples")
     parser.add_argument("--lambd", type=float, default=0.5, help="lambda of adaga (weights 1 / loss^lambda)")
     parser.add_argument("--grad-clip", type=float, default=1.0, help="global-norm clip of the forget gradient")
     parser.add_argument("--forget-alpha", type=float, default=1.0, help="weight alpha of the forget loss")
-    parser.add_argument("--decay-forget-alpha", action="store_true",
-                        help="cosine decay of the forget weight: alpha (1 + cos(pi k / K)) / 2")
+    parser.add_argument("--decay-forget-alpha", action=argparse.BooleanOptionalAction, default=False,
+                        help="cosine decay of the forget weight: alpha (1 + cos(pi k / K)) / 2 (default: constant)")
     parser.add_argument("--remain-alpha", type=float, default=1.0, help="weight of the remain loss")
     parser.add_argument("--forget-loss-ceiling", type=float, default=None,
                         help="ga/adaga: skip the forget step while the forget batch's mean diffusion loss is above "

@@ -21,6 +21,7 @@ import io
 import json
 import os
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -172,8 +173,12 @@ class Benchmark:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         return path
 
-    def cached(self, path, compute):
-        """The JSON at path, computed and saved there first if missing (read back either way: string keys)."""
+    def cached(self, path, compute, still_valid=None):
+        """The JSON at path, computed and saved there first if missing or if still_valid(saved) says it is outdated;
+        read back either way (string keys)."""
+        if os.path.isfile(path) and still_valid is not None and not still_valid(json.load(open(path))):
+            print(f"{path} was computed with other settings: computing it again", flush=True)
+            os.remove(path)
         if not os.path.isfile(path):
             atomic_json_dump(compute(), path)
         return json.load(open(path))
@@ -227,17 +232,21 @@ class Benchmark:
         """One forget.py run of a method, evaluated at each of `steps`: {"steps": {step: report}, "seconds": s}."""
         name = f"{method}-{forget_class}-seed{seed}-lr{lr}"
 
+        flags = list(METHODS[method])
+        masked = "--mask" in flags
+        if masked:
+            del flags[flags.index("--mask"):flags.index("--mask") + 2]
+            flags += ["--mask-path", self.path("mask", f"seed{seed}")]
+        results = os.path.dirname(self.path("runs", name, "log"))
+        argv = ["--model", "DiT-T/2", "--data-path", self.args.data_path, "--ckpt", demo.DIGITS_DIT,
+                "--batch-size", self.args.batch_size, "--n-iters", max(steps), "--ckpt-steps", *steps,
+                "--snapshot-every", 0, "--log-every", 10, "--num-workers", 0, "--forget-class", forget_class,
+                "--seed", seed, "--lr", lr, "--results-dir", results, *flags]
+
         def compute():
-            flags = list(METHODS[method])
-            mask_kind = flags.pop(flags.index("--mask") + 1) if "--mask" in flags else None
-            if mask_kind:
-                flags.remove("--mask")
-                flags += ["--mask-path", self.masks(forget_class, seed)]
-            results = os.path.dirname(self.path("runs", name, "log"))
-            argv = ["--model", "DiT-T/2", "--data-path", self.args.data_path, "--ckpt", demo.DIGITS_DIT,
-                    "--batch-size", self.args.batch_size, "--n-iters", max(steps), "--ckpt-steps", *steps,
-                    "--snapshot-every", 0, "--log-every", 10, "--num-workers", 0, "--forget-class", forget_class,
-                    "--seed", seed, "--lr", lr, "--results-dir", results, *flags]
+            if masked:
+                self.masks(forget_class, seed)
+            shutil.rmtree(results, ignore_errors=True)  # a killed or outdated run's folder
             start = time.time()
             quiet(call, forget, argv, log=self.path("logs", f"{name}.txt"))
             seconds = time.time() - start
@@ -251,7 +260,18 @@ class Benchmark:
                 reports[max(steps)].update(self.evaluator.attacks(ckpt, forget_class))
             return {"method": method, "forget_class": forget_class, "seed": seed, "lr": lr, "seconds": seconds,
                     "steps": reports, "flags": [str(f) for f in argv]}
-        return self.cached(self.path("evals", f"{name}.json"), compute)
+        return self.cached(self.path("evals", f"{name}.json"), compute,
+                           lambda saved: covers(saved, [str(f) for f in argv], steps))
+
+
+def covers(saved, flags, steps):
+    """Whether a saved run is the run of forget.py `flags` evaluated at (at least) `steps`: the same flags but for
+    its --ckpt-steps, and every one of steps evaluated."""
+    def without_steps(argv):
+        start = argv.index("--ckpt-steps")
+        end = next((i for i in range(start + 1, len(argv)) if argv[i].startswith("--")), len(argv))
+        return argv[:start] + argv[end:]
+    return without_steps(saved["flags"]) == without_steps(flags) and {str(s) for s in steps} <= set(saved["steps"])
 
 
 def is_forgotten(report, reference):

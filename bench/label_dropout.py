@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import io
 import os
+import shlex
 import statistics
 import sys
 
@@ -21,7 +22,8 @@ import evaluate  # noqa: E402
 
 def main(args):
     """Runs every (setting, seed) and prints the comparison."""
-    base = demo.parse_args(["--out", args.out, "--samples-per-class", str(args.samples_per_class), "--recipe", "paper"])
+    base = demo.parse_args(["--out", args.out, "--samples-per-class", str(args.samples_per_class), "--recipe", "paper",
+                            *shlex.split(args.demo_flags)])
     mask_path, results = os.path.join(args.out, "mask"), os.path.join(args.out, "results")
     with contextlib.redirect_stdout(io.StringIO()):
         demo.fisher_and_masks(base, mask_path, results)
@@ -32,14 +34,16 @@ def main(args):
     from sfron.classifier import load_classifier
     from sfron.metrics import load_samples
     classifier = load_classifier("digits", demo.DIGITS_CLASSIFIER, 10)
-    rows = []
+    rows, given_flags = [], base.forget_flags
     for dropout in (True, False):
         for seed in args.seeds:
-            base.forget_flags = "--forget-label-dropout" if dropout else "--no-forget-label-dropout"
+            switch = "--forget-label-dropout" if dropout else "--no-forget-label-dropout"
+            base.forget_flags = f"{given_flags} {switch}"  # a repeated flag: the last wins
             name = f"{'both' if dropout else 'remain-only'}-seed{seed}"
             with contextlib.redirect_stdout(io.StringIO()):
                 run = demo.unlearn(base, mask_path, os.path.join(results, name), seed=seed)
-                npz = demo.sample_npz(os.path.join(run, "checkpoints", f"{base.forget_iters:07d}.pt"), name, base)
+                final = f"{base.forget_iters:07d}.pt"
+                npz = demo.sample_npz(os.path.join(run, "checkpoints", final), name, base)
                 fid = evaluate.fid_setup(eval_args, classifier, 8, "cpu")
                 report = evaluate.evaluate_models({name: load_samples(npz)}, base.forget_class, classifier, fid)[name]
             rows.append((dropout, seed, report["forget_acc"], report["remain_acc"], report["fid_remain"]))
@@ -55,9 +59,11 @@ def main(args):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--out", type=str, default="bench_results/label_dropout")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--samples-per-class", type=int, default=100)
+    parser.add_argument("--out", type=str, default="bench_results/label_dropout", help="output folder")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="unlearning seeds of each setting")
+    parser.add_argument("--samples-per-class", type=int, default=100, help="generated images per digit to evaluate")
+    parser.add_argument("--demo-flags", type=str, default="",
+                        help='more demo.py flags for every run, e.g. "--forget-class 3 --forget-iters 50"')
     return parser.parse_args(argv)
 
 

@@ -142,7 +142,7 @@ def fisher_diagonal(model, diffusion, batches, dist, desc="Fisher", autocast_dty
             check_finite(losses, f"loss in {desc}", batch.step, hint="check the checkpoint and the data")
             grads.backward(losses.float().sum())
             count += losses.shape[0]
-            progress.after_batch(batch.step + 1, total, lambda: {"sums": grads.sums, "count": count}, dist)
+            progress.after_batch(batch.step + 1, total, lambda: {"sums": grads.sums, "count": count}, dist, desc)
     model.train(was_training)
     dist.all_reduce_sum_(count)
     fisher = {}
@@ -180,7 +180,7 @@ def forget_gradient(model, diffusion, batches, dist, clip=1.0, desc="Forget grad
             torch.nn.utils.clip_grad_norm_([p for _, p in named], clip)
         for n, p in named:
             total[n] += p.grad.float()
-        progress.after_batch(batch.step + 1, n_batches, lambda: {"total": total}, dist)
+        progress.after_batch(batch.step + 1, n_batches, lambda: {"total": total}, dist, desc)
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     return {n: v.cpu() for n, v in total.items()}

@@ -118,10 +118,11 @@ class LoopProgress:
             for name, saved in self.state[key].items():
                 tensors[name].copy_(saved)
 
-    def after_batch(self, done, total, state_fn, dist):
-        """Called by every process after batch `done` (1-based) of `total`; state_fn() gives the state to save."""
+    def after_batch(self, done, total, state_fn, dist, desc="batches"):
+        """Called by every process after batch `done` (1-based) of `total` of the loop named `desc`; state_fn() gives
+        the state to save."""
         if self.logger is not None and self.log_every and done % self.log_every == 0:
-            self.logger.info(f"{done}/{total} batches")
+            self.logger.info(f"{desc}: {done}/{total} batches")
         stopping = self.stop is not None and self.stop.agreed(dist, f"after batch {done} of {total}")
         if self.save is None or done >= total:
             return

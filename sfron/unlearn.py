@@ -27,6 +27,7 @@ ASCENT_LOSSES = ("ga", "adaga")          # maximise the diffusion loss of the fo
 DESCENT_LOSSES = ("rl", "sa")            # minimise it under another label / on surrogate images
 METHODS = ("ron", "joint")
 REMAIN_SOURCES = ("data", "replay")
+REMAIN_LOSSES = ("diffusion", "distill")  # the remain term: the noise, or the frozen original's prediction
 ADAGA_EPS = 1e-15
 NON_FINITE_HINT = "lower --lr or --forget-alpha (the last good checkpoint is kept)"
 
@@ -60,6 +61,7 @@ class UnlearnSettings:
     remain_lr: Optional[float] = None        # the slow (remain) step's learning rate; None: lr
     separate_forget_optimizer: bool = False  # ron: the forget step keeps its own AdamW moments
     mask_remain_step: bool = False           # ron: the remain step moves the weights of the saliency mask only
+    remain_loss: str = "diffusion"           # the remain term's target: the noise, or the frozen original's output
 
     def check(self):
         """One clear error for settings that cannot run."""
@@ -73,6 +75,8 @@ class UnlearnSettings:
             raise UserError("--forget-alpha, --remain-alpha and --ewc-lambda must not be negative")
         if self.forget_alpha == 0 and self.remain_alpha == 0 and self.ewc_lambda == 0:
             raise UserError("--forget-alpha, --remain-alpha and --ewc-lambda are all 0: nothing to optimise")
+        if self.remain_loss not in REMAIN_LOSSES:
+            raise UserError(f"--remain-loss must be one of {', '.join(REMAIN_LOSSES)}, got {self.remain_loss}")
         if self.remain_source not in REMAIN_SOURCES:
             raise UserError(f"--remain-source must be one of {', '.join(REMAIN_SOURCES)}")
         if (self.remain_source == "replay" or self.ewc_lambda > 0) and self.replay_samples < 1:
@@ -102,8 +106,8 @@ class UnlearnSettings:
 
     @property
     def needs_frozen_model(self):
-        """ESD's target and the EWC penalty need the original model, frozen."""
-        return self.unlearn_loss == "esd" or self.ewc_lambda > 0
+        """ESD's target, the distilled remain term and the EWC penalty need the original model, frozen."""
+        return self.unlearn_loss == "esd" or self.remain_loss == "distill" or self.ewc_lambda > 0
 
 
 @dataclass
@@ -209,8 +213,9 @@ class Unlearner:
     def __init__(self, model, diffusion, settings, dist, mask=None, reference=None, optimizer=None):
         if settings.needs_frozen_model and (reference is None or reference.model is None or
                                             (settings.ewc_lambda > 0 and reference.fisher is None)):
-            raise UserError(f"--unlearn-loss {settings.unlearn_loss} with --ewc-lambda {settings.ewc_lambda} needs "
-                            f"the frozen original model{' and its replay Fisher' if settings.ewc_lambda else ''}")
+            raise UserError(f"--unlearn-loss {settings.unlearn_loss}, --remain-loss {settings.remain_loss} and "
+                            f"--ewc-lambda {settings.ewc_lambda} need the frozen original model"
+                            f"{' and its replay Fisher' if settings.ewc_lambda else ''}")
         self.model, self.diffusion, self.settings, self.dist, self.mask = model, diffusion, settings, dist, mask
         self.reference = reference
         self.raw_model = getattr(model, "module", model)
@@ -299,8 +304,16 @@ class Unlearner:
         return mean_flat_square(eps - target.detach())
 
     def remain_losses(self, batch):
-        """Per-sample diffusion losses of the remain batch, with its label dropout."""
-        return diffusion_loss(self.model, self.diffusion, batch, force_drop_ids=batch.drop)
+        """Per-sample losses of the remain batch (b,), with its label dropout: the diffusion loss, or (distill) the
+        distance of the noise prediction to the frozen original's at the same x_t, t and label."""
+        if self.settings.remain_loss == "diffusion":
+            return diffusion_loss(self.model, self.diffusion, batch, force_drop_ids=batch.drop)
+        eps = eps_prediction(self.model, self.diffusion, batch, batch.y, batch.drop)
+        with torch.no_grad():
+            target = eps_prediction(self.reference.model, self.diffusion, batch, batch.y, batch.drop)
+        # 0 at the original weights: it pulls back only what the forget steps moved, without the noise of fitting
+        # the data again (the original already fits it)
+        return mean_flat_square(eps - target)
 
     def _remain_objective(self, r_losses):
         """remain_alpha * L_remain (+ the EWC penalty)."""
@@ -345,7 +358,8 @@ class Unlearner:
         s = self.settings
         f_losses = r_losses = None
         loss = 0.0
-        if alpha != 0 and s.remain_alpha != 0 and s.unlearn_loss in ("ga", "adaga", "rl"):
+        if alpha != 0 and s.remain_alpha != 0 and s.unlearn_loss in ("ga", "adaga", "rl") and \
+                s.remain_loss == "diffusion":
             # both diffusion losses from one forward pass
             labels, drop = forget_conditioning(forget_batch, s.unlearn_loss, s.forget_label_dropout, self.relabel)
             both = concat_batches(forget_batch, remain_batch)

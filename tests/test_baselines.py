@@ -108,7 +108,7 @@ def test_esd_target_is_negatively_guided_by_the_frozen_model():
         e_c, e_0 = eps(frozen, fparams, fb, fb.y, keep), eps(frozen, fparams, fb, fb.y, null)
         expected = (eps(model, params, fb, fb.y, keep) - (e_0 - 0.7 * (e_c - e_0))).square().flatten(1).mean(1)
     torch.testing.assert_close(unlearner.forget_losses(fb).detach(), expected, rtol=1e-5, atol=1e-8)
-    with pytest.raises(UserError, match="needs the frozen original model"):
+    with pytest.raises(UserError, match="need the frozen original model"):
         Unlearner(model, DIFFUSION, s, DIST)
 
 
@@ -269,3 +269,27 @@ def test_null_label_stop_pauses_only_the_ascent():
         settings(unlearn_loss="rl", null_label_stop=1.0).check()
     with pytest.raises(UserError, match="--method ron"):
         settings(method="joint", remain_lr=1e-5).check()
+
+
+def test_distilled_remain_term_is_zero_at_the_original_and_pulls_back_to_it():
+    """--remain-loss distill: the remain term is the distance of the noise prediction (with the batch's label
+    dropout) to the frozen original's, 0 at the original weights; its step brings a moved model back towards it."""
+    original, rb = tiny_model(), batch(2, 1)
+    s = settings(method="ron", lr=1e-3, forget_alpha=0.0, remain_loss="distill")
+    same = Unlearner(copy.deepcopy(original), DIFFUSION, s, DIST, reference=FrozenReference(model=original))
+    assert float(same.remain_losses(rb).abs().max()) == 0.0
+    moved = copy.deepcopy(original)
+    with torch.no_grad():
+        for p in trainable(moved).values():
+            p.add_(0.01 * torch.randn_like(p))
+    unlearner = Unlearner(moved, DIFFUSION, s, DIST, reference=FrozenReference(model=original))
+    params, fparams = dict(moved.named_parameters()), dict(original.named_parameters())
+    with torch.no_grad():
+        expected = (eps(moved, params, rb, rb.y, rb.drop) - eps(original, fparams, rb, rb.y, rb.drop)).square()
+    before = unlearner.remain_losses(rb).detach()
+    torch.testing.assert_close(before, expected.flatten(1).mean(1), rtol=1e-5, atol=1e-9)
+    for _ in range(5):
+        unlearner.step(batch(1, 0), rb, 0.0)
+    assert float(unlearner.remain_losses(rb).mean()) < 0.5 * float(before.mean())
+    with pytest.raises(UserError, match="need the frozen original model"):
+        Unlearner(moved, DIFFUSION, s, DIST)

@@ -104,3 +104,31 @@ def test_all_digits_measures_both_recipes_against_the_targets(tmp_path, monkeypa
     assert not compare.is_forgotten({"forget_acc": float(torch.tensor(0.06))}, share[1])
     table = open(tmp_path / "out" / "all_digits.md").read()
     assert "sfron-recommended, step 4: " in table and "sfron-paper, step 2: " in table
+    # a unit evaluated at more steps than asked is read back; one whose recipe changed since is run again
+    unit = tmp_path / "out" / "evals" / f"sfron-recommended-3-seed0-lr{demo.RECIPES['recommended']['lr']}.json"
+    stamp = os.path.getmtime(unit)
+    compare.main(compare.parse_args(argv[:argv.index("--eval-steps")] + argv[argv.index("--eval-steps") + 2:]))
+    assert os.path.getmtime(unit) == stamp and "sfron-recommended, step 2" not in open(tmp_path / "out" /
+                                                                                         "all_digits.md").read()
+    monkeypatch.setitem(demo.RECIPES, "paper", {**demo.RECIPES["paper"],
+                                                "flags": demo.RECIPES["paper"]["flags"] + ["--grad-clip", 0.5]})
+    compare.main(compare.parse_args(argv + ["--recipes", "paper"]))
+    rerun = json.load(open(tmp_path / "out" / "evals" / f"sfron-paper-3-seed0-lr{demo.RECIPES['paper']['lr']}.json"))
+    assert rerun["flags"][-4:-2] == ["--grad-clip", "0.5"]
+
+
+def test_label_dropout_benchmark_runs_both_settings(tmp_path, monkeypatch, capsys):
+    """bench/label_dropout.py, shortened: one run per setting, each with its switch, each reported."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import label_dropout
+    monkeypatch.chdir(tmp_path)
+    label_dropout.main(label_dropout.parse_args([
+        "--out", "out", "--seeds", "0", "--samples-per-class", "2", "--demo-flags",
+        "--data-path digits --batch-size 8 --fisher-iters 1 --forget-iters 2 --sampling-steps 3"]))
+    lines = capsys.readouterr().out.splitlines()
+    reported = [line for line in lines if "seed 0: forget_acc" in line]
+    assert len(reported) == 2 and sum(line.startswith("mean, label dropout") for line in lines) == 2
+    for name, dropout in (("both-seed0", True), ("remain-only-seed0", False)):
+        (run,) = os.listdir(tmp_path / "out" / "results" / name)
+        settings = json.load(open(tmp_path / "out" / "results" / name / run / "run.json"))["settings"]
+        assert settings["forget_label_dropout"] is dropout and settings["unlearn_loss"] == "ga"

@@ -13,7 +13,7 @@ ASSETS = os.path.join(ROOT, "assets")
 
 
 def test_shipped_files_are_small_and_load(tmp_path):
-    references = [f"digits_dit_without_{k}.pt" for k in range(9)]  # 9: trained on first use
+    references = [f"digits_dit_without_{k}.pt" for k in range(10)]
     assert sorted(os.listdir(ASSETS)) == sorted(["digits_classifier.pt", "digits_dit.pt", *references])
     sizes = [os.path.getsize(os.path.join(ASSETS, f)) for f in os.listdir(ASSETS)]
     assert sum(sizes) < 30 * 2 ** 20 and max(os.path.getsize(os.path.join(ASSETS, f)) for f in references[1:]) < 2.5e6

@@ -181,8 +181,9 @@ def test_resume_keeps_the_mask_and_the_data_of_the_run(workdir, tmp_path):
     import forget
     from sfron.utils import UserError
     mask = tmp_path / "mask"
-    run_in_process("generate_fisher.py", *fisher_args(workdir, 2, 2, mask)[:-2], "--results-dir", tmp_path / "f",
-                   cwd=tmp_path, check=True)
+    proc = run_in_process("generate_fisher.py", *fisher_args(workdir, 2, 2, mask)[:-2], "--results-dir",
+                          tmp_path / "f", "--log-every", 1, cwd=tmp_path, check=True)
+    assert "Generate remain fisher: 2/2 batches" in proc.stdout  # the log line names its loop
     run_in_process("generate_mask.py", "--mask-path", mask, "--forget-class", 1, "--thresholds", 1, 2, cwd=tmp_path,
                    check=True)
     args = ["--model", "DiT-T/2", "--data-path", str(workdir / "data"), "--batch-size", "2", "--ckpt",
