@@ -145,8 +145,7 @@ def main(args):
     fisher_and_masks(args, mask_path, results)
     retrained = retrained_reference(args.forget_class, args.reference_dir, args.data_path, args.train_reference)
     run = unlearn(args, mask_path, results, args.seed)
-    final = os.path.join(run, "checkpoints", f"{args.forget_iters:07d}.pt")
-    models = {"original": DIGITS_DIT, "unlearned": final}
+    models = {"original": DIGITS_DIT, "unlearned": os.path.join(run, "checkpoints", f"{args.forget_iters:07d}.pt")}
     if retrained is not None:
         models["retrained"] = retrained
     npz = {name: sample_npz(ckpt, name, args) for name, ckpt in models.items()}
@@ -193,7 +192,8 @@ def parse_args(argv=None):
                         help="the mask threshold forget.py uses (default: the recipe's)")
     parser.add_argument("--forget-iters", type=int, default=100, help="forget.py --n-iters")
     parser.add_argument("--lr", type=float, default=None, help="forget.py --lr (default: the recipe's)")
-    parser.add_argument("--forget-alpha", type=float, default=1.0, help="forget.py --forget-alpha (cosine-decayed)")
+    parser.add_argument("--forget-alpha", type=float, default=1.0,
+                        help="forget.py --forget-alpha (cosine-decayed in the paper recipe)")
     parser.add_argument("--seed", type=int, default=0, help="forget.py --seed (the unlearning run's batch draws)")
     parser.add_argument("--forget-flags", type=str, default="",
                         help="more forget.py flags, in one string, after the recipe's (a repeated flag wins), "

@@ -183,9 +183,13 @@ class Benchmark:
             atomic_json_dump(compute(), path)
         return json.load(open(path))
 
+    def mask_folder(self, seed):
+        """The --mask-path of one seed's masks."""
+        return self.path("mask", f"seed{seed}")
+
     def masks(self, forget_class, seed):
         """The Fisher and gradient saliency files of one class and seed (step 1 and 2 of the README)."""
-        folder = self.path("mask", f"seed{seed}")
+        folder = self.mask_folder(seed)
         if not os.path.isfile(os.path.join(folder, str(forget_class), "gradient_0.5.pt")):
             common = ["--model", "DiT-T/2", "--data-path", self.args.data_path, "--ckpt", demo.DIGITS_DIT,
                       "--num-workers", 0, "--batch-size", self.args.batch_size, "--seed", seed]
@@ -236,7 +240,7 @@ class Benchmark:
         masked = "--mask" in flags
         if masked:
             del flags[flags.index("--mask"):flags.index("--mask") + 2]
-            flags += ["--mask-path", self.path("mask", f"seed{seed}")]
+            flags += ["--mask-path", self.mask_folder(seed)]
         results = os.path.dirname(self.path("runs", name, "log"))
         argv = ["--model", "DiT-T/2", "--data-path", self.args.data_path, "--ckpt", demo.DIGITS_DIT,
                 "--batch-size", self.args.batch_size, "--n-iters", max(steps), "--ckpt-steps", *steps,

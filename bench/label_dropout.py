@@ -42,8 +42,7 @@ def main(args):
             name = f"{'both' if dropout else 'remain-only'}-seed{seed}"
             with contextlib.redirect_stdout(io.StringIO()):
                 run = demo.unlearn(base, mask_path, os.path.join(results, name), seed=seed)
-                final = f"{base.forget_iters:07d}.pt"
-                npz = demo.sample_npz(os.path.join(run, "checkpoints", final), name, base)
+                npz = demo.sample_npz(os.path.join(run, "checkpoints", f"{base.forget_iters:07d}.pt"), name, base)
                 fid = evaluate.fid_setup(eval_args, classifier, 8, "cpu")
                 report = evaluate.evaluate_models({name: load_samples(npz)}, base.forget_class, classifier, fid)[name]
             rows.append((dropout, seed, report["forget_acc"], report["remain_acc"], report["fid_remain"]))
