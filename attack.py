@@ -13,12 +13,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cli import add_model_args, add_sampling_args, model_request, run_main, sampler_config
+from cli import add_class_index_arg, add_model_args, add_sampling_args, model_request, run_main, sampler_config
 from diffusion import create_diffusion
 from sfron.attack import ATTACKS, AttackImages, AttackSettings, label_inversion, relearning
 from sfron.build import load_model_and_vae
 from sfron.classifier import load_classifier
-from sfron.data import ImageSet, find_class_folders, list_images
+from sfron.data import ImageSet, class_folders
 from sfron.files import atomic_json_dump, atomic_save_figure, atomic_write, atomic_write_text
 from sfron.metrics import classify
 from sfron.rng import generator
@@ -26,15 +26,14 @@ from sfron.sampling import generate, per_sample_noise, to_uint8_nhwc
 from sfron.utils import UserError, check_class_index
 
 
-def attacker_images(data_path, forget_class, image_size, count, seed):
-    """`count` forget-class images (N, 3, S, S) in [-1, 1], a fixed random choice of the class folder's."""
+def attacker_images(folders, forget_class, image_size, count, seed):
+    """`count` forget-class images (N, 3, S, S) in [-1, 1], a fixed random choice of the class folder's (folders: a
+    ClassFolders)."""
     if count < 1:
         raise UserError(f"--images must be at least 1, got {count}")
-    root, classes = find_class_folders(data_path)
-    check_class_index(forget_class, len(classes), "--forget-class", root)
-    found = list_images(root, classes, [forget_class])
+    found = folders.samples([forget_class])
     order = torch.randperm(len(found), generator=generator(seed, "attack/images"))[:count].tolist()
-    dataset = ImageSet([found[i] for i in sorted(order)], image_size, classes, root)
+    dataset = ImageSet([found[i] for i in sorted(order)], image_size, folders.names, folders.root)
     return torch.stack([dataset[i][0] for i in range(len(dataset))])
 
 
@@ -119,7 +118,8 @@ def main(args):
         raise UserError("attack steps must be 0 or more and --samples at least 1")
     first = load_model_and_vae(model_request(args, ckpt=checkpoints[0]), device)
     check_class_index(args.forget_class, first.spec.num_classes, "--forget-class", "the model")
-    images = AttackImages(attacker_images(args.data_path, args.forget_class, first.spec.image_size, args.images,
+    folders = class_folders(args.data_path, first.spec.num_classes, args.class_index_file)
+    images = AttackImages(attacker_images(folders, args.forget_class, first.spec.image_size, args.images,
                                           args.seed).to(device), first.vae)
     classifier = load_classifier(args.classifier, args.classifier_weights, args.classifier_classes or
                                  first.spec.num_classes).to(device)
@@ -149,6 +149,7 @@ def parse_args(argv=None):
     parser.add_argument("--names", type=str, nargs="+", default=None, help="a name per --ckpt")
     parser.add_argument("--data-path", type=str, required=True, help="ImageNet-style root holding the forget class")
     parser.add_argument("--forget-class", type=int, required=True)
+    add_class_index_arg(parser)
     parser.add_argument("--attacks", type=str, nargs="+", choices=ATTACKS, default=list(ATTACKS))
     parser.add_argument("--images", type=int, default=8, help="forget-class images the attacker holds")
     parser.add_argument("--inversion-steps", type=int, nargs="+", default=[0, 50, 100, 200],

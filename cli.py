@@ -7,11 +7,11 @@ import os
 import sys
 
 from models import DiT_models
-from sfron.build import ModelRequest
-from sfron.data import LatentCacheOptions
+from sfron.build import ModelRequest, requested_spec
+from sfron.data import LatentCacheOptions, class_folders, find_class_folders
 from sfron.preemption import EXIT_PREEMPTED, Preempted, end_worker_processes
 from sfron.sampling import SamplerConfig
-from sfron.utils import UserError
+from sfron.utils import UserError, check_class_index
 
 
 def run_main(main, args):
@@ -61,6 +61,25 @@ def add_model_args(parser, default_model="DiT-XL/2", several_ckpts=False):
                              "and latent caches stay float32)")
 
 
+def check_data(args, request):
+    """--data-path and the folder of --forget-class for the model of `request`, checked before a script makes any
+    folder or loads any model: one error line, nothing left behind. Returns the model's ModelSpec."""
+    find_class_folders(args.data_path)
+    spec = requested_spec(request)
+    check_class_index(args.forget_class, spec.num_classes, "--forget-class", "the model")
+    class_folders(args.data_path, spec.num_classes, args.class_index_file).position(args.forget_class)
+    return spec
+
+
+def explicit_args(build_parser, argv):
+    """The argument names that argv sets itself (not left at their defaults): argv parsed once more by a parser
+    of build_parser() whose every default is 'absent'."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
 def model_request(args, ckpt=None):
     """The ModelRequest of the model flags (ckpt: this checkpoint instead of --ckpt)."""
     return ModelRequest(model=args.model, ckpt=ckpt if ckpt is not None else args.ckpt, image_size=args.image_size,
@@ -73,7 +92,8 @@ def add_data_args(parser, n_iters_help):
                         help="ImageNet-style root: images in <data-path>/train/<class folder>/")
     parser.add_argument("--results-dir", type=str, default="results")
     parser.add_argument("--forget-class", type=int, required=True,
-                        help="class to forget: the index of its folder in sorted order")
+                        help="class to forget: the model's class index (README: which folder holds which class)")
+    add_class_index_arg(parser)
     parser.add_argument("--n-iters", type=int, default=2000, help=n_iters_help)
     parser.add_argument("--batch-size", type=int, default=1,
                         help="forget (and remain) samples per iteration over all processes")
@@ -86,19 +106,29 @@ def add_data_args(parser, n_iters_help):
                         help="keep the --cache-latents moments in this folder for the next script")
 
 
+def add_class_index_arg(parser):
+    """--class-index-file: the model's class index of each folder of --data-path."""
+    parser.add_argument("--class-index-file", type=str, default=None,
+                        help="a file of 'folder index' lines: the model's class of each folder of --data-path "
+                             "(needed where the folders are fewer than the model's classes and not ImageNet synsets)")
+
+
 def latent_cache_options(args):
     """The LatentCacheOptions of --cache-latents, --latent-cache-dir and --num-workers."""
     return LatentCacheOptions(enabled=args.cache_latents, cache_dir=args.latent_cache_dir,
                               num_workers=args.num_workers)
 
 
-def add_sampling_args(parser, cfg_scale, num_steps=250, sampler="ddpm"):
-    """The official sampling flags (--cfg-scale with the script's official default) and the sampler choice."""
-    parser.add_argument("--cfg-scale", type=float, default=cfg_scale, help="classifier-free guidance scale (1: none)")
+def add_sampling_args(parser, cfg_scale, num_steps=250, sampler="ddpm", what=None):
+    """The official sampling flags (--cfg-scale with the script's official default) and the sampler choice;
+    what: the samples they draw, for the help (default: the script's)."""
+    of = f" of {what}" if what else ""
+    parser.add_argument("--cfg-scale", type=float, default=cfg_scale,
+                        help=f"classifier-free guidance scale{of} (1: none)")
     parser.add_argument("--cfg-all-channels", action="store_true",
                         help="guide every noise channel (the official code guides the first three)")
-    parser.add_argument("--num-sampling-steps", type=int, default=num_steps)
-    parser.add_argument("--sampler", type=str, choices=["ddpm", "ddim"], default=sampler)
+    parser.add_argument("--num-sampling-steps", type=int, default=num_steps, help=f"sampling steps{of}")
+    parser.add_argument("--sampler", type=str, choices=["ddpm", "ddim"], default=sampler, help=f"the sampler{of}")
 
 
 def sampler_config(args):

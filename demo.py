@@ -1,7 +1,7 @@
 """
-The whole SFR-on pipeline on the embedded digits case, on a CPU in minutes: the shipped digits DiT forgets one
-digit (--forget-class, default 0) with the seed README's commands (generate_fisher.py, generate_mask.py, forget.py
---method ron), then the original, the unlearned and the retrained-without-that-digit models are sampled and
+The README's three steps on the embedded digits case, on a CPU in minutes: the shipped digits DiT forgets one digit
+(--forget-class, default 0) with generate_fisher.py, generate_mask.py and forget.py --recipe (default
+masked-esd-distill), then the original, the unlearned and the retrained-without-that-digit models are sampled and
 evaluated with the shipped digits classifier. Writes <out>/report.json, <out>/report.md, <out>/samples.png
 (original | unlearned | retrained, from the same noise) and <out>/losses.png.
 """
@@ -11,6 +11,7 @@ import os
 import shlex
 import time
 
+import attack
 import evaluate
 import forget
 import generate_fisher
@@ -21,6 +22,7 @@ import sample_ddp
 import train
 from cli import run_main
 from sfron.files import atomic_json_dump, atomic_save_figure
+from sfron.recipes import DEFAULT_RECIPE, RECIPES, recipe_help
 from sfron.utils import UserError, check_class_index
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
@@ -30,15 +32,9 @@ DIGITS_CLASSIFIER = os.path.join(ASSETS, "digits_classifier.pt")
 TRAIN_FLAGS = ["--model", "DiT-T/2", "--image-size", 8, "--num-classes", 10, "--vae", "none", "--no-random-flip",
                "--global-batch-size", 128, "--max-steps", 6000, "--lr", "1e-3", "--ema-decay", 0.999,
                "--num-workers", 0]
-# SFR-on's forget.py flags beyond the method's own (ron, forget weight 1 with the paper's cosine decay, remain weight
-# 1), with the learning rate and mask threshold; README: "Keeping the remain classes" measures both on every digit.
-RECIPES = {
-    "recommended": {"lr": 4e-3, "threshold": 5.0,
-                    "flags": ["--unlearn-loss", "esd", "--esd-eta", 1.0, "--separate-forget-optimizer",
-                              "--mask-remain-step", "--remain-loss", "distill", "--remain-lr", 2e-3,
-                              "--no-decay-forget-alpha"]},
-    "paper": {"lr": 1.5e-4, "threshold": 1.0, "flags": ["--unlearn-loss", "ga"]},
-}
+# What the digits need beyond a recipe's own values: the official update at the official rate (1e-5) leaves a digit
+# unforgotten in 100 steps; 1.5e-4 is the digits' rate for it (README: the embedded digits case).
+DIGITS_VALUES = {"official": {"lr": 1.5e-4}, "masked-esd-distill": {}, "adversarial-esd-distill": {}}
 
 
 def step(script, argv):
@@ -94,7 +90,7 @@ def plot_losses(losses_json, path, forget_class):
 
 
 def common_flags(args):
-    """The flags the three steps share (the seed README's)."""
+    """The flags the three steps share (as the README gives them)."""
     return ["--model", "DiT-T/2", "--data-path", args.data_path, "--batch-size", args.batch_size, "--ckpt",
             DIGITS_DIT, "--num-workers", 0]
 
@@ -114,27 +110,48 @@ def fisher_and_masks(args, mask_path, results):
 
 
 def recipe_value(args, key):
-    """--lr or --threshold as given, else the recipe's."""
+    """--lr or --threshold as given, else the digits' value for the recipe, else the recipe's."""
     given = getattr(args, key)
-    return RECIPES[args.recipe][key] if given is None else given
+    if given is not None:
+        return given
+    return DIGITS_VALUES[args.recipe].get(key, RECIPES[args.recipe].values[key])
 
 
 def forget_flags(args):
-    """forget.py's SFR-on flags of the demo's command line: the recipe's at its --lr and --threshold, then
-    --forget-flags."""
-    return ["--method", "ron", "--forget-alpha", args.forget_alpha, "--decay-forget-alpha", "--remain-alpha", 1.0,
-            "--lr", recipe_value(args, "lr"), "--threshold", recipe_value(args, "threshold"),
-            *RECIPES[args.recipe]["flags"], *shlex.split(args.forget_flags)]
+    """forget.py's flags of the demo's command line: the recipe, the learning rate and threshold (the digits' or
+    given), then --forget-flags."""
+    return ["--recipe", args.recipe, "--lr", recipe_value(args, "lr"), "--threshold", recipe_value(args, "threshold"),
+            *shlex.split(args.forget_flags)]
 
 
 def unlearn(args, mask_path, results, seed=0):
-    """Step 3, SFR-on with the recipe's flags; returns the run folder."""
+    """Step 3, forget.py with the recipe; returns the run folder."""
     step(forget, common_flags(args) + [
         "--n-iters", args.forget_iters, "--snapshot-every", 50, "--forget-class", args.forget_class,
-        "--mask-path", mask_path, "--results-dir", results, "--log-every", 25, "--seed", seed,
-        "--ema-decay", args.ema_decay, *forget_flags(args)])
+        "--mask-path", mask_path, "--results-dir", results, "--log-every", 25, "--seed", seed, *forget_flags(args)])
     run = max((d for d in os.listdir(results) if "-forget-" in d), key=lambda d: int(d.split("-")[0]))
     return os.path.join(results, run)
+
+
+def attack_models(args, models, report):
+    """attack.py's label inversion and relearning on every model; adds each model's forget accuracy after them to
+    the report (inversion_fa, relearn_fa) and prints them."""
+    out = os.path.join(args.out, "attacks")
+    step(attack, ["--model", "DiT-T/2", "--ckpt", *models.values(), "--names", *models.keys(), "--data-path",
+                  args.data_path, "--forget-class", args.forget_class, "--classifier", "digits",
+                  "--classifier-weights", DIGITS_CLASSIFIER, "--num-sampling-steps", args.sampling_steps,
+                  "--cfg-scale", args.cfg_scale, "--inversion-steps", args.inversion_steps, "--relearn-steps",
+                  args.relearn_steps, "--samples", args.samples_per_class, "--out", out])
+    attacked = json.load(open(os.path.join(out, "report.json")))
+    print(f"\nForget accuracy of digit {args.forget_class} after the attacks (8 images, seed 0):")
+    for name in models:
+        inversion, relearning = (attacked[name][a][str(s)]["forget_acc"] for a, s in
+                                 (("inversion", args.inversion_steps), ("relearning", args.relearn_steps)))
+        report[name].update(inversion_fa=inversion, relearn_fa=relearning)
+        print(f"  {name:10s} {args.inversion_steps} label-inversion steps: {inversion:.2f}   "
+              f"{args.relearn_steps} relearning steps: {relearning:.2f}")
+    report["about"]["attacks"] = {"inversion_steps": args.inversion_steps, "relearn_steps": args.relearn_steps,
+                                  "report": os.path.join(out, "report.json")}
 
 
 def main(args):
@@ -160,6 +177,8 @@ def main(args):
     plot_losses(os.path.join(run, "losses.json"), os.path.join(args.out, "losses.png"), args.forget_class)
 
     report = json.load(open(report_path))
+    if args.attacks:
+        attack_models(args, models, report)
     report["about"].update(forget_run=run, seconds=round(time.time() - start, 1), retrained=retrained or
                            f"absent: no digits_dit_without_{args.forget_class}.pt in assets/ or {args.reference_dir}",
                            figure=f"samples.png: {' | '.join(models)}, digits 0-9, same noise")
@@ -184,21 +203,22 @@ def parse_args(argv=None):
     parser.add_argument("--fisher-iters", type=int, default=8, help="generate_fisher.py --n-iters")
     parser.add_argument("--thresholds", type=str, nargs="+", default=["0.5", "1", "3", "5", "10"],
                         help="generate_mask.py --thresholds")
-    parser.add_argument("--recipe", type=str, choices=list(RECIPES), default="recommended",
-                        help="SFR-on's forget.py flags: recommended (the forget class's conditional prediction "
-                             "trained toward the frozen original's negatively guided one, inside the saliency mask; "
-                             "README: Keeping the remain classes) or paper (the official gradient ascent)")
+    parser.add_argument("--recipe", type=str, choices=list(RECIPES), default=DEFAULT_RECIPE,
+                        help=f"forget.py --recipe (default {DEFAULT_RECIPE}; official runs at the digits' lr 1.5e-4). "
+                             f"{recipe_help()}")
     parser.add_argument("--threshold", type=float, default=None,
                         help="the mask threshold forget.py uses (default: the recipe's)")
     parser.add_argument("--forget-iters", type=int, default=100, help="forget.py --n-iters")
-    parser.add_argument("--lr", type=float, default=None, help="forget.py --lr (default: the recipe's)")
-    parser.add_argument("--forget-alpha", type=float, default=1.0,
-                        help="forget.py --forget-alpha (cosine-decayed in the paper recipe)")
+    parser.add_argument("--lr", type=float, default=None, help="forget.py --lr (default: the digits' for the recipe)")
     parser.add_argument("--seed", type=int, default=0, help="forget.py --seed (the unlearning run's batch draws)")
     parser.add_argument("--forget-flags", type=str, default="",
                         help="more forget.py flags, in one string, after the recipe's (a repeated flag wins), "
-                             "e.g. \"--forget-loss-ceiling 2\"")
-    parser.add_argument("--ema-decay", type=float, default=0.0, help="forget.py --ema-decay")
+                             "e.g. --forget-flags=\"--remain-lr 1e-3\"")
+    parser.add_argument("--attacks", action="store_true",
+                        help="also attack every model with attack.py's label inversion and relearning (8 images) and "
+                             "report the forget accuracy after them")
+    parser.add_argument("--inversion-steps", type=int, default=200, help="--attacks: the label-inversion budget")
+    parser.add_argument("--relearn-steps", type=int, default=50, help="--attacks: the relearning budget")
     parser.add_argument("--samples-per-class", type=int, default=100, help="generated images per digit to evaluate")
     parser.add_argument("--sampling-steps", type=int, default=25, help="DDIM steps of the evaluation samples")
     parser.add_argument("--cfg-scale", type=float, default=2.0, help="guidance scale of the evaluation samples")

@@ -12,27 +12,26 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-from cli import run_main
+from cli import add_class_index_arg, run_main
 from sfron.classifier import load_classifier
-from sfron.data import ImageSet, find_class_folders, list_images
+from sfron.data import ImageSet, class_folders
 from sfron.files import atomic_json_dump, atomic_write_text
 from sfron.metrics import (classification_report, classify, embed, feature_space, frechet_distance,
                            frechet_statistics, image_set_metrics, inception_score, load_samples, markdown_table,
                            nhwc_batches, reference_set)
 from sfron.sampling import to_uint8
-from sfron.utils import UserError, check_class_index
+from sfron.utils import UserError
 
 
-def real_image_batches(data_path, class_indices, image_size, per_class, batch_size):
-    """A function yielding uint8 (N, 3, S, S) batches of real images of the given classes (ADM center crop);
-    per_class takes an evenly spaced subset of each class."""
-    root, classes = find_class_folders(data_path)
+def real_image_batches(folders, class_indices, image_size, per_class, batch_size):
+    """A function yielding uint8 (N, 3, S, S) batches of real images of the given classes of a ClassFolders (ADM
+    center crop); per_class takes an evenly spaced subset of each class."""
     samples = []
     for c in class_indices:
-        found = list_images(root, classes, [c])
+        found = folders.samples([c])
         step = max(1, len(found) // per_class) if per_class else 1
         samples += found[::step][:per_class] if per_class else found
-    dataset = ImageSet(samples, image_size, classes, root)
+    dataset = ImageSet(samples, image_size, folders.names, folders.root)
 
     def batches():
         for i in range(0, len(dataset), batch_size):
@@ -107,12 +106,11 @@ def fid_setup(args, classifier, image_size, device):
     space = feature_space(args.fid_features, args.inception_weights, classifier).to(device)
     references = {}
     if args.data_path:
-        root, classes = find_class_folders(args.data_path)
-        check_class_index(args.forget_class, len(classes), "--forget-class", root)
-        groups = {"remain": [c for c in range(len(classes)) if c != args.forget_class], "forget": [args.forget_class]}
+        folders = class_folders(args.data_path, index_file=args.class_index_file)
+        folders.position(args.forget_class)
+        groups = {"remain": [c for c in folders.indices if c != args.forget_class], "forget": [args.forget_class]}
         for which, class_indices in groups.items():
-            batches = real_image_batches(args.data_path, class_indices, image_size, args.real_per_class,
-                                         args.batch_size)
+            batches = real_image_batches(folders, class_indices, image_size, args.real_per_class, args.batch_size)
             description = (f"{os.path.abspath(args.data_path)} classes {class_indices} size {image_size} per-class "
                            f"{args.real_per_class} features {about}")
             cache = os.path.join(args.fid_cache, f"fid_ref_{which}_{args.forget_class}.pt") if args.fid_cache else None
@@ -150,6 +148,7 @@ def parse_args(argv=None):
                         help=".npz files of sample_ddp.py (arr_0: uint8 images NHWC, arr_1: class labels)")
     parser.add_argument("--names", type=str, nargs="+", default=None, help="a name per samples file")
     parser.add_argument("--forget-class", type=int, required=True)
+    add_class_index_arg(parser)
     parser.add_argument("--classifier", type=str, default="resnet50",
                         help="'digits' or a torchvision classification model (resnet50, vit_b_16, ...)")
     parser.add_argument("--classifier-weights", type=str, default=None, help="local weights file of the classifier")

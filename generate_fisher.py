@@ -13,19 +13,20 @@ from typing import Optional
 
 import torch
 
-from cli import add_data_args, add_model_args, latent_cache_options, model_request, run_main
+from cli import add_data_args, add_model_args, check_data, latent_cache_options, model_request, run_main
 from diffusion import create_diffusion
 from sfron.build import autocast_dtype, load_model_and_vae
-from sfron.data import (DiffusionBatches, LatentEncoder, StreamConfig, dataset_fingerprint, forget_latent_cache,
-                        unlearn_datasets)
+from sfron.checkpoint import checkpoint_sha256
+from sfron.data import (DiffusionBatches, LatentEncoder, StreamConfig, class_folders, dataset_fingerprint,
+                        forget_latent_cache, unlearn_datasets)
 from sfron.dist import distributed
 from sfron.files import atomic_torch_save, remove_stale_temporaries
 from sfron.fisher import fisher_diagonal, forget_gradient
-from sfron.mask import class_dir
+from sfron.mask import Provenance, class_dir, write_provenance
 from sfron.preemption import StopSignals
 from sfron.progress import LoopProgress, ProgressFolder
 from sfron.resume import checkpoint_identity, pinned_record
-from sfron.utils import UserError, create_logger, start_experiment
+from sfron.utils import UserError, check_class_index, create_logger, start_experiment
 
 PROGRESS_FOLDER = "fisher_progress"  # <mask-path>/<class>/fisher_progress: the running sums of an unfinished run
 
@@ -58,10 +59,13 @@ def main(args):
     torch.backends.cudnn.allow_tf32 = True
     if args.n_iters < 1 or args.batch_size < 1:
         raise UserError("--n-iters and --batch-size must be positive")
+    check_data(args, model_request(args))  # before any folder is made or model loaded
     with distributed() as dist, StopSignals() as stop:
         torch.manual_seed(args.seed)
         model, vae, spec, ckpt = load_model_and_vae(model_request(args), dist.device)
-        data_sets = unlearn_datasets(args.data_path, args.forget_class, spec.image_size, spec.num_classes)[:2]
+        check_class_index(args.forget_class, spec.num_classes, "--forget-class", "the model")
+        folders = class_folders(args.data_path, spec.num_classes, args.class_index_file)
+        data_sets = unlearn_datasets(folders, args.forget_class, spec.image_size)
         out_dir = class_dir(args.mask_path, args.forget_class)
         if dist.is_main:  # a run killed while writing its outputs left temporaries beside them
             remove_stale_temporaries(out_dir)
@@ -74,9 +78,11 @@ def main(args):
         logger.info(f"{'Continuing' if progress.manifest['positions'] else 'Experiment'} in "
                     f"{progress.experiment_dir} (progress saved in {progress.folder}); DiT from {ckpt}")
         logger.info(f"Forget set: {len(data_sets[0]):,} images, remain set: {len(data_sets[1]):,} images "
-                    f"({args.data_path}); {args.n_iters} x {args.batch_size} samples each, "
-                    f"{dist.world_size} process(es)")
-        phases = FisherPhases(args, (model, vae, spec), dist, progress, (logger, stop))
+                    f"({args.data_path}, classes by {folders.rule}); {args.n_iters} x {args.batch_size} samples "
+                    f"each, {dist.world_size} process(es)")
+        provenance = Provenance(args.forget_class, ckpt, checkpoint_sha256(ckpt) if dist.is_main else None, spec.model,
+                                spec.image_size, spec.num_classes, args.n_iters * args.batch_size)
+        phases = FisherPhases(args, (model, vae, spec), dist, progress, (logger, stop), provenance)
         phases.run_all(data_sets, out_dir)
         progress.finish()
         logger.info("Done!")
@@ -85,8 +91,8 @@ def main(args):
 class FisherPhases:
     """The phases of the run (the forget and remain Fisher, SalUn's gradient), each resumable from its progress."""
 
-    def __init__(self, args, model_parts, dist, progress, log_and_stop):
-        self.args, self.dist, self.progress = args, dist, progress
+    def __init__(self, args, model_parts, dist, progress, log_and_stop, provenance):
+        self.args, self.dist, self.progress, self.provenance = args, dist, progress, provenance
         self.model, self.vae, self.spec = model_parts
         self.logger, self.stop = log_and_stop
         self.diffusion = create_diffusion(timestep_respacing="")  # 1000 steps, linear schedule
@@ -109,9 +115,10 @@ class FisherPhases:
         return LoopProgress(position, state, save, self.args.ckpt_every, self.stop, self.args.log_every, self.logger)
 
     def save_result(self, phase, result, path, what):
-        """Rank 0 writes the phase's result; then the phase is done."""
+        """Rank 0 writes the phase's result and its provenance beside it; then the phase is done."""
         if self.dist.is_main:
             atomic_torch_save(result, path)
+            write_provenance(path, self.provenance)
             self.logger.info(f"Saved {what} to {path}")
         self.progress.mark_done(phase)
 

@@ -10,42 +10,48 @@ import os
 
 from cli import run_main
 from sfron.files import atomic_torch_save
-from sfron.mask import (check_sparsity, class_dir, gradient_mask, load_fisher, mask_filename, saliency_mask,
-                        sparsity)
+from sfron.mask import (check_sparsity, class_dir, gradient_mask, load_fisher, mask_filename, read_provenance,
+                        saliency_mask, sparsity, write_provenance)
 from sfron.utils import UserError
 
 
 def fisher_masks(folder, thresholds):
-    """(file name, mask) for each threshold, from the folder's Fisher diagonals."""
+    """(what, file name, mask, provenance extras) for each threshold, from the folder's Fisher diagonals."""
     forget_fisher = load_fisher(os.path.join(folder, "forget_fisher.pt"))
     remain_fisher = load_fisher(os.path.join(folder, "remain_fisher.pt"))
     for th in thresholds:
-        yield f"threshold {th}", mask_filename(th), saliency_mask(forget_fisher, remain_fisher, th)
+        yield f"threshold {th}", mask_filename(th), saliency_mask(forget_fisher, remain_fisher, th), {"threshold": th}
 
 
 def gradient_masks(folder, sparsities):
-    """(file name, mask) for each sparsity, from the folder's summed forget gradient."""
+    """(what, file name, mask, provenance extras) for each sparsity, from the folder's summed forget gradient."""
     path = os.path.join(folder, "forget_gradient.pt")
     if not os.path.isfile(path):
         raise UserError(f"no {path}: run generate_fisher.py with --gradient-saliency first")
     gradient = load_fisher(path)
     for s in sparsities:
-        yield f"sparsity {s}", mask_filename(sparsity=s), gradient_mask(gradient, s)
+        yield f"sparsity {s}", mask_filename(sparsity=s), gradient_mask(gradient, s), {"sparsity": s}
 
 
 def main(args):
     """Writes one mask per threshold (or sparsity) for each forget class."""
     if args.criterion == "fisher" and not args.thresholds:
         raise UserError("--thresholds needs at least one value")
+    if args.criterion == "fisher" and min(args.thresholds) <= 0:
+        raise UserError(f"--thresholds must be positive (a ratio of Fisher diagonals), got {min(args.thresholds)}")
     for s in args.sparsity:
         check_sparsity(s)
     for cls in args.forget_class:
         folder = class_dir(args.mask_path, cls)
         masks = fisher_masks(folder, args.thresholds) if args.criterion == "fisher" else \
             gradient_masks(folder, args.sparsity)
-        for what, name, mask in masks:
+        source = read_provenance(os.path.join(folder, "forget_fisher.pt" if args.criterion == "fisher" else
+                                              "forget_gradient.pt"))
+        for what, name, mask, extras in masks:
             path = os.path.join(folder, name)
             atomic_torch_save(mask, path)
+            if source is not None:  # the official scripts' Fisher files record none to pass on
+                write_provenance(path, source, extras)
             print(f"class {cls} {what}: sparsity {100 * sparsity(mask):.2f}% of weights frozen -> {path}")
 
 

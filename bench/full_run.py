@@ -53,7 +53,7 @@ def run_ours(args, work):
     times["mask"] = stage("mask", "generate_mask.py", "--mask-path", f"{work}/mask", "--forget-class", 0,
                           "--thresholds", args.threshold)
     times["forget"] = stage("forget", "forget.py", *common, "--batch-size", args.batch_size, "--n-iters",
-                            args.forget_steps, "--lr", 1e-4, "--forget-alpha", 1e-3, "--decay-forget-alpha",
+                            args.forget_steps, "--recipe", "official", "--lr", 1e-4, "--forget-alpha", 1e-3,
                             "--mask-path", f"{work}/mask", "--threshold", args.threshold, "--snapshot-every", 0,
                             "--ckpt-every", args.forget_steps, "--results-dir", f"{work}/results",
                             "--log-every", max(1, args.forget_steps // 4))

@@ -23,6 +23,6 @@ data=(--model "$model" --data-path "$work/data" --ckpt "$work/dit.pt" --vae "$wo
       --forget-class 0 --precision bf16 --results-dir "$work/results" --num-workers 4)
 $py generate_fisher.py "${data[@]}" --batch-size 8 --n-iters 2 --mask-path "$work/mask" > /dev/null
 $py generate_mask.py --mask-path "$work/mask" --forget-class 0 --thresholds 1
-$py forget.py "${data[@]}" --batch-size 2 --n-iters 20 --snapshot-every 0 --log-every 10 --forget-alpha 1e-3 \
-    --decay-forget-alpha --lr 1e-4 --mask-path "$work/mask" --threshold 1 \
+$py forget.py "${data[@]}" --batch-size 2 --n-iters 20 --snapshot-every 0 --log-every 10 --recipe official \
+    --forget-alpha 1e-3 --lr 1e-4 --mask-path "$work/mask" --threshold 1 \
     | grep -E "Saliency mask|Train Steps/Sec|Peak GPU memory|Done"

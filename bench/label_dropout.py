@@ -1,8 +1,10 @@
 """
-The digits benchmark behind forget.py's --forget-label-dropout default: SFR-on on the embedded digits case with
-DiT's label dropout on the forget step too (the official behaviour) or on the remain step only, over several
-seeds, each evaluated like demo.py (forget accuracy, remain accuracy, remain FID in the digits classifier's
-feature space). Prints a table and the mean of each metric per setting.
+The digits benchmark behind forget.py's --forget-label-dropout default.
+
+The official recipe on the embedded digits case (demo.py --recipe official) with DiT's label dropout on the forget
+step too (the official behaviour) or on the remain step only, over several seeds, each evaluated like demo.py
+(forget accuracy, remain accuracy, remain FID in the digits classifier's feature space). Prints a table and the
+mean of each metric per setting.
 
     python bench/label_dropout.py --seeds 0 1 2
 """
@@ -18,11 +20,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import demo  # noqa: E402
 import evaluate  # noqa: E402
+from cli import run_main  # noqa: E402
 
 
 def main(args):
     """Runs every (setting, seed) and prints the comparison."""
-    base = demo.parse_args(["--out", args.out, "--samples-per-class", str(args.samples_per_class), "--recipe", "paper",
+    base = demo.parse_args(["--out", args.out, "--samples-per-class", str(args.samples_per_class), "--recipe", "official",
                             *shlex.split(args.demo_flags)])
     mask_path, results = os.path.join(args.out, "mask"), os.path.join(args.out, "results")
     with contextlib.redirect_stdout(io.StringIO()):
@@ -57,6 +60,7 @@ def main(args):
 
 
 def parse_args(argv=None):
+    """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--out", type=str, default="bench_results/label_dropout", help="output folder")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="unlearning seeds of each setting")
@@ -67,4 +71,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_main(main, parse_args())

@@ -1,15 +1,18 @@
 """
-SFR-on settings against the embedded case's three targets, digit by digit: each named setting (forget.py flags
-on top of SFR-on's) unlearns each of --digits with each of --seeds through forget.py, and the checkpoints at
---steps are evaluated by the comparison's evaluator at the demo's protocol (batch 128, 100 samples per digit,
-DDIM 25, guidance 2). A row passes when forget accuracy is at most 3 points above the retrained model's, remain
-accuracy at most 1 point below the original's, and the remain Frechet distance at most 1.2x the original's.
+forget.py settings against the embedded case's targets, digit by digit.
 
-    python bench/sfron_variants.py --name paper --lr 1.5e-4 --digits 2 5
+Each named setting (a --recipe and forget.py flags over it) unlearns each of --digits with each of --seeds, and the
+checkpoints at --steps are evaluated by the comparison's evaluator at the demo's protocol (batch 128, 100 samples
+per digit, DDIM 25, guidance 2). A row passes when forget accuracy is at most 3 points above the retrained model's,
+remain accuracy at most 1 point below the original's, the remain Frechet distance at most 1.2x the original's, and
+(on the last checkpoint, unless --no-attacks) forget accuracy after 200 label-inversion and after 50 relearning
+steps at most 0.10 above the retrained model's.
+
+    python bench/sfron_variants.py --name official --lr 1.5e-4 --digits 2 5
     python bench/sfron_variants.py --name own-moments --lr 2e-3 --digits 2 5 \
-        --flags "--mask-remain-step --threshold 5 --forget-loss-ceiling 2 --separate-forget-optimizer"
+        --flags="--mask-remain-step --threshold 5 --separate-forget-optimizer"
 
-Writes <out>/variants.md (every row measured so far) and keeps each run under <out> (a repeated command reads
+Writes <out>/variants-<name>.md (every row measured so far) and keeps each run under <out> (a repeated command reads
 its runs back). Uses bench/compare.py's units: the retrained references come from assets/ or --cache-dir.
 """
 import argparse
@@ -24,6 +27,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 import compare  # noqa: E402
 from cli import run_main  # noqa: E402
 from sfron.files import atomic_json_dump, atomic_write_text  # noqa: E402
+from sfron.recipes import RECIPES  # noqa: E402
 from sfron.utils import UserError  # noqa: E402
 
 COMPARED = tuple(compare.METHODS)  # the comparison's own method names, which a setting must not take
@@ -31,12 +35,13 @@ def main(args):
     """Measures one named setting and writes its table."""
     if args.name in COMPARED:
         raise UserError(f"--name {args.name} is a method of bench/compare.py; choose another name")
-    flags = [*compare.METHODS["sfron"], *shlex.split(args.flags)]
+    flags = ["--recipe", args.recipe, "--mask", "fisher", *shlex.split(args.flags)]
     compare.METHODS[args.name] = flags
-    bench_args = compare.parse_args(["--out", args.out, "--data-path", args.data_path, "--cache-dir", args.cache_dir,
-                                     "--no-attacks", "--batch-size", str(args.batch_size), "--samples-per-class",
-                                     str(args.samples_per_class), "--sampling-steps", str(args.sampling_steps),
-                                     "--fisher-iters", str(args.fisher_iters)])
+    bench_args = compare.parse_args(["--all-digits", "--out", args.out, "--data-path", args.data_path, "--cache-dir",
+                                     args.cache_dir, "--attacks" if args.attacks else "--no-attacks", "--batch-size",
+                                     str(args.batch_size), "--samples-per-class", str(args.samples_per_class),
+                                     "--sampling-steps", str(args.sampling_steps), "--fisher-iters",
+                                     str(args.fisher_iters)])
     if not os.path.isdir(os.path.join(args.data_path, "train")):
         compare.quiet(compare.call, compare.prepare_digits, ["--out", args.data_path])
     rows = compare.setting_rows(compare.Benchmark(bench_args), args.name, args.lr, args.digits, args.seeds,
@@ -55,7 +60,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--name", type=str, required=True, help="the setting's name (its runs are kept under it)")
     parser.add_argument("--lr", type=float, required=True, help="forget.py --lr")
-    parser.add_argument("--flags", type=str, default="", help="forget.py flags added to SFR-on's, in one string")
+    parser.add_argument("--recipe", type=str, choices=list(RECIPES), default="official",
+                        help="the forget.py recipe the flags are given over")
+    parser.add_argument("--flags", type=str, default="", help="forget.py flags over the recipe's, in one string")
     parser.add_argument("--digits", type=int, nargs="+", default=list(range(10)), help="digits to forget")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of each digit")
     parser.add_argument("--steps", type=int, nargs="+", default=[50, 100], help="steps evaluated (the last: the run's)")
@@ -66,6 +73,9 @@ def parse_args(argv=None):
     parser.add_argument("--fisher-iters", type=int, default=8, help="generate_fisher.py --n-iters")
     parser.add_argument("--samples-per-class", type=int, default=100, help="generated images per digit evaluated")
     parser.add_argument("--sampling-steps", type=int, default=25, help="DDIM steps of the evaluation samples")
+    parser.add_argument("--attacks", action=argparse.BooleanOptionalAction, default=True,
+                        help="label inversion (200 steps) and relearning (50 steps) on the last checkpoint and the "
+                             "references, for the two attack targets (--no-attacks: the three targets only)")
     args = parser.parse_args(argv)
     args.steps = sorted(set(args.steps))
     return args

@@ -16,6 +16,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models import DiT_models  # noqa: E402
+from sfron.data import imagenet_synsets  # noqa: E402
 
 
 def sd_vae(device="cpu"):
@@ -40,10 +41,12 @@ def random_dit(name, image_size, device="cpu"):
 
 
 def main(args):
-    """Writes <out>/data/train/<class>/*.jpg, <out>/dit.pt and <out>/vae/."""
+    """Writes <out>/data/train/<synset>/*.jpg (ImageNet classes 0, 1, ...), <out>/dit.pt and <out>/vae/."""
     rng = np.random.default_rng(0)
+    index = imagenet_synsets()
+    synsets = sorted(index, key=index.get)
     for c in range(args.classes):
-        folder = os.path.join(args.out, "data", "train", f"n{c:08d}")
+        folder = os.path.join(args.out, "data", "train", synsets[c])
         os.makedirs(folder, exist_ok=True)
         for i in range(args.images_per_class):
             pixels = rng.integers(0, 256, (args.image_size + 32, args.image_size + 64, 3), dtype=np.uint8)

@@ -185,10 +185,10 @@ def forget_batches(vae, data, steps, batch_size, device, cached=None, amp_dtype=
 def ron_unlearner(setup, official=False):
     """forget.py's default ron step (ga, lr 1e-4, clip 1.0) with the official AdamW (foreach) or ours (fused)."""
     bf16 = setup.amp_dtype is not None and not official
-    settings = UnlearnSettings(forget_class=0, precision="bf16" if bf16 else "fp32")
+    settings = UnlearnSettings.from_fields({"forget_class": 0, "lr": 1e-4, "precision": "bf16" if bf16 else "fp32"})
     params = [p for p in setup.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0) if official else None
-    return Unlearner(setup.model, setup.diffusion, settings, Dist(device=setup.device), setup.mask, opt)
+    opt = torch.optim.AdamW(params, lr=settings.step.lr, weight_decay=0) if official else None
+    return Unlearner(setup.model, setup.diffusion, settings, Dist(device=setup.device), setup.mask, optimizer=opt)
 
 
 def run_forget(setup, data, steps, batch_size, cached=None, official=False):

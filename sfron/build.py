@@ -4,6 +4,7 @@ what the checkpoint's weights imply (3 input channels: a pixel-space model; the 
 size; the label table the class count), so the same commands run on DiT-XL/2 and on a small pixel-space DiT.
 Values given explicitly always win, and a checkpoint that does not fit is a clear error.
 """
+import os
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -11,7 +12,7 @@ import torch
 
 from models import DiT_models
 
-from .checkpoint import PRETRAINED_MODELS, find_checkpoint, load_model_weights
+from .checkpoint import PRETRAINED_DIR, PRETRAINED_MODELS, find_checkpoint, load_model_weights
 from .utils import UserError
 from .vae import VAE_DOWNSAMPLE, is_pixel_space, latent_channels, load_vae
 
@@ -77,6 +78,31 @@ def implied_by_weights(state_dict):
     return found
 
 
+def architecture_name(state_dict):
+    """The registry name (DiT-S/2, ...) whose depth, width and patch a DiT state dict has, or a description."""
+    proj = state_dict.get("x_embedder.proj.weight")
+    if proj is None or proj.ndim != 4:
+        return "no DiT"
+    depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
+    hidden, patch = proj.shape[0], proj.shape[2]
+    for name, factory in DiT_models.items():
+        with torch.device("meta"):
+            candidate = factory(input_size=8, num_classes=1)  # 8: every registry patch divides it
+        if (len(candidate.blocks), candidate.x_embedder.proj.out_channels,
+                candidate.x_embedder.patch_size[0]) == (depth, hidden, patch):
+            return name
+    return f"a DiT of depth {depth}, width {hidden}, patch {patch}"
+
+
+def checkpoint_summary(state_dict, recorded):
+    """What a checkpoint holds, for an error: the architecture of its weights and the settings it records."""
+    implied = implied_by_weights(state_dict)
+    found = {"input size": implied.get("input_size"), "input channels": implied.get("in_channels"),
+             "classes": implied.get("num_classes"), **{k.replace("_", " "): v for k, v in recorded.items()}}
+    return f"it holds {architecture_name(state_dict)}, " + ", ".join(f"{k} {v}" for k, v in found.items()
+                                                                    if v is not None)
+
+
 def default_checkpoint(model, image_size):
     """The released checkpoint to download when no checkpoint is given."""
     name = f"{model.replace('/', '-')}-{image_size}x{image_size}.pt"
@@ -110,6 +136,17 @@ def resolve_spec(request, state_dict, recorded=None):
     return spec
 
 
+def requested_spec(request):
+    """The ModelSpec of the model a request loads, without building it (a released checkpoint not yet downloaded:
+    what the request and the official defaults say)."""
+    ckpt = request.ckpt
+    if ckpt is None or (ckpt in PRETRAINED_MODELS and not os.path.isfile(ckpt) and
+                        not os.path.isfile(os.path.join(PRETRAINED_DIR, ckpt))):
+        return resolve_spec(request, None)
+    state_dict, recorded = find_checkpoint(ckpt)
+    return resolve_spec(request, state_dict, recorded)
+
+
 def build_dit(spec, in_channels):
     """A freshly initialised DiT for the spec (clear errors for sizes the patch size does not divide)."""
     if spec.model not in DiT_models:
@@ -136,7 +173,8 @@ def load_model_and_vae(request, device, logger=None, with_vae=True):
     in_channels = 3 if spec.pixel_space else (latent_channels(vae) if vae is not None else 4)
     with torch.device("meta"):  # no random initialisation of weights that the checkpoint replaces
         model = build_dit(spec, in_channels=in_channels)
-    load_model_weights(model, state_dict, ckpt, spec.describe(), assign=True)
+    load_model_weights(model, state_dict, ckpt, spec.describe(), assign=True,
+                       holds=lambda: checkpoint_summary(state_dict, recorded))
     if logger is not None:
         logger.info(f"Model: {spec.describe()}, weights from {ckpt}")
     return LoadedModel(model.to(device), vae, spec, ckpt)

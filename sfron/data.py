@@ -1,7 +1,9 @@
 """
-Forget and remain data. An ImageNet-style root holds <data-path>/train/<class folder>/<images>; a class index is
-the folder's position in sorted order (torchvision ImageFolder semantics). The forget set is the folder whose
-index is --forget-class, the remain set all the others.
+Forget and remain data. An ImageNet-style root holds <data-path>/train/<class folder>/<images>. The model's class
+index of a folder: its ImageNet index where every folder is named by an ImageNet synset (n02099601 is 207, whatever
+other folders are present) and the model has 1000 classes; else the index a --class-index-file gives it; else its
+position in sorted order (torchvision ImageFolder semantics), which only a root holding a folder for every class of
+the model can use. The forget set is the folder of class --forget-class, the remain set all the others.
 
 Batches are drawn from a deterministic stream: sample p of the stream has the same image, flip, timestep, noise
 and label drop whatever the batch size and the number of processes (each process takes its slice of a global
@@ -52,6 +54,80 @@ def find_class_folders(data_path, split="train"):
     if not classes:
         raise UserError(f"{root} has no class folders (expected {root}/<class>/<image>)")
     return root, classes
+
+
+IMAGENET_CLASSES = 1000
+
+
+@dataclass(frozen=True)
+class ClassFolders:
+    """The class folders of a root (sorted names) and the model's class index of each; `rule` says how the indices
+    were found, for the log."""
+    root: str
+    names: tuple
+    indices: tuple
+    rule: str
+
+    def position(self, class_index, flag="--forget-class"):
+        """The position of the folder of the model's class class_index, or one clear error."""
+        if class_index in self.indices:
+            return self.indices.index(class_index)
+        raise UserError(f"{flag} {class_index}: no class folder of {self.root} has that class ({self.rule})")
+
+    def samples(self, class_indices):
+        """[(path, the model's class index)] of every image of the given classes of the model."""
+        positions = [self.position(c) for c in class_indices]
+        return [(path, self.indices[pos]) for path, pos in list_images(self.root, self.names, positions)]
+
+
+def imagenet_synsets():
+    """{synset: ImageNet class index} from timm's ImageNet table."""
+    from timm.data import ImageNetInfo
+    return {name: i for i, name in enumerate(ImageNetInfo().label_names())}
+
+
+def read_class_index_file(path, names, num_classes):
+    """The class index of each folder name from a file of 'folder index' lines."""
+    if not os.path.isfile(path):
+        raise UserError(f"--class-index-file {path} does not exist")
+    given = {}
+    for number, line in enumerate(open(path), 1):
+        parts = line.split()
+        if not parts or parts[0].startswith("#"):
+            continue
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+            raise UserError(f"{path}:{number}: expected 'folder index', got {line.strip()!r}")
+        given[parts[0]] = int(parts[1])
+    missing = [n for n in names if n not in given]
+    if missing:
+        raise UserError(f"--class-index-file {path} gives no index for the folder {missing[0]}")
+    indices = tuple(given[n] for n in names)
+    for name, index in zip(names, indices):
+        check_class_index(index, num_classes or max(indices) + 1, f"{path}: the index of {name}", "the model")
+    if len(set(indices)) != len(indices):
+        raise UserError(f"--class-index-file {path} gives two folders the same class index")
+    return indices
+
+
+def class_folders(data_path, num_classes=None, index_file=None, split="train"):
+    """
+    The ClassFolders of an ImageNet-style root for a model of num_classes classes (None: unknown, e.g. when only
+    samples are evaluated): by --class-index-file, by ImageNet synset, or by sorted position (see the module text).
+    """
+    root, names = find_class_folders(data_path, split)
+    if num_classes is not None and len(names) > num_classes:
+        raise UserError(f"{root} has {len(names)} class folders but the model has {num_classes} classes")
+    if index_file is not None:
+        return ClassFolders(root, tuple(names), read_class_index_file(index_file, names, num_classes),
+                            f"indices from {index_file}")
+    synsets = imagenet_synsets()
+    if num_classes in (None, IMAGENET_CLASSES) and all(n in synsets for n in names):
+        return ClassFolders(root, tuple(names), tuple(synsets[n] for n in names), "ImageNet synset indices")
+    if num_classes is not None and len(names) < num_classes:
+        raise UserError(f"{root} has {len(names)} class folders for a model of {num_classes} classes, and they are "
+                        f"not all ImageNet synsets: which class each holds is unknown. Give --class-index-file, a "
+                        f"file of 'folder index' lines (e.g. '{names[0]} 0')")
+    return ClassFolders(root, tuple(names), tuple(range(len(names))), "sorted folder positions")
 
 
 def list_images(root, classes, class_indices):
@@ -143,18 +219,14 @@ class TensorImages(Dataset):
         return (x.flip(-1) if flip else x), self.labels[index]
 
 
-def unlearn_datasets(data_path, forget_class, image_size, num_classes):
-    """(forget set, remain set, class names) of an ImageNet-style root, checked against the model's classes."""
-    root, classes = find_class_folders(data_path)
-    if len(classes) > num_classes:
-        raise UserError(f"{root} has {len(classes)} class folders but the model has {num_classes} classes")
-    check_class_index(forget_class, len(classes), "--forget-class", root)
-    forget = ImageSet(list_images(root, classes, [forget_class]), image_size, classes, root)
-    remain_ids = [i for i in range(len(classes)) if i != forget_class]
+def unlearn_datasets(folders, forget_class, image_size):
+    """(forget set, remain set) of a ClassFolders, labelled with the model's class indices."""
+    forget = ImageSet(folders.samples([forget_class]), image_size, folders.names, folders.root)
+    remain_ids = [c for c in folders.indices if c != forget_class]
     if not remain_ids:
-        raise UserError(f"{root} has no class besides the forget class: the remain set would be empty")
-    remain = ImageSet(list_images(root, classes, remain_ids), image_size, classes, root)
-    return forget, remain, classes
+        raise UserError(f"{folders.root} has no class besides the forget class: the remain set would be empty")
+    remain = ImageSet(folders.samples(remain_ids), image_size, folders.names, folders.root)
+    return forget, remain
 
 
 def dataset_fingerprint(*datasets):

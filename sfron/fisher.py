@@ -1,7 +1,7 @@
 """
 The Fisher diagonal of SFR-on (Huang et al., NeurIPS 2024): F = E_x[(dL(x)/dtheta)^2], the mean of per-sample
-squared gradients of the diffusion loss. The official script gets it with batch 1; here a batch of any size
-gives the same quantity.
+squared gradients of the diffusion loss. The official script squares each batch's mean gradient, which is this
+quantity at its default batch of 1 only; here a batch of any size gives the same quantity.
 
 Per-sample gradients cost no more than one backward pass: a linear layer's weight gradient for sample i is
 G_i = sum_tokens g_i^T a_i (output gradients g, inputs a), so hooks on each layer see a_i in forward and g_i

@@ -4,13 +4,14 @@ parameter element. SalUn's gradient mask (a baseline): the share 1 - sparsity of
 |summed forget gradient|, ranked globally. Files: <mask-path>/<class>/forget_fisher.pt, remain_fisher.pt,
 fisher_<gamma>.pt, and forget_gradient.pt, gradient_<sparsity>.pt.
 """
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 import torch
 
-from .files import file_sha256, safe_torch_load, strip_module_prefix
+from .files import atomic_json_dump, file_sha256, safe_torch_load, strip_module_prefix
 from .utils import UserError
 
 EPS = 1e-15
@@ -30,6 +31,69 @@ class MaskRecord:
     """The mask file a run used and the SHA-256 of its bytes (a resumed run must use the very same mask)."""
     file: Optional[str] = None
     sha256: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What a Fisher or mask file was made from: the forget class, the checkpoint (its path and the SHA-256 of its
+    bytes), the model and the number of samples of each set. Kept beside the file as <file stem>.json."""
+    forget_class: int
+    checkpoint: str
+    checkpoint_sha256: Optional[str]
+    model: str
+    image_size: int
+    num_classes: int
+    samples: int
+
+    def differs_from(self, other):
+        """A phrase naming the first of class, model and checkpoint where two provenances differ (None: alike)."""
+        if self.forget_class != other.forget_class:
+            return f"class {self.forget_class}, this run's is {other.forget_class}"
+        for name in ("model", "image_size", "num_classes"):
+            if getattr(self, name) != getattr(other, name):
+                return f"{name} {getattr(self, name)}, this run's is {getattr(other, name)}"
+        if None not in (self.checkpoint_sha256, other.checkpoint_sha256) and \
+                self.checkpoint_sha256 != other.checkpoint_sha256:
+            return (f"the checkpoint {self.checkpoint} (SHA-256 {self.checkpoint_sha256[:12]}), this run's is "
+                    f"{other.checkpoint} ({other.checkpoint_sha256[:12]})")
+        return None
+
+
+def provenance_path(path):
+    """The provenance file beside a Fisher or mask file: <stem>.json."""
+    return os.path.splitext(path)[0] + ".json"
+
+
+def write_provenance(path, provenance, extra=None):
+    """Writes the provenance of the file at `path` (and the entries of `extra`, such as the threshold) beside it."""
+    atomic_json_dump({**asdict(provenance), **(extra or {})}, provenance_path(path))
+
+
+def read_provenance(path):
+    """The Provenance of a Fisher or mask file, or None for a file without one (the official scripts')."""
+    side = provenance_path(path)
+    if not os.path.isfile(side):
+        return None
+    try:
+        recorded = json.load(open(side))
+        return Provenance(**{f.name: recorded[f.name] for f in fields(Provenance)})
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{side} is not a provenance file ({e}): remove it or make the file again") from None
+
+
+def check_provenance(path, expected, warn):
+    """Refuses a mask made for another class, model or checkpoint than expected() (a Provenance, built only when
+    the mask records one to compare with), in one line naming both; a mask without provenance (the official
+    scripts') is used after one warning line (warn)."""
+    recorded = read_provenance(path)
+    if recorded is None:
+        warn(f"warning: {path} records no provenance (written by the official scripts or an earlier version): "
+             f"nothing checks that it was made for this class, model and checkpoint")
+        return
+    difference = recorded.differs_from(expected())
+    if difference is not None:
+        raise UserError(f"mask {path} was made for {difference}: make one for this run with generate_fisher.py and "
+                        f"generate_mask.py")
 
 
 def class_dir(mask_path, forget_class):
@@ -52,9 +116,9 @@ def check_sparsity(sparsity):
 
 def load_fisher(path, logger=print):
     """
-    A Fisher file as {name: float tensor}. Files of the official script are read too: their keys carry DDP's
-    'module.' prefix and the frozen position embedding is stored as the integer 0; entries that are not tensors
-    are skipped, and the log says which.
+    A Fisher file as {name: float tensor}. Files of the official script are read too: their keys carry
+    DataParallel's 'module.' prefix and the frozen position embedding is stored as the integer 0; entries that are
+    not tensors are skipped, and the log says which.
     """
     fisher = safe_torch_load(path, what="Fisher file")
     if not isinstance(fisher, dict) or not fisher:
@@ -160,6 +224,21 @@ def saliency_mask_for(choice, forget_class, model, device):
         return None, MaskRecord()
     path = resolve_mask_file(choice, forget_class)
     return load_mask(path, model, device), MaskRecord(file=os.path.abspath(path), sha256=file_sha256(path))
+
+
+def check_mask_frees_some(path, sparse_expected):
+    """A mask file that would leave the forget step nothing to move (every weight frozen), or, where the update
+    expects a sparse mask (sparse_expected: the flags that do), nothing to freeze, is one error line."""
+    raw = safe_torch_load(path, what="mask")
+    tensors = [v for v in raw.values() if isinstance(v, torch.Tensor)] if isinstance(raw, dict) else []
+    total = sum(v.numel() for v in tensors)
+    kept = sum(int((v != 0).sum()) for v in tensors)
+    if total and kept == 0:
+        raise UserError(f"mask {path} freezes every weight: the forget step would change nothing; use a lower "
+                        f"threshold (generate_mask.py prints the share each threshold freezes)")
+    if total and kept == total and sparse_expected:
+        raise UserError(f"mask {path} frees every weight, but {sparse_expected} expect a sparse mask; use a higher "
+                        f"threshold")
 
 
 def kept_share(mask):

@@ -35,6 +35,9 @@ def _difference(section, key, recorded, current):
         return f"--mask-path/--threshold select the mask {current}, but the resumed run used {recorded}"
     if section == "mask" and key == "sha256":
         return "the mask file has changed since the run started (its SHA-256 differs); restore it or start a new run"
+    if section == "replay" and key == "sampling":
+        return (f"the replay samples would be drawn with {current} (--sampler, --num-sampling-steps, --cfg-scale), "
+                f"the resumed run's with {recorded}; resume with the original command")
     if key == "processes":
         return f"the run saved the running sums of {recorded} processes; continue it on {recorded}, not {current}"
     if key in ("fingerprint", "data_fingerprint"):

@@ -170,14 +170,9 @@ def upscale(image, min_side=256):
 
 @dataclass(frozen=True)
 class SnapshotOptions:
-    """forget.py's sample grids: every `every` steps (0: none), `sampler` over `steps` steps, guidance `cfg_scale`."""
+    """forget.py's sample grids: every `every` steps (0: none), drawn by `sampler`."""
     every: int = 50
-    sampler: str = "ddim"
-    steps: int = 50
-    cfg_scale: float = 4.0
-
-    def sampler_config(self):
-        return SamplerConfig(sampler=self.sampler, num_steps=self.steps, cfg_scale=self.cfg_scale)
+    sampler: SamplerConfig = SamplerConfig("ddim", 50, 4.0)
 
 
 class SnapshotGrid:
@@ -194,7 +189,7 @@ class SnapshotGrid:
     def save(self, model, folder, step, logger):
         """Samples the grid from model and writes <folder>/NNNNNNN_sample.png."""
         labels = torch.tensor(self.classes, device=self.noise.device)
-        images = generate(model, self.vae, labels, self.noise, self.options.sampler_config(),
+        images = generate(model, self.vae, labels, self.noise, self.options.sampler,
                           autocast_dtype=self.autocast_dtype)
         path = os.path.join(folder, f"{step:07d}_sample.png")
         atomic_save_image(grid_image(images, nrow=5), path)

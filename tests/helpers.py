@@ -12,11 +12,15 @@ from models import DiT_models
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def make_image_folder(root, num_classes=3, per_class=6, size=(10, 12), seed=0):
-    """<root>/train/class<k>/<i>.png: RGB images whose brightness depends on the class."""
+def make_image_folder(root, num_classes=3, per_class=6, size=(10, 12), seed=0, synsets=None):
+    """<root>/train/class<k>/<i>.png: RGB images whose brightness depends on the class; synsets: name the folders
+    by the ImageNet synsets of these class indices instead (a subset of ImageNet for a 1000-class model)."""
     rng = np.random.default_rng(seed)
-    for c in range(num_classes):
-        folder = os.path.join(root, "train", f"class{c}")
+    if synsets is not None:
+        from sfron.data import imagenet_synsets
+        by_index = {i: name for name, i in imagenet_synsets().items()}
+    for c in range(num_classes if synsets is None else len(synsets)):
+        folder = os.path.join(root, "train", f"class{c}" if synsets is None else by_index[synsets[c]])
         os.makedirs(folder, exist_ok=True)
         for i in range(per_class):
             pixels = (rng.random((*size, 3)) * 60 + c * 255 / max(num_classes, 2)).clip(0, 255).astype(np.uint8)

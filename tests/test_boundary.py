@@ -64,13 +64,14 @@ def test_the_suite_carries_its_reference_outputs():
 
 
 def test_a_run_recorded_without_a_newer_setting_is_refused_with_the_reason():
+    from forget import settings_sections
     from sfron.resume import check_same_run, pinned_record
     from sfron.unlearn import UnlearnSettings
-    current = pinned_record({"settings": UnlearnSettings(forget_class=0)})
-    older = {"settings": {k: v for k, v in current["settings"].items() if k != "forget_loss_ceiling"}}
-    with pytest.raises(UserError, match="records no --forget-loss-ceiling .*earlier version"):
+    current = pinned_record(settings_sections(UnlearnSettings.from_fields({"forget_class": 0, "lr": 1e-4})))
+    older = dict(current, remain={k: v for k, v in current["remain"].items() if k != "remain_loss"})
+    with pytest.raises(UserError, match="records no --remain-loss .*earlier version"):
         check_same_run(older, current)
-    changed = {"settings": dict(current["settings"], lr=2e-4)}
+    changed = dict(current, step=dict(current["step"], lr=2e-4))
     with pytest.raises(UserError, match="--lr 0.0001 differs from the resumed run's 0.0002"):
         check_same_run(changed, current)
     check_same_run(current, current)

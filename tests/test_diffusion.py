@@ -65,10 +65,16 @@ def test_ddim_is_deterministic_and_ddpm_uses_noise_fn():
 
 
 def test_fixed_variance_and_kl_losses():
-    x0, t = torch.randn(2, 3, 4, 4), torch.tensor([5, 600])
+    """A fixed-variance model's loss is the noise MSE, mean over each sample (by hand); with use_kl it is the
+    variational bound instead: non-negative, and another number than the MSE."""
+    x0, t, noise = torch.randn(2, 3, 4, 4), torch.tensor([5, 600]), torch.randn(2, 3, 4, 4)
     model = lambda x, ts, **kw: 0.5 * x  # noqa: E731
     d = create_diffusion("", learn_sigma=False)
-    assert set(d.training_losses(model, x0, t)) == {"loss", "mse"}
+    terms = d.training_losses(model, x0, t, noise=noise)
+    assert set(terms) == {"loss", "mse"}
+    a = torch.tensor(d.alphas_cumprod, dtype=torch.float32)[t].view(2, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    torch.testing.assert_close(terms["loss"], (0.5 * x_t - noise).square().mean((1, 2, 3)), rtol=1e-5, atol=1e-6)
     d_kl = create_diffusion("", learn_sigma=False, use_kl=True)
-    loss = d_kl.training_losses(model, x0, t)["loss"]
-    assert loss.shape == (2,) and torch.isfinite(loss).all()
+    loss = d_kl.training_losses(model, x0, t, noise=noise)["loss"]
+    assert loss.shape == (2,) and (loss >= 0).all() and not torch.allclose(loss, terms["loss"])

@@ -82,7 +82,7 @@ def test_wrong_model_size_is_one_clear_line(tmp_path):
 
 def test_wrong_model_size_from_the_command_line(tmp_path):
     torch.save(DiT_models["DiT-S/2"](input_size=32, num_classes=1000).state_dict(), tmp_path / "s2.pt")
-    (tmp_path / "data" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "data" / "train" / "n01440764").mkdir(parents=True)  # ImageNet class 0
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "generate_fisher.py"), "--model", "DiT-XL/2",
                            "--data-path", str(tmp_path / "data"), "--ckpt", str(tmp_path / "s2.pt"), "--vae", "none",
                            "--image-size", "32", "--forget-class", "0", "--results-dir", str(tmp_path / "r")],
@@ -90,6 +90,7 @@ def test_wrong_model_size_from_the_command_line(tmp_path):
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: checkpoint") and "DiT-XL/2" in lines[0], proc.stderr
+    assert "it holds DiT-S/2, input size 32, input channels 4, classes 1000" in lines[0], lines[0]
 
 
 def test_released_name_offline_says_where_to_put_the_file(tmp_path, monkeypatch):

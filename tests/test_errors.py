@@ -1,4 +1,5 @@
 """Each bad input gets one clear line, a non-zero exit and no partial or temporary file."""
+import json
 import os
 
 import pytest
@@ -54,7 +55,7 @@ def test_missing_and_empty_data_folders(setup):
     os.makedirs(setup / "no_classes" / "train")
     assert_one_line_error(fisher(setup, data=setup / "no_classes"), "no class folders")
     os.makedirs(setup / "empty_class" / "train" / "a")
-    make_image_folder(setup / "empty_class", num_classes=1, per_class=1)
+    make_image_folder(setup / "empty_class", num_classes=2, per_class=1)  # a, class0, class1: the 3 classes
     assert_one_line_error(fisher(setup, data=setup / "empty_class", cls=0), "holds no images")
 
 
@@ -104,6 +105,39 @@ def test_non_finite_losses_stop_cleanly_and_keep_the_last_good_checkpoint(setup)
                       cwd=setup, check=False)
     assert_one_line_error(proc, "non-finite", "lower --lr")
     (run,) = os.listdir(results)
-    for name in os.listdir(results / run / "checkpoints"):
+    saved = sorted(os.listdir(results / run / "checkpoints"))
+    assert saved and len(saved) < 40  # some steps were saved, and the run stopped before its end
+    for name in saved:
         state = torch.load(results / run / "checkpoints" / name, weights_only=True)["model"]
         assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_settings_that_would_change_nothing_stop_before_any_folder_is_made(setup):
+    """A mask-only flag without a mask, a threshold of 0, a mask made for another class or checkpoint, a mask that
+    freezes every weight: one error line each, and no results folder."""
+    assert fisher(setup, cls=1, data=setup / "data").returncode == 0  # Fisher files of class 1 in setup/mask
+    run_in_process("generate_mask.py", "--mask-path", setup / "mask", "--forget-class", 1, "--thresholds", 1,
+                   cwd=setup, check=True)
+    mask = setup / "mask" / "1" / "fisher_1.0.pt"
+    assert json.load(open(setup / "mask" / "1" / "fisher_1.0.json"))["forget_class"] == 1
+    make_checkpoint(setup / "retrained.pt", num_classes=3, seed=7)  # the same model, other weights
+    frozen = {k: torch.zeros_like(v) for k, v in torch.load(mask, weights_only=True).items()}
+    torch.save(frozen, setup / "all_frozen.pt")  # no provenance: the official scripts' kind of file
+    results = setup / "never"
+
+    def forget(*args, ckpt="tiny.pt", cls=1):
+        return run_in_process("forget.py", "--model", "DiT-T/2", "--data-path", setup / "data", "--ckpt", setup / ckpt,
+                              "--forget-class", cls, "--n-iters", 1, "--results-dir", results, "--num-workers", 0,
+                              *args, cwd=setup)
+    assert_one_line_error(forget("--mask-remain-step"), "--mask-remain-step need a saliency mask",
+                          "--mask-path")
+    assert_one_line_error(forget("--recipe", "masked-esd-distill"), "--mask-remain-step and "
+                          "--separate-forget-optimizer", "recipe masked-esd-distill")
+    assert_one_line_error(forget("--mask-path", setup / "mask", "--threshold", 0), "--threshold must be positive")
+    assert_one_line_error(forget("--mask-path", mask, cls=2), "was made for class 1, this run's is 2")
+    assert_one_line_error(forget("--mask-path", mask, ckpt="retrained.pt"), "was made for the checkpoint",
+                          "retrained.pt")
+    proc = forget("--mask-path", setup / "all_frozen.pt")
+    assert_one_line_error(proc, "freezes every weight")
+    assert "warning: " in proc.stderr and "records no provenance" in proc.stderr
+    assert not results.exists()

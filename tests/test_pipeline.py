@@ -1,4 +1,4 @@
-"""The seed README's three commands end to end, and the invariances the pipeline promises."""
+"""The README's three commands end to end, and the invariances the pipeline promises."""
 import os
 import shutil
 
@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from download import find_model
+from sfron.checkpoint import find_checkpoint
+from sfron.data import class_folders
 from models import DiT_models
 from helpers import (assert_fisher_close, experiment_dirs, make_checkpoint, make_image_folder, make_tiny_run_folder,
                      make_vae_folder, run_in_process)
@@ -29,7 +31,7 @@ def fisher_args(workdir, bz, iters, mask, *extra):
 
 
 def test_seed_commands_on_a_pixel_space_dit(workdir, tmp_path):
-    """generate_fisher.py, generate_mask.py, forget.py exactly as in the seed README (paths, model, iters aside)."""
+    """generate_fisher.py, generate_mask.py, forget.py exactly as in the README (paths, model, iters aside)."""
     mask = tmp_path / "mask"
     run_in_process("generate_fisher.py", "--model", "DiT-T/2", "--data-path", workdir / "data", "--batch-size", 2,
                    "--ckpt", workdir / "tiny.pt", "--n-iters", 3, "--forget-class", 1, "--mask-path", mask, cwd=tmp_path,
@@ -66,24 +68,52 @@ def test_seed_commands_on_a_pixel_space_dit(workdir, tmp_path):
     assert max((unlearned[k] - original[k]).abs().max() for k in original) > 1e-4
 
 
-def test_seed_commands_on_dit_s8_with_a_local_vae(tmp_path):
-    make_image_folder(tmp_path / "data", num_classes=3, per_class=3)
+def test_seed_commands_on_dit_s8_with_a_local_vae_and_an_imagenet_subset(tmp_path):
+    """A 1000-class latent DiT on a folder of three ImageNet synsets: the folders are the classes 0, 207 and 999
+    (not their sorted positions 0, 1, 2), and forget.py forgets class 207, the golden retriever's folder."""
+    make_image_folder(tmp_path / "data", per_class=3, synsets=[0, 207, 999])
+    assert sorted(os.listdir(tmp_path / "data" / "train")) == ["n01440764", "n02099601", "n15075141"]
+    folders = class_folders(str(tmp_path / "data"), 1000)
+    assert folders.indices == (0, 207, 999) and folders.position(207) == 1
     make_checkpoint(tmp_path / "s8.pt", model="DiT-S/8", input_size=32, in_channels=4, num_classes=1000)
     vae = make_vae_folder(tmp_path / "vae")
     common = ("--model", "DiT-S/8", "--data-path", tmp_path / "data", "--batch-size", 2, "--ckpt", tmp_path / "s8.pt",
               "--vae", vae)
     # in this process (the VAE's import alone costs a subprocess seconds); the pixel-space test runs them as processes
-    run_in_process("generate_fisher.py", *common, "--n-iters", 2, "--forget-class", 2, "--mask-path",
+    run_in_process("generate_fisher.py", *common, "--n-iters", 2, "--forget-class", 207, "--mask-path",
                    tmp_path / "mask", cwd=tmp_path, check=True)
-    run_in_process("generate_mask.py", "--mask-path", tmp_path / "mask", "--forget-class", 2, "--thresholds", "1",
+    run_in_process("generate_mask.py", "--mask-path", tmp_path / "mask", "--forget-class", 207, "--thresholds", "1",
                    cwd=tmp_path, check=True)
-    run_in_process("forget.py", *common, "--n-iters", 2, "--snapshot-every", 50, "--lr", "1e-4", "--forget-class", 2,
-                   "--method", "ron", "--unlearn-loss", "ga", "--forget-alpha", "1e-3", "--decay-forget-alpha",
-                   "--remain-alpha", "1.0", "--mask-path", tmp_path / "mask", "--snapshot-steps", 5, cwd=tmp_path,
+    run_in_process("forget.py", *common, "--n-iters", 2, "--snapshot-every", 50, "--lr", "1e-4", "--forget-class",
+                   207, "--method", "ron", "--unlearn-loss", "ga", "--forget-alpha", "1e-3", "--decay-forget-alpha",
+                   "--remain-alpha", "1.0", "--mask-path", tmp_path / "mask", "--num-sampling-steps", 5, cwd=tmp_path,
                    check=True)
-    (run,) = [d for d in experiment_dirs(tmp_path / "results") if "-forget-2-" in d]
-    assert "256x256, 1000 classes, latent space" in open(os.path.join(run, "log.txt")).read()
+    (run,) = [d for d in experiment_dirs(tmp_path / "results") if "-forget-207-" in d]
+    log = open(os.path.join(run, "log.txt")).read()
+    assert "256x256, 1000 classes, latent space" in log and "Forget set: 3 images, remain set: 6 images" in log
+    assert "classes by ImageNet synset indices" in log
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["0000000_sample.png", "0000002.pt"]
+    # the position of the golden retriever's folder is no class of this root
+    wrong = run_in_process("forget.py", *common, "--n-iters", 1, "--forget-class", 1, "--results-dir", tmp_path / "w",
+                           cwd=tmp_path)
+    assert wrong.returncode == 1 and "--forget-class 1: no class folder" in wrong.stderr
+
+
+def test_a_subset_that_is_not_imagenet_needs_its_class_indices(tmp_path):
+    """Three folders for a 1000-class model, not named by synsets: one error line before anything is made, and a
+    --class-index-file gives each folder its class."""
+    make_image_folder(tmp_path / "data", num_classes=3, per_class=2)
+    make_checkpoint(tmp_path / "big.pt", num_classes=1000)
+    args = ("--model", "DiT-T/2", "--data-path", tmp_path / "data", "--ckpt", tmp_path / "big.pt", "--batch-size", 2,
+            "--n-iters", 1, "--forget-class", 5, "--snapshot-every", 0, "--results-dir", tmp_path / "res",
+            "--num-workers", 0)
+    proc = run_in_process("forget.py", *args, cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+    assert "3 class folders for a model of 1000 classes" in proc.stderr and "--class-index-file" in proc.stderr
+    assert not (tmp_path / "res").exists() or not any((tmp_path / "res").iterdir())
+    (tmp_path / "classes.txt").write_text("class0 3\nclass1 5\nclass2 9\n")
+    run_in_process("forget.py", *args, "--class-index-file", tmp_path / "classes.txt", cwd=tmp_path, check=True)
+    assert class_folders(str(tmp_path / "data"), 1000, str(tmp_path / "classes.txt")).indices == (3, 5, 9)
 
 
 def test_fisher_is_the_same_at_any_batch_size(workdir):
@@ -104,7 +134,7 @@ def test_generate_mask_is_the_threshold_rule(tmp_path):
     rf = {"a": torch.tensor([0.0, 2.0, 1.0, 2.0]), "b": torch.tensor([[0.0, 1.0]])}
     torch.save(ff, folder / "forget_fisher.pt")
     torch.save(rf, folder / "remain_fisher.pt")
-    other = tmp_path / "m" / "9"  # several classes at once, as in the seed README
+    other = tmp_path / "m" / "9"  # several classes at once, as the README allows
     other.mkdir()
     torch.save(rf, other / "forget_fisher.pt")
     torch.save(ff, other / "remain_fisher.pt")
@@ -152,15 +182,22 @@ def test_fisher_files_of_the_official_script_give_a_mask_forget_py_uses(workdir,
     assert "fisher_1.0.pt: 49." in proc.stdout or "fisher_1.0.pt: 50." in proc.stdout  # about half the weights
 
 
-@pytest.mark.parametrize("extra", [(), ("--separate-forget-optimizer", "--remain-lr", "2e-5", "--null-label-stop", 50)],
-                         ids=["official", "own-forget-moments"])
-def test_resumed_run_ends_where_an_uninterrupted_one_does(workdir, tmp_path, extra):
-    """--resume continues bit-identically, the forget step's own AdamW moments included."""
+@pytest.mark.parametrize("extra, state", [
+    ((), None), (("--separate-forget-optimizer", "--remain-lr", "2e-5", "--remain-loss", "distill"), "forget_opt"),
+    (("--adversarial-steps", "2"), "adversary")], ids=["official", "own-forget-moments", "adversarial-label"])
+def test_resumed_run_ends_where_an_uninterrupted_one_does(workdir, tmp_path, extra, state):
+    """--resume continues bit-identically, the forget step's own AdamW moments and the adversarial label included."""
+    if "--separate-forget-optimizer" in extra:  # it acts through a mask: a random half of every tensor
+        g = torch.Generator().manual_seed(0)
+        torch.save({k: torch.rand(v.shape, generator=g) < 0.5 for k, v in load(workdir / "tiny.pt").items()},
+                   tmp_path / "half.pt")
+        extra = (*extra, "--mask-path", tmp_path / "half.pt")
+    results = tmp_path / "runs"
     args = ("--model", "DiT-T/2", "--data-path", workdir / "data", "--batch-size", 2, "--ckpt", workdir / "tiny.pt",
             "--n-iters", 6, "--ckpt-every", 3, "--snapshot-every", 0, "--forget-class", 0, "--forget-alpha", "0.1",
-            "--decay-forget-alpha", "--unlearn-loss", "adaga", "--results-dir", tmp_path, "--num-workers", 0, *extra)
+            "--decay-forget-alpha", "--unlearn-loss", "adaga", "--results-dir", results, "--num-workers", 0, *extra)
     run_in_process("forget.py", *args, cwd=workdir, check=True)
-    (full,) = experiment_dirs(tmp_path)
+    (full,) = experiment_dirs(results)
     interrupted = interrupted_copy(full, 3)
     proc = run_in_process("forget.py", *args, "--resume", interrupted, cwd=workdir, check=True)
     assert "from step 3" in proc.stdout
@@ -170,10 +207,10 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(workdir, tmp_path, ext
         torch.testing.assert_close(b["model"][k], a["model"][k], rtol=0, atol=0)
     assert a["losses"] == b["losses"] and len(a["losses"]) == 6
     if extra:
-        assert "forget_opt" in a and "forget_opt" in b
+        assert state in a and state in b
         return
     bad = run_in_process("forget.py", *args, "--lr", "1e-3", "--resume", interrupted, cwd=workdir, check=False)
-    assert bad.returncode == 1 and "--lr 0.001 differs from the resumed run's 0.0001" in bad.stderr
+    assert bad.returncode == 1 and "--lr 0.001 differs from the resumed run's 1e-05" in bad.stderr
 
 
 def test_resume_keeps_the_mask_and_the_data_of_the_run(workdir, tmp_path):
@@ -261,18 +298,27 @@ def test_bf16_vae_encode_is_close_to_float32(tmp_path):
     torch.testing.assert_close(std16, std32, rtol=0.05, atol=1e-4)
 
 
-def test_ema_option_and_stale_ema_refused(workdir):
+def test_official_unlearned_checkpoints_are_read_from_model_and_ours_from_ema(workdir, tmp_path):
+    """The official forget.py saves a stale EMA (decay 0.9999) as "ema" and the unlearned weights, DataParallel's
+    'module.' keys, as "model": --ckpt reads "model". Ours keep the unlearned weights in both; --save-safetensors
+    writes them."""
+    import argparse
+    original = load(workdir / "tiny.pt")
+    unlearned = {k: v + 0.5 for k, v in original.items()}
+    torch.save({"model": {f"module.{k}": v for k, v in unlearned.items()}, "ema": original, "opt": {},
+                "args": argparse.Namespace(forget_class=1, unlearn_loss="ga", method="ron")}, tmp_path / "official.pt")
+    weights, _ = find_checkpoint(str(tmp_path / "official.pt"))
+    assert all(torch.equal(weights[k], unlearned[k]) for k in original)
+    trained = {"model": unlearned, "ema": original, "args": argparse.Namespace(model="DiT-T/2", global_batch_size=2)}
+    torch.save(trained, tmp_path / "train.pt")  # a DiT train.py checkpoint: its EMA is the model to sample
+    assert all(torch.equal(find_checkpoint(str(tmp_path / "train.pt"))[0][k], original[k]) for k in original)
     args = ("--model", "DiT-T/2", "--data-path", workdir / "data", "--batch-size", 2, "--ckpt", workdir / "tiny.pt",
-            "--n-iters", 4, "--snapshot-every", 0, "--forget-class", 1, "--results-dir", workdir / "ema",
-            "--num-workers", 0)
-    stale = run_in_process("forget.py", *args, "--ema-decay", "0.9999", cwd=workdir, check=False)
-    assert stale.returncode == 1 and "of the original weights" in stale.stderr
-    run_in_process("forget.py", *args, "--ema-decay", "0.2", "--save-safetensors", cwd=workdir, check=True)
-    (run,) = experiment_dirs(workdir / "ema")
+            "--n-iters", 4, "--snapshot-every", 0, "--forget-class", 1, "--lr", "1e-3", "--results-dir",
+            workdir / "ours", "--num-workers", 0, "--save-safetensors")
+    run_in_process("forget.py", *args, cwd=workdir, check=True)
+    (run,) = experiment_dirs(workdir / "ours")
     ckpt = load(os.path.join(run, "checkpoints", "0000004.pt"))
-    diff = max((ckpt["ema"][k] - ckpt["model"][k]).abs().max() for k in ckpt["model"])
-    assert diff > 0  # the EMA differs from the last weights, and the loader returns it
-    assert torch.equal(find_model(os.path.join(run, "checkpoints", "0000004.pt"))["final_layer.linear.weight"],
-                       ckpt["ema"]["final_layer.linear.weight"])
-    final = find_model(os.path.join(run, "checkpoints", "0000004.safetensors"))  # --save-safetensors: the EMA
-    assert all(torch.equal(final[k], v) for k, v in ckpt["ema"].items())
+    assert all(torch.equal(ckpt["ema"][k], ckpt["model"][k]) for k in ckpt["model"])
+    assert max(float((ckpt["model"][k] - original[k]).abs().max()) for k in original) > 1e-4
+    final = find_model(os.path.join(run, "checkpoints", "0000004.safetensors"))
+    assert all(torch.equal(final[k], v) for k, v in ckpt["model"].items())

@@ -212,3 +212,17 @@ def test_missing_weights_say_which_file_to_provide(tmp_path):
     proc = run_script("evaluate.py", "--samples", tmp_path / "s.npz", "--forget-class", 0, "--classifier",
                       "resnet50", "--classifier-weights", tmp_path / "nope.pt", cwd=tmp_path, check=False)
     assert proc.returncode == 1 and "nope.pt" in proc.stderr
+
+
+def test_forget_and_remain_metrics_of_known_predictions():
+    """classification_report on logits whose softmax is known: accuracy, top-5, mean probability and entropy (nats)
+    of the forget-class samples, and remain accuracy overall and per class."""
+    import math
+    probs = torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.8, 0.1],      # generated for the forget class 1
+                          [0.7, 0.2, 0.1], [0.3, 0.3, 0.4], [0.1, 0.1, 0.8]])  # for 0, 0 and 2
+    report = classification_report(probs.log(), torch.tensor([1, 1, 0, 0, 2]), forget_class=1)
+    entropy = [-sum(p * math.log(p) for p in row) for row in ([0.5, 0.25, 0.25], [0.1, 0.8, 0.1])]
+    assert report["forget_acc"] == 0.5 and report["forget_top5"] == 1.0 and report["n_forget"] == 2
+    assert report["forget_prob"] == pytest.approx((0.25 + 0.8) / 2)
+    assert report["forget_entropy"] == pytest.approx(sum(entropy) / 2)   # 0.8392 nats
+    assert report["remain_acc"] == pytest.approx(2 / 3) and report["remain_acc_per_class"] == {0: 0.5, 2: 1.0}

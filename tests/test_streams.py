@@ -1,7 +1,7 @@
 """The random streams: every draw has its own key, and no two keys share a generator."""
 import sfron.data as data
 from helpers import make_image_folder
-from sfron.data import DiffusionBatches, StreamConfig, unlearn_datasets
+from sfron.data import DiffusionBatches, StreamConfig, class_folders, unlearn_datasets
 from sfron.dist import Dist
 from sfron.rng import STREAMS, stream_seed
 
@@ -9,7 +9,7 @@ from sfron.rng import STREAMS, stream_seed
 def test_the_shuffle_of_epoch_e_and_the_draws_of_position_e_have_different_keys(tmp_path, monkeypatch):
     """Every generator a data stream seeds (one per epoch for the order, one per sample for its draws) is distinct."""
     make_image_folder(tmp_path, num_classes=2, per_class=3)
-    forget, _, _ = unlearn_datasets(str(tmp_path), 0, 8, 2)
+    forget, _ = unlearn_datasets(class_folders(str(tmp_path), 2), 0, 8)
     seeds, original = [], data.generator
 
     def record(*key):

@@ -46,7 +46,7 @@ def adam_first_two_steps(theta, g1, g2_fn):
 
 def run_step(model, fb, rb, alpha=0.5, mask=None, **settings):
     """One Unlearner step (ron, ga, forget alpha 0.5, remain alpha 2, no clip unless given) on a fresh AdamW."""
-    settings = UnlearnSettings(**{"forget_class": 0, "lr": LR, "remain_alpha": 2.0, "grad_clip": 0.0, **settings})
+    settings = UnlearnSettings.from_fields({"forget_class": 0, "lr": LR, "remain_alpha": 2.0, "grad_clip": 0.0, **settings})
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, betas=BETAS, eps=EPS,
                             weight_decay=0)
     Unlearner(model, create_diffusion(""), settings, DIST, mask, optimizer=opt).step(fb, rb, alpha)
@@ -152,11 +152,26 @@ def test_forget_conditioning_and_relabel():
     assert relabel_class(207, 1000) == 307 and relabel_class(3, 10) == 4 and relabel_class(5, 7) == 0
 
 
-def test_forget_label_dropout_switch_changes_the_step():
+def test_forget_label_dropout_switch_decides_which_forget_labels_are_dropped(monkeypatch):
+    """With the switch (the official behaviour) the forget step's gradient is that of the batch's label drops (here
+    the second sample under the null label); without it, of every sample under its own label."""
+    seen = capture_gradients(monkeypatch)
     fb, rb = batch(1, 0), batch(2, 1)
-    a = run_step(tiny_model(), fb, rb, forget_label_dropout=True)
-    b = run_step(tiny_model(), fb, rb, forget_label_dropout=False)
-    assert max((a[k] - b[k]).abs().max() for k in a) > 0
+    assert fb.drop.tolist() == [0, 1]
+    reference = tiny_model()
+    theta = {n: p.detach().clone() for n, p in reference.named_parameters() if p.requires_grad}
+    frozen = {"pos_embed": reference.pos_embed}
+    expected = {}
+    for switch, drop in ((True, fb.drop), (False, torch.zeros_like(fb.drop))):
+        expected[switch] = grad(lambda th: 0.5 * -per_sample_loss(reference, {**th, **frozen}, fb, drop=drop).mean())(
+            theta)
+        model = tiny_model()
+        seen.clear()
+        run_step(model, fb, rb, forget_label_dropout=switch)
+        got = {n: seen[0][id(p)] for n, p in model.named_parameters() if p.requires_grad}  # the forget step's
+        for n in theta:
+            torch.testing.assert_close(got[n], expected[switch][n], rtol=1e-4, atol=1e-7)
+    assert max(float((expected[True][n] - expected[False][n]).abs().max()) for n in theta) > 1e-3
 
 
 def test_fused_optimizer_follows_the_official_adamw():
@@ -204,3 +219,39 @@ def test_a_non_finite_loss_stops_the_step_with_its_name():
     fb.x[0, 0, 0, 0] = float("nan")
     with pytest.raises(UserError, match="non-finite forget loss at step 0"):
         run_step(model, fb, rb)
+
+
+def test_bf16_steps_run_under_autocast_and_keep_float32_weights():
+    """--precision bf16: the losses come from bf16 matmuls (close to, not equal to, float32's), the weights and the
+    AdamW state stay float32, and the update moves the weights as float32's does."""
+    fb, rb = batch(1, 0), batch(2, 1)
+    start = {n: p.detach().clone() for n, p in tiny_model().named_parameters() if p.requires_grad}
+    steps, losses = {}, {}
+    for precision in ("fp32", "bf16"):
+        model = tiny_model()
+        settings = UnlearnSettings.from_fields({"forget_class": 0, "lr": LR, "grad_clip": 0.0, "precision": precision})
+        unlearner = Unlearner(model, create_diffusion(""), settings, DIST)
+        losses[precision] = unlearner.step(fb, rb, 1.0)
+        steps[precision] = {n: p.detach() - start[n] for n, p in model.named_parameters() if p.requires_grad}
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert all(v.dtype == torch.float32 for s in unlearner.opt.state.values() for v in s.values() if v.ndim)
+    assert losses["bf16"] != losses["fp32"]
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
+    agree = sum(float((torch.sign(steps["bf16"][n]) == torch.sign(steps["fp32"][n])).sum()) for n in start)
+    assert agree / sum(v.numel() for v in start.values()) > 0.9  # the same direction for nearly every weight
+
+
+def test_remain_projection_removes_only_the_conflicting_component():
+    """--remain-projection: a remain gradient pointing against the forget gradient loses its component along it
+    (after which the two are orthogonal); one that agrees with it, or a step without a forget gradient, keeps it."""
+    from sfron.unlearn import project_off_
+    params = [torch.zeros(2, requires_grad=True), torch.zeros(3, requires_grad=True)]
+    forget = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0, 0.0])]       # |f|^2 = 5
+    params[0].grad, params[1].grad = torch.tensor([-1.0, 3.0]), torch.tensor([1.0, -2.0, 4.0])  # g.f = -5
+    project_off_(params, forget)
+    assert params[0].grad.tolist() == [0.0, 3.0] and params[1].grad.tolist() == [1.0, 0.0, 4.0]
+    assert sum(float((p.grad * f).sum()) for p, f in zip(params, forget)) == 0.0
+    params[0].grad, params[1].grad = torch.tensor([1.0, 3.0]), torch.tensor([1.0, 2.0, 4.0])    # g.f = 5 > 0
+    project_off_(params, forget)
+    project_off_(params, None)
+    assert params[0].grad.tolist() == [1.0, 3.0] and params[1].grad.tolist() == [1.0, 2.0, 4.0]
