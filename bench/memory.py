@@ -1,6 +1,6 @@
 """
 Memory and time per step of forget.py's update, by recipe: the persistent state by part (weights, gradients, the
-AdamW moments, the frozen original, the adversarial label) and the peak of one run, beside the official recipe's,
+AdamW moments, the frozen original, the adversarial label, the mask) and the peak of one run, beside the official recipe's,
 measured in the same script. Each recipe runs in a process of its own, so that each peak is its own: on CUDA
 torch.cuda.max_memory_allocated(), on a CPU the process's peak resident memory over its resident memory before
 the model was built. Random weights, a random saliency mask of --mask-free-share, and latent-size inputs without
@@ -36,7 +36,7 @@ from sfron.utils import UserError  # noqa: E402
 from synthetic import random_dit  # noqa: E402
 
 GB = 1e9  # decimal gigabytes, as the sizes of checkpoints are usually given
-PARTS = ("weights", "gradients", "moments", "reference", "adversary")
+PARTS = ("weights", "gradients", "moments", "reference", "adversary", "mask")
 
 
 def resident_gb():
@@ -85,18 +85,23 @@ def latent_batch(model, batch_size, device, g):
                  drop=torch.zeros(batch_size, dtype=torch.long, device=device))
 
 
-def persistent_state(unlearner, reference):
+def persistent_state(unlearner):
     """{part: GB} of what a run keeps between steps."""
     optimizers = {id(o): o for o in (unlearner.opt, unlearner.forget_opt)}.values()
     moments = [t for o in optimizers for state in o.state.values() for t in state.values()
                if torch.is_tensor(t) and t.dim() > 0]
-    adversary = unlearner.adversary
+    adversary, reference = unlearner.adversary, unlearner.reference
+    if unlearner.original is not None:  # the original's free entries, swapped in
+        frozen = unlearner.original.values
+    else:
+        frozen = reference.model.state_dict().values() if reference is not None and reference.model is not None else []
     return {"weights": tensor_gb(unlearner.params),
             "gradients": tensor_gb(p.grad for p in unlearner.params),
             "moments": tensor_gb(moments),
-            "reference": tensor_gb(reference.model.state_dict().values()) if reference.model is not None else 0.0,
+            "reference": tensor_gb(frozen),
             "adversary": 0.0 if adversary is None else tensor_gb(
-                [adversary.embedding, *(t for s in adversary.optimizer.state.values() for t in s.values())])}
+                [adversary.embedding, *(t for s in adversary.optimizer.state.values() for t in s.values())]),
+            "mask": tensor_gb([*(unlearner.mask or {}).values(), *(unlearner.free or [])])}
 
 
 def measure(options, recipe, batch_size, queue):
@@ -108,10 +113,10 @@ def measure(options, recipe, batch_size, queue):
         torch.cuda.reset_peak_memory_stats()
     model = random_dit(options["model"], options["image_size"], device)
     settings = recipe_settings(recipe, batch_size)
-    reference = FrozenReference(model=copy.deepcopy(model).eval().requires_grad_(False)
-                                if settings.needs_frozen_model else None)
+    frozen = copy.deepcopy(model).eval().requires_grad_(False) if settings.needs_frozen_model else None
     unlearner = Unlearner(model, create_diffusion(timestep_respacing=""), settings, Dist(device=device),
-                          random_mask(model, options["mask_free_share"]), reference=reference)
+                          random_mask(model, options["mask_free_share"]), reference=FrozenReference(model=frozen))
+    del frozen  # what the run keeps of it, the Unlearner holds
     g = torch.Generator().manual_seed(1)
     forget, remain = latent_batch(model, batch_size, device, g), latent_batch(model, batch_size, device, g)
     unlearner.step(forget, remain, alpha=1.0)  # warm-up: the optimizer state is made at the first step
@@ -123,9 +128,9 @@ def measure(options, recipe, batch_size, queue):
     if device.type == "cuda":
         torch.cuda.synchronize()
     step_s = (time.perf_counter() - start) / options["steps"]
-    parts = persistent_state(unlearner, reference)
+    parts = persistent_state(unlearner)
     queue.put({"parts": parts, "persistent": sum(parts.values()), "peak": peak_gb(device, baseline),
-               "step_s": step_s})
+               "step_s": step_s, "free_entries": sum(int(m.sum()) for m in unlearner.mask.values())})
 
 
 def run_isolated(options, recipe, batch_size):

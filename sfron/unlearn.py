@@ -11,6 +11,7 @@ random-label forget term under a gradient-saliency mask, SA a surrogate forget s
 EWC penalty, ESD a negatively guided target from the frozen original model.
 """
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Optional
 
@@ -22,6 +23,7 @@ from .data import Batch
 from .loss import check_finite, diffusion_loss
 from .optim import make_optimizer
 from .sampling import SamplerConfig
+from .sparse import MaskedAdamW, MaskedOriginal, free_entries, gather, scatter_
 from .utils import UserError
 
 FORGET_LOSSES = ("ga", "adaga", "rl", "salun", "sa", "esd")
@@ -221,15 +223,15 @@ def concat_batches(a, b):
                  noise=torch.cat([a.noise, b.noise]), drop=torch.cat([a.drop, b.drop]), step=a.step)
 
 
-def project_off_(params, directions):
+def project_off_(grads, directions):
     """
-    Removes from the gradients of params their component along `directions` (a gradient per parameter, one vector
-    over all of them) where the two conflict (a negative inner product), as PCGrad does: the remain step then
+    Removes from grads (a tensor per parameter, one vector over all of them) their component along `directions`
+    (the same shapes) where the two conflict (a negative inner product), as PCGrad does: the remain step then
     cannot undo, to first order, what the forget step did. directions None (no forget step yet): no change.
     """
     if directions is None:
         return
-    pairs = [(p.grad, d) for p, d in zip(params, directions) if p.grad is not None and d is not None]
+    pairs = [(g, d) for g, d in zip(grads, directions) if g is not None and d is not None]
     dot = sum((g.float() * d.float()).sum() for g, d in pairs)
     norm = sum(d.float().square().sum() for _, d in pairs)
     if pairs and dot < 0 < norm:  # one host sync per remain step
@@ -250,8 +252,12 @@ class Unlearner:
     The model, optimizer, saliency mask and settings of one unlearning run; step() takes one step of
     settings.step.method on a forget and a remain batch. model may be DDP-wrapped: the mask and the optimizer use
     the module inside, whose parameter names are the official ones. `reference` holds the frozen original model
-    where the settings need it (ESD, the distilled remain term, SA).
+    where the settings need it (ESD, the distilled remain term, SA). A run confined to the mask (ron with
+    --mask-remain-step) keeps the optimizer state and the original values of the free entries only
+    (sfron/sparse.py), and lets go of the second model.
     """
+
+    sparse_state = True  # a run confined to the mask keeps the state of the free entries only (sfron/sparse.py)
 
     def __init__(self, model, diffusion, settings, dist, mask=None, reference=None, optimizer=None):
         ewc = settings.replay.ewc_lambda > 0
@@ -261,15 +267,22 @@ class Unlearner:
                             f"{settings.remain.remain_loss} and --replay-samples {settings.replay.replay_samples} "
                             f"need the frozen original model{' and its replay Fisher' if ewc else ''}")
         self.model, self.diffusion, self.settings, self.dist, self.mask = model, diffusion, settings, dist, mask
-        self.reference = reference
         self.raw_model = getattr(model, "module", model)
         self.named = [(n, p) for n, p in self.raw_model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named]
         step = settings.step
-        self.opt = optimizer if optimizer is not None else make_optimizer(self.params, step.lr)
+        # Every update inside the mask: both ron steps masked, so only the free entries ever move
+        self.free = free_entries(self.named, mask) if (self.sparse_state and optimizer is None and mask is not None
+                                                      and step.method == "ron" and step.mask_remain_step) else None
+        self.reference, self.original = reference, None
+        if self.free is not None and reference is not None and reference.model is not None and not ewc:
+            frozen = dict(reference.model.named_parameters())
+            self.original = MaskedOriginal(self.params, self.free, [frozen[n] for n, _ in self.named])
+            self.reference = FrozenReference(fisher=reference.fisher)  # the second model is not kept
+        self.opt = optimizer if optimizer is not None else self._make_optimizer(step.lr)
         # Own moments keep the forget step inside its mask: AdamW moves a weight whose masked gradient is 0 by the
         # momentum the shared moments carry from the remain steps, so a shared optimizer frees every weight.
-        self.forget_opt = make_optimizer(self.params, step.lr) if step.separate_forget_optimizer else self.opt
+        self.forget_opt = self._make_optimizer(step.lr) if step.separate_forget_optimizer else self.opt
         num_classes, forget = self.raw_model.num_classes, settings.forget
         self.relabel = {"rl": relabel_class(forget.forget_class, num_classes),
                         "salun": (forget.forget_class + 1) % num_classes}.get(forget.unlearn_loss)
@@ -278,6 +291,20 @@ class Unlearner:
         self.adversary = AdversarialLabel(self.raw_model, forget.adversarial_steps, dist) \
             if forget.adversarial_steps else None
         self._forget_grads = None  # the last forget step's gradient (--remain-projection)
+
+    def _make_optimizer(self, lr):
+        """AdamW over the parameters: of the free entries only when the run is confined to the mask."""
+        return MaskedAdamW(self.params, self.free, lr) if self.free is not None else make_optimizer(self.params, lr)
+
+    @contextmanager
+    def frozen_model(self):
+        """`with self.frozen_model() as frozen:` the frozen original, or the trained model with the original's
+        free entries swapped in."""
+        if self.original is None:
+            yield self.reference.model
+        else:
+            with self.original.swapped_in():
+                yield self.raw_model
 
     def _optimizer_step(self, loss, masked, lr=None):
         """zero_grad, backward, then (masked=True: the forget step) the saliency mask, the global-norm clip and
@@ -296,13 +323,28 @@ class Unlearner:
         if masked and step.grad_clip is not None and step.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, step.grad_clip)
         if step.remain_projection and self.settings.step.method == "ron":
-            if masked:
-                self._forget_grads = [p.grad.detach().clone() if p.grad is not None else None for p in self.params]
-            else:
-                project_off_(self.params, self._forget_grads)
+            self._project(masked)
         opt.step()
         for group, rate in zip(opt.param_groups, own_rates):
             group["lr"] = rate
+        if self.free is not None:  # no gradient is kept between the steps
+            opt.zero_grad(set_to_none=True)
+
+    def _project(self, forget_step):
+        """--remain-projection: keeps the forget step's gradient, and projects the remain step's off it (on the free
+        entries alone when the run is confined to the mask: every other entry of both is 0)."""
+        grads = [p.grad for p in self.params]
+        if self.free is not None:
+            grads = [gather(g, i) if g is not None else None for g, i in zip(grads, self.free)]
+        if forget_step:
+            self._forget_grads = [g.detach().clone() if g is not None else None for g in grads]
+            return
+        project_off_(grads, self._forget_grads)
+        self._forget_grads = None
+        if self.free is not None:
+            for p, g, i in zip(self.params, grads, self.free):
+                if g is not None:
+                    scatter_(p.grad, i, g)
 
     def forget_losses(self, batch):
         """Per-sample losses of the forget term (b,): diffusion losses (ga, adaga, rl, sa) or the distance of the
@@ -326,9 +368,9 @@ class Unlearner:
             if f.unlearn_loss == "salun":  # the same model's prediction under another class, without gradient
                 target = eps_prediction(self.model, self.diffusion, batch, torch.full_like(batch.y, self.relabel), keep)
             else:  # esd: eps*(x, null) - eta (eps*(x, c) - eps*(x, null)) of the frozen original
-                frozen = self.reference.model
-                cond = eps_prediction(frozen, self.diffusion, batch, batch.y, keep)
-                null = eps_prediction(frozen, self.diffusion, batch, batch.y, torch.ones_like(batch.drop))
+                with self.frozen_model() as frozen:
+                    cond = eps_prediction(frozen, self.diffusion, batch, batch.y, keep)
+                    null = eps_prediction(frozen, self.diffusion, batch, batch.y, torch.ones_like(batch.drop))
                 target = null - f.esd_eta * (cond - null)
         if self.adversary is None:
             return mean_flat_square(eps_prediction(self.model, self.diffusion, batch, batch.y, keep) - target)
@@ -342,9 +384,9 @@ class Unlearner:
         distance of the noise prediction to the frozen original's at the same x_t, t and label."""
         if self.settings.remain.remain_loss == "diffusion":
             return diffusion_loss(self.model, self.diffusion, batch, force_drop_ids=batch.drop)
+        with torch.no_grad(), self.frozen_model() as frozen:  # first: the swap must precede the gradient's pass
+            target = eps_prediction(frozen, self.diffusion, batch, batch.y, batch.drop)
         eps = eps_prediction(self.model, self.diffusion, batch, batch.y, batch.drop)
-        with torch.no_grad():
-            target = eps_prediction(self.reference.model, self.diffusion, batch, batch.y, batch.drop)
         # 0 at the original weights: it pulls back only what the forget steps moved, without the noise of fitting
         # the data again (the original already fits it)
         return mean_flat_square(eps - target)

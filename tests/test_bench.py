@@ -37,20 +37,25 @@ def test_full_run_runs_the_three_scripts(tmp_path):
 
 
 def test_memory_benchmark_counts_each_part_of_the_state(tmp_path):
-    """bench/memory.py on a tiny DiT: the parts are the tensors' sizes (one AdamW's two moments for the official
-    recipe, two AdamWs' and the frozen original for the default), and the last line is their ratio."""
+    """bench/memory.py on a tiny DiT: the parts are the tensors' sizes (the official recipe: one AdamW's two moments
+    per weight and the gradients; the default, confined to the mask: two AdamWs' moments and the original values of
+    the free entries only, no gradient between steps), and the last line is their ratio."""
     from models import DiT_models
     from sfron.recipes import DEFAULT_RECIPE
     proc = run_script("bench/memory.py", "--model", "DiT-T/2", "--image-size", 32, "--batch-sizes", 1, "--steps", 1,
                       "--threads", 1, "--out", tmp_path / "memory.json", cwd=tmp_path)
     model = DiT_models["DiT-T/2"](input_size=4, num_classes=1000)
-    weights = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad) / 1e9
-    everything = sum(t.numel() * 4 for t in model.state_dict().values()) / 1e9
+    numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
     runs = {r["recipe"]: r for r in json.load(open(tmp_path / "memory.json"))["runs"]}
     official, default = runs["official"]["parts"], runs[DEFAULT_RECIPE]["parts"]
-    assert official["weights"] == pytest.approx(weights) and official["gradients"] == pytest.approx(weights)
-    assert official["moments"] == pytest.approx(2 * weights) and official["reference"] == official["adversary"] == 0
-    assert default["moments"] == pytest.approx(4 * weights) and default["reference"] == pytest.approx(everything)
-    assert 0 < default["adversary"] < 1e-5 and min(r["peak"] for r in runs.values()) > 0
+    free = runs[DEFAULT_RECIPE]["free_entries"]
+    assert 0.01 < free / numel < 0.03                                   # --mask-free-share 0.02
+    assert official["weights"] == pytest.approx(4 * numel / 1e9) and official["gradients"] == official["weights"]
+    assert official["moments"] == pytest.approx(2 * 4 * numel / 1e9) and official["reference"] == 0
+    assert default["weights"] == official["weights"] and default["gradients"] == 0
+    assert default["moments"] == pytest.approx(2 * 2 * 4 * free / 1e9)  # two AdamWs, two moments, free entries
+    assert default["reference"] == pytest.approx(4 * free / 1e9) and 0 < default["adversary"] < 1e-5
+    assert default["mask"] == pytest.approx((numel + 8 * free) / 1e9)     # booleans and int64 indices
+    assert min(r["peak"] for r in runs.values()) > 0
     ratio = runs[DEFAULT_RECIPE]["persistent"] / runs["official"]["persistent"]
-    assert proc.stdout.strip().splitlines()[-1].endswith(f"ratio {ratio:.2f}")
+    assert ratio < 0.5 and proc.stdout.strip().splitlines()[-1].endswith(f"ratio {ratio:.2f}")
