@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Every GPU check in one call (about 6 minutes on an H100): DiT-XL/2 at 256x256 with random weights, bf16.
+# Every GPU check in one call (steps 1-3 took about 6 minutes on an H100): DiT-XL/2 at 256x256, random weights, bf16.
 #   1-2. bench/throughput.py at batch 1 and 8: our Fisher and forget loops against the official semantics,
 #        samples/s, speedups, peak memory, model FLOP utilisation (and of the forget step alone at batch 8-64);
 #   3.   forget.py at batch 2 with a saliency mask (from a short generate_fisher.py + generate_mask.py) on
-#        synthetic images with the SD-VAE architecture: its peak GPU memory (the paper used a 24 GB RTX 4090).
+#        synthetic images with the SD-VAE architecture: its peak GPU memory (the paper used a 24 GB RTX 4090);
+#   4.   bench/memory.py at batch 1 and 8: the default recipe's memory by part and peak beside the official one's.
 # Usage, from the repository root: bash bench/gpu_check.sh [work folder]
 # (MODEL=DiT-S/8 IMAGE_SIZE=64 bash bench/gpu_check.sh runs the same checks small, e.g. on a CPU, as a rehearsal.)
 # The whole DiT-XL/2 run (2000 + 2000 Fisher samples, masks, 600 forget steps) is a second call:
@@ -26,3 +27,4 @@ $py generate_mask.py --mask-path "$work/mask" --forget-class 0 --thresholds 1
 $py forget.py "${data[@]}" --batch-size 2 --n-iters 20 --snapshot-every 0 --log-every 10 --recipe official \
     --forget-alpha 1e-3 --lr 1e-4 --mask-path "$work/mask" --threshold 1 \
     | grep -E "Saliency mask|Train Steps/Sec|Peak GPU memory|Done"
+$py bench/memory.py --model "$model" --image-size "$size" --batch-sizes 1 8 --steps 2
