@@ -1,9 +1,9 @@
 """
 The README's three steps on the embedded digits case, on a CPU in minutes: the shipped digits DiT forgets one digit
 (--forget-class, default 0) with generate_fisher.py, generate_mask.py and forget.py --recipe (default
-masked-esd-distill), then the original, the unlearned and the retrained-without-that-digit models are sampled and
+adversarial-esd-distill), then the original, the unlearned and the retrained-without-that-digit models are sampled and
 evaluated with the shipped digits classifier. Writes <out>/report.json, <out>/report.md, <out>/samples.png
-(original | unlearned | retrained, from the same noise) and <out>/losses.png.
+(original | unlearned | retrained, from the same noise) and <out>/losses.png; with --attacks also <out>/attacks/.
 """
 import argparse
 import json

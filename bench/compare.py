@@ -403,8 +403,8 @@ def recipe_methods(recipes):
 
 
 def all_digits(bench, args):
-    """--all-digits: forget.py's recipes, as demo.py runs them, on every digit and seed against the three targets;
-    writes all_digits.json and all_digits.md."""
+    """--all-digits: forget.py's recipes, as demo.py runs them, on every digit and seed against the five targets
+    (three without --attacks); writes all_digits.json and all_digits.md."""
     recipes = recipe_methods(args.recipes)
     rows = []
     for name, (flags, lr) in recipes.items():
@@ -582,8 +582,8 @@ def parse_args(argv=None):
     parser.add_argument("--cfg-scale", type=float, default=2.0, help="guidance scale of the evaluation samples")
     parser.add_argument("--all-digits", action="store_true",
                         help="instead of the comparison: forget.py's recipes as demo.py runs them on --classes x "
-                             "--seeds, against the embedded case's three targets (README: Keeping the remain "
-                             "classes); writes all_digits.md and all_digits.json")
+                             "--seeds, against the embedded case's five targets (README: the embedded digits case); "
+                             "writes all_digits.md and all_digits.json")
     parser.add_argument("--recipes", type=str, nargs="+", choices=list(RECIPES), default=list(RECIPES),
                         help="--all-digits: the recipes to measure")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
