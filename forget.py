@@ -275,8 +275,9 @@ def prepare_run(args, settings, requests, dist, logger, experiment_dir, resumed)
                             "init": {"ckpt": checkpoint_identity(original.ckpt)}})
     if resumed is not None:
         check_same_run(resumed["run"], record)
-    elif dist.is_main:
-        atomic_json_dump({**record, "recipe": recipe_record(args)}, os.path.join(experiment_dir, RUN_RECORD))
+    record = {**record, "recipe": recipe_record(args)}  # how the settings were given: not pinned
+    if resumed is None and dist.is_main:
+        atomic_json_dump(record, os.path.join(experiment_dir, RUN_RECORD))
     logger.info(f"Saliency mask {mask_record.file}: {100 * kept_share(mask):.2f}% of weights updated by the forget "
                 f"step" if mask is not None else "No --mask-path: the forget step updates every weight")
     reference, replay = frozen_reference(settings, original, spec, dist, logger)
@@ -288,7 +289,7 @@ def prepare_run(args, settings, requests, dist, logger, experiment_dir, resumed)
     history = restore(resumed, unlearner) if resumed is not None else []
     raw_model.train()  # label dropout on, as in the official script
     datasets = unlearning_data(settings, spec, (forget_set, remain_set), replay)
-    return unlearner, vae, spec, datasets, {**record, "recipe": recipe_record(args)}, history
+    return unlearner, vae, spec, datasets, record, history
 
 
 def batch_streams(args, unlearner, vae, spec, datasets, start, logger):

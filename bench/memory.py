@@ -1,7 +1,7 @@
 """
 Memory and time per step of forget.py's update, by recipe: the persistent state by part (weights, gradients, the
-AdamW moments, the frozen original, the adversarial label, the mask) and the peak of one run, beside the official recipe's,
-measured in the same script. Each recipe runs in a process of its own, so that each peak is its own: on CUDA
+AdamW moments, the frozen original, the adversarial label, the mask) and the peak of one run, beside the official
+recipe's, measured in the same script. Each recipe runs in a process of its own, so that each peak is its own: on CUDA
 torch.cuda.max_memory_allocated(), on a CPU the process's peak resident memory over its resident memory before
 the model was built. Random weights, a random saliency mask of --mask-free-share, and latent-size inputs without
 the VAE: this measures memory and time, not quality.
@@ -31,7 +31,7 @@ from sfron.data import Batch  # noqa: E402
 from sfron.dist import Dist  # noqa: E402
 from sfron.files import atomic_json_dump  # noqa: E402
 from sfron.recipes import DEFAULT_RECIPE, RECIPES, get_recipe  # noqa: E402
-from sfron.unlearn import FrozenReference, Unlearner, UnlearnSettings  # noqa: E402
+from sfron.unlearn import FrozenReference, Unlearner  # noqa: E402
 from sfron.utils import UserError  # noqa: E402
 from synthetic import random_dit  # noqa: E402
 
@@ -67,13 +67,6 @@ def random_mask(model, free_share, seed=0):
     g = torch.Generator().manual_seed(seed)
     return {k: (torch.rand(p.shape, generator=g) < free_share).to(p.device)
             for k, p in model.named_parameters() if p.requires_grad}
-
-
-def recipe_settings(name, batch_size):
-    """The UnlearnSettings forget.py resolves from --recipe name alone (class 0)."""
-    fields = set(UnlearnSettings.field_names())
-    values = {k: v for k, v in get_recipe(name).values.items() if k in fields}
-    return UnlearnSettings.from_fields({**values, "forget_class": 0, "batch_size": batch_size})
 
 
 def latent_batch(model, batch_size, device, g):
@@ -112,7 +105,7 @@ def measure(options, recipe, batch_size, queue):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model = random_dit(options["model"], options["image_size"], device)
-    settings = recipe_settings(recipe, batch_size)
+    settings = get_recipe(recipe).settings({"forget_class": 0, "batch_size": batch_size})
     frozen = copy.deepcopy(model).eval().requires_grad_(False) if settings.needs_frozen_model else None
     unlearner = Unlearner(model, create_diffusion(timestep_respacing=""), settings, Dist(device=device),
                           random_mask(model, options["mask_free_share"]), reference=FrozenReference(model=frozen))

@@ -10,6 +10,7 @@ names, for the run's log, every setting that makes a run compute something the o
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from .unlearn import UnlearnSettings
 from .utils import UserError
 
 # The flags every recipe sets (forget.py's argument names).
@@ -36,6 +37,12 @@ class Recipe:
             elif given[name] != value:
                 overridden[name] = (value, given[name])
         return values, overridden
+
+    def settings(self, fields):
+        """The UnlearnSettings of this recipe's update (its mask threshold aside), with the {field: value} mapping
+        `fields` over it (forget_class at least)."""
+        names = set(UnlearnSettings.field_names())
+        return UnlearnSettings.from_fields({**{k: v for k, v in self.values.items() if k in names}, **fields})
 
 
 def _recipe(name, summary, values):

@@ -81,6 +81,9 @@ class ReplaySettings:
     sampling: Optional[SamplerConfig] = None  # how the replay samples are drawn; None without replay
 
 
+SETTINGS_PARTS = {"step": StepSettings, "forget": ForgetTerm, "remain": RemainTerm, "replay": ReplaySettings}
+
+
 @dataclass(frozen=True)
 class UnlearnSettings:
     """Everything that defines an unlearning run's numbers, by concern: a resumed run must keep every field."""
@@ -93,17 +96,16 @@ class UnlearnSettings:
     def from_fields(cls, values):
         """The settings of a flat {field: value} mapping (the field names of the four parts; unknown names are an
         error, missing ones keep their defaults)."""
-        parts = {"step": StepSettings, "forget": ForgetTerm, "remain": RemainTerm, "replay": ReplaySettings}
-        unknown = set(values) - {f.name for part in parts.values() for f in fields(part)}
+        unknown = set(values) - set(cls.field_names())
         if unknown:
             raise TypeError(f"unknown unlearning settings: {', '.join(sorted(unknown))}")
         return cls(**{name: part(**{f.name: values[f.name] for f in fields(part) if f.name in values})
-                      for name, part in parts.items()})
+                      for name, part in SETTINGS_PARTS.items()})
 
     @classmethod
     def field_names(cls):
         """The flat field names of the four parts (forget.py's flags of the same names)."""
-        return [f.name for part in (StepSettings, ForgetTerm, RemainTerm, ReplaySettings) for f in fields(part)]
+        return [f.name for part in SETTINGS_PARTS.values() for f in fields(part)]
 
     def check(self):
         """One clear error for settings that cannot run."""

@@ -10,7 +10,7 @@ from helpers import tiny_train_dit, toy_batch
 from sfron.dist import Dist
 from sfron.recipes import get_recipe
 from sfron.sparse import MaskedAdamW
-from sfron.unlearn import FrozenReference, Unlearner, UnlearnSettings
+from sfron.unlearn import FrozenReference, Unlearner
 
 
 LR = 1e-2
@@ -23,9 +23,7 @@ class DenseUnlearner(Unlearner):
 
 def recipe(name, **over):
     """The UnlearnSettings of a recipe (class 0, batch 4), with overrides."""
-    names = set(UnlearnSettings.field_names())
-    values = {k: v for k, v in get_recipe(name).values.items() if k in names}
-    return UnlearnSettings.from_fields({**values, "forget_class": 0, "batch_size": 4, "lr": LR, **over})
+    return get_recipe(name).settings({"forget_class": 0, "batch_size": 4, "lr": LR, **over})
 
 
 def half_mask(model):
