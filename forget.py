@@ -67,23 +67,28 @@ def experiment_name(settings, model):
             f"-lr{step.lr}-f{forget.forget_alpha}-r{remain.remain_alpha}")
 
 
-def save_checkpoint(path, unlearner, run, history):
+def checkpoint_state(unlearner):
     """
-    {"model", "ema", "opt", "args", "spec", "run", "train_steps", "losses"} (and "forget_opt", the forget step's
-    own optimizer, with --separate-forget-optimizer; "adversary", the adversarial label, with --adversarial-steps).
-    The official loader prefers "ema": here it holds the very tensors of "model" (stored once), the unlearned
-    weights. (The official script saves there an EMA of decay 0.9999, which after 600 steps is still about 94% the
-    original model.) "run" pins what a resumed run must keep; "args" and "spec" are what other scripts read back.
+    The tensors of a checkpoint: {"model", "ema", "opt"} (and "forget_opt", the forget step's own optimizer, with
+    --separate-forget-optimizer; "adversary", the adversarial label, with --adversarial-steps). The official loader
+    prefers "ema": here it holds the very tensors of "model" (stored once), the unlearned weights. (The official
+    script saves there an EMA of decay 0.9999, which after 600 steps is still about 94% the original model.)
     """
     state = unlearner.raw_model.state_dict()
-    flat = {k: v for part in settings_sections(unlearner.settings) for k, v in run[part].items()}
-    checkpoint = {"model": state, "ema": state, "opt": unlearner.opt.state_dict(),
-                  "args": {**flat, "model": run["model"]["model"]}, "spec": run["model"], "run": run,
-                  "train_steps": len(history), "losses": history}
-    if unlearner.forget_opt is not unlearner.opt:  # --separate-forget-optimizer
+    checkpoint = {"model": state, "ema": state, "opt": unlearner.opt.state_dict()}
+    if unlearner.forget_opt is not unlearner.opt:
         checkpoint["forget_opt"] = unlearner.forget_opt.state_dict()
-    if unlearner.adversary is not None:  # --adversarial-steps
+    if unlearner.adversary is not None:
         checkpoint["adversary"] = unlearner.adversary.state_dict()
+    return checkpoint
+
+
+def save_checkpoint(path, unlearner, run, history):
+    """checkpoint_state() with "args", "spec", "run", "train_steps" and "losses": "run" pins what a resumed run must
+    keep; "args" and "spec" are what other scripts read back."""
+    flat = {k: v for part in settings_sections(unlearner.settings) for k, v in run[part].items()}
+    checkpoint = {**checkpoint_state(unlearner), "args": {**flat, "model": run["model"]["model"]},
+                  "spec": run["model"], "run": run, "train_steps": len(history), "losses": history}
     atomic_torch_save(checkpoint, path)
 
 

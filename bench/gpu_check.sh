@@ -4,7 +4,8 @@
 #        samples/s, speedups, peak memory, model FLOP utilisation (and of the forget step alone at batch 8-64);
 #   3.   forget.py at batch 2 with a saliency mask (from a short generate_fisher.py + generate_mask.py) on
 #        synthetic images with the SD-VAE architecture: its peak GPU memory (the paper used a 24 GB RTX 4090);
-#   4.   bench/memory.py at batch 1 and 8: the default recipe's memory by part and peak beside the official one's.
+#   4.   bench/memory.py at batch 1 and 8 (and 32 under bf16): the default recipe's memory by part, peak, checkpoint
+#        size and time per step beside the official one's.
 # Usage, from the repository root: bash bench/gpu_check.sh [work folder]
 # (MODEL=DiT-S/8 IMAGE_SIZE=64 bash bench/gpu_check.sh runs the same checks small, e.g. on a CPU, as a rehearsal.)
 # The whole DiT-XL/2 run (2000 + 2000 Fisher samples, masks, 600 forget steps) is a second call:
@@ -28,3 +29,4 @@ $py forget.py "${data[@]}" --batch-size 2 --n-iters 20 --snapshot-every 0 --log-
     --forget-alpha 1e-3 --lr 1e-4 --mask-path "$work/mask" --threshold 1 \
     | grep -E "Saliency mask|Train Steps/Sec|Peak GPU memory|Done"
 $py bench/memory.py --model "$model" --image-size "$size" --batch-sizes 1 8 --steps 2
+$py bench/memory.py --model "$model" --image-size "$size" --batch-sizes 1 8 32 --steps 2 --precision bf16

@@ -13,6 +13,7 @@ The last line reads `persistent state: default X GB, official Y GB, ratio R` (de
 """
 import argparse
 import copy
+import io
 import multiprocessing
 import os
 import resource
@@ -26,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from cli import run_main  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
+from forget import checkpoint_state  # noqa: E402
 from models import DiT_models  # noqa: E402
 from sfron.data import Batch  # noqa: E402
 from sfron.dist import Dist  # noqa: E402
@@ -37,6 +39,21 @@ from synthetic import random_dit  # noqa: E402
 
 GB = 1e9  # decimal gigabytes, as the sizes of checkpoints are usually given
 PARTS = ("weights", "gradients", "moments", "reference", "adversary", "mask")
+
+
+class ByteCounter(io.RawIOBase):
+    """A file that keeps nothing and counts the bytes written to it (a checkpoint's size without the disk)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        self.count += len(data)
+        return len(data)
 
 
 def resident_gb():
@@ -97,15 +114,23 @@ def persistent_state(unlearner):
             "mask": tensor_gb([*(unlearner.mask or {}).values(), *(unlearner.free or [])])}
 
 
+def checkpoint_gb(unlearner):
+    """The size of forget.py's checkpoint of this run (its tensors; the few kB of settings aside), in GB."""
+    counter = ByteCounter()
+    torch.save(checkpoint_state(unlearner), counter)
+    return counter.count / GB
+
+
 def measure(options, recipe, batch_size, queue):
-    """One recipe's forget run in this process: puts {parts, persistent, peak, step_s} on queue."""
+    """One recipe's forget run in this process: puts {parts, persistent, peak, step_s, checkpoint} on queue."""
     torch.set_num_threads(options["threads"] or torch.get_num_threads())
     device = torch.device(options["device"])
     baseline = resident_gb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model = random_dit(options["model"], options["image_size"], device)
-    settings = get_recipe(recipe).settings({"forget_class": 0, "batch_size": batch_size})
+    settings = get_recipe(recipe).settings({"forget_class": 0, "batch_size": batch_size,
+                                            "precision": options["precision"]})
     frozen = copy.deepcopy(model).eval().requires_grad_(False) if settings.needs_frozen_model else None
     unlearner = Unlearner(model, create_diffusion(timestep_respacing=""), settings, Dist(device=device),
                           random_mask(model, options["mask_free_share"]), reference=FrozenReference(model=frozen))
@@ -122,8 +147,10 @@ def measure(options, recipe, batch_size, queue):
         torch.cuda.synchronize()
     step_s = (time.perf_counter() - start) / options["steps"]
     parts = persistent_state(unlearner)
-    queue.put({"parts": parts, "persistent": sum(parts.values()), "peak": peak_gb(device, baseline),
-               "step_s": step_s, "free_entries": sum(int(m.sum()) for m in unlearner.mask.values())})
+    peak = peak_gb(device, baseline)  # before the checkpoint's serialisation, which is not a step's
+    queue.put({"parts": parts, "persistent": sum(parts.values()), "peak": peak, "step_s": step_s,
+               "checkpoint": checkpoint_gb(unlearner),
+               "free_entries": sum(int(m.sum()) for m in unlearner.mask.values())})
 
 
 def run_isolated(options, recipe, batch_size):
@@ -140,19 +167,20 @@ def run_isolated(options, recipe, batch_size):
 
 def main(args):
     options = {"model": args.model, "image_size": args.image_size, "steps": args.steps, "threads": args.threads,
-               "mask_free_share": args.mask_free_share,
+               "mask_free_share": args.mask_free_share, "precision": args.precision,
                "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu")}
     recipes = list(dict.fromkeys([args.recipe, "official"]))
-    print(f"{args.model} at {args.image_size}x{args.image_size} on {options['device']}, random weights, "
-          f"{args.mask_free_share:.1%} of the weights free in the mask, {args.steps} timed steps (GB)")
-    print("| recipe | batch | " + " | ".join(PARTS) + " | persistent | peak | s/step |")
-    print("| --- " * (len(PARTS) + 5) + "|")
+    print(f"{args.model} at {args.image_size}x{args.image_size} on {options['device']}, {args.precision}, random "
+          f"weights, {args.mask_free_share:.1%} of the weights free in the mask, {args.steps} timed steps (GB)")
+    print("| recipe | batch | " + " | ".join(PARTS) + " | persistent | peak | checkpoint | s/step |")
+    print("| --- " * (len(PARTS) + 6) + "|")
     results = {}
     for batch_size in args.batch_sizes:
         for recipe in recipes:
             r = results[recipe, batch_size] = run_isolated(options, recipe, batch_size)
             print(f"| {recipe} | {batch_size} | " + " | ".join(f"{r['parts'][p]:.3f}" for p in PARTS) +
-                  f" | {r['persistent']:.3f} | {r['peak']:.3f} | {r['step_s']:.3f} |", flush=True)
+                  f" | {r['persistent']:.3f} | {r['peak']:.3f} | {r['checkpoint']:.3f} | {r['step_s']:.3f} |",
+                  flush=True)
     first = args.batch_sizes[0]
     default, official = results[args.recipe, first]["persistent"], results["official", first]["persistent"]
     if args.out:
@@ -173,6 +201,8 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
     parser.add_argument("--mask-free-share", type=float, default=0.02,
                         help="share of the weights the random mask frees (gamma 5 freed 0.7-2%% on the digits)")
+    parser.add_argument("--precision", type=str, choices=["fp32", "bf16"], default="fp32",
+                        help="forget.py --precision: bf16 runs the passes under bf16 autocast")
     parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when present)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=str, default=None, help="also write every figure, unrounded, to this JSON")

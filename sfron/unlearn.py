@@ -10,6 +10,7 @@ Earlier methods are settings of the same update (README: the comparison): GA is 
 random-label forget term under a gradient-saliency mask, SA a surrogate forget set with generative replay and an
 EWC penalty, ESD a negatively guided target from the frozen original model.
 """
+import functools
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -348,9 +349,35 @@ class Unlearner:
                 if g is not None:
                     scatter_(p.grad, i, g)
 
-    def forget_losses(self, batch):
+    def frozen_targets(self, forget_batch, remain_batch):
+        """
+        (ESD's target on forget_batch, the distilled remain term's target on remain_batch), each None where the
+        settings need none or the batch is None, from one forward pass of the frozen original over the batches
+        stacked (b forget samples under their label, the same b under the null label, then the remain samples):
+        the original's free entries are swapped in once per step, and a small batch fills the device better.
+        """
+        esd = forget_batch is not None and self.settings.forget.unlearn_loss == "esd"
+        distill = remain_batch is not None and self.settings.remain.remain_loss == "distill"
+        parts = []  # (batch, labels, label-drop ids)
+        if esd:  # eps*(x, c) and eps*(x, null): the forget label never dropped, then always
+            keep = torch.zeros_like(forget_batch.drop)
+            parts += [(forget_batch, forget_batch.y, keep), (forget_batch, forget_batch.y, torch.ones_like(keep))]
+        if distill:  # the remain batch with its own label dropout
+            parts.append((remain_batch, remain_batch.y, remain_batch.drop))
+        if not parts:
+            return None, None
+        stacked = functools.reduce(concat_batches, [b for b, _, _ in parts])
+        with torch.no_grad(), self.frozen_model() as frozen:
+            eps = eps_prediction(frozen, self.diffusion, stacked, torch.cat([y for _, y, _ in parts]),
+                                 torch.cat([d for _, _, d in parts]))            # (2b + b_r, C, H, W)
+        chunks = eps.split([b.y.shape[0] for b, _, _ in parts])
+        esd_target = chunks[1] - self.settings.forget.esd_eta * (chunks[0] - chunks[1]) if esd else None
+        return esd_target, chunks[-1] if distill else None
+
+    def forget_losses(self, batch, esd_target=None):
         """Per-sample losses of the forget term (b,): diffusion losses (ga, adaga, rl, sa) or the distance of the
-        noise prediction to SalUn's or ESD's target; with an adversarial label, the same term under it is added."""
+        noise prediction to SalUn's or ESD's target (esd_target: frozen_targets()'s, computed here when None); with
+        an adversarial label, the same term under it is added."""
         f = self.settings.forget
         if self.adversary is not None:
             self.adversary.update(self.model, self.diffusion, batch)
@@ -366,14 +393,11 @@ class Unlearner:
         keep = torch.zeros_like(batch.drop)  # the forget label itself, never dropped
         if f.unlearn_loss == "sa":  # the batch holds surrogate images under the forget label
             return diffusion_loss(self.model, self.diffusion, batch, force_drop_ids=keep)
-        with torch.no_grad():
-            if f.unlearn_loss == "salun":  # the same model's prediction under another class, without gradient
+        if f.unlearn_loss == "salun":  # the same model's prediction under another class, without gradient
+            with torch.no_grad():
                 target = eps_prediction(self.model, self.diffusion, batch, torch.full_like(batch.y, self.relabel), keep)
-            else:  # esd: eps*(x, null) - eta (eps*(x, c) - eps*(x, null)) of the frozen original
-                with self.frozen_model() as frozen:
-                    cond = eps_prediction(frozen, self.diffusion, batch, batch.y, keep)
-                    null = eps_prediction(frozen, self.diffusion, batch, batch.y, torch.ones_like(batch.drop))
-                target = null - f.esd_eta * (cond - null)
+        else:  # esd: eps*(x, null) - eta (eps*(x, c) - eps*(x, null)) of the frozen original
+            target = esd_target if esd_target is not None else self.frozen_targets(batch, None)[0]
         if self.adversary is None:
             return mean_flat_square(eps_prediction(self.model, self.diffusion, batch, batch.y, keep) - target)
         with self.adversary.label(self.raw_model) as adversarial:  # the same target under the adversarial label
@@ -381,13 +405,14 @@ class Unlearner:
                                   torch.cat([batch.y, torch.full_like(batch.y, adversarial)]), torch.cat([keep, keep]))
         return sum(mean_flat_square(eps - target) for eps in both.chunk(2))
 
-    def remain_losses(self, batch):
+    def remain_losses(self, batch, distill_target=None):
         """Per-sample losses of the remain batch (b,), with its label dropout: the diffusion loss, or (distill) the
-        distance of the noise prediction to the frozen original's at the same x_t, t and label."""
+        distance of the noise prediction to the frozen original's at the same x_t, t and label (distill_target:
+        frozen_targets()'s, computed here when None)."""
         if self.settings.remain.remain_loss == "diffusion":
             return diffusion_loss(self.model, self.diffusion, batch, force_drop_ids=batch.drop)
-        with torch.no_grad(), self.frozen_model() as frozen:  # first: the swap must precede the gradient's pass
-            target = eps_prediction(frozen, self.diffusion, batch, batch.y, batch.drop)
+        # first: the swap of the original's entries must precede the pass whose gradient is taken
+        target = distill_target if distill_target is not None else self.frozen_targets(None, batch)[1]
         eps = eps_prediction(self.model, self.diffusion, batch, batch.y, batch.drop)
         # 0 at the original weights: it pulls back only what the forget steps moved, without the noise of fitting
         # the data again (the original already fits it)
@@ -416,27 +441,30 @@ class Unlearner:
         use_remain = s.remain.remain_alpha != 0
         f_losses = r_losses = None
         self._forget_grads = None  # a remain step projects off this step's forget gradient only
+        with torch.autocast(**self.amp):  # the original's targets do not move with the weights: all of them first
+            targets = self.frozen_targets(forget_batch if alpha != 0 else None, remain_batch if use_remain else None)
         if s.step.method == "ron":
             if alpha != 0:
                 with torch.autocast(**self.amp):
-                    f_losses = self.forget_losses(forget_batch)
+                    f_losses = self.forget_losses(forget_batch, targets[0])
                     f_loss = self._forget_objective(f_losses)
                 self._optimizer_step(alpha * f_loss, masked=True)                 # fast: forget
             if use_remain or s.replay.ewc_lambda > 0:
                 with torch.autocast(**self.amp):                                   # at the updated weights
-                    r_losses = self.remain_losses(remain_batch) if use_remain else None
+                    r_losses = self.remain_losses(remain_batch, targets[1]) if use_remain else None
                     r_loss = self._remain_objective(r_losses)
                 self._optimizer_step(r_loss, masked=False, lr=s.step.remain_lr)    # slow: remain
         elif s.step.method == "joint":  # one masked and clipped step on every term
             with torch.autocast(**self.amp):
-                loss, f_losses, r_losses = self._joint_loss(forget_batch, remain_batch, alpha)
+                loss, f_losses, r_losses = self._joint_loss(forget_batch, remain_batch, alpha, targets)
             self._optimizer_step(loss, masked=True)
         else:
             raise UserError(f"unknown --method {s.step.method}; choose from {', '.join(METHODS)}")
         return self._global_means(f_losses, r_losses, forget_batch.step)
 
-    def _joint_loss(self, forget_batch, remain_batch, alpha):
-        """(alpha L_forget + remain_alpha L_remain + EWC, forget losses, remain losses) for the joint step."""
+    def _joint_loss(self, forget_batch, remain_batch, alpha, targets):
+        """(alpha L_forget + remain_alpha L_remain + EWC, forget losses, remain losses) for the joint step; targets:
+        frozen_targets()'s."""
         s, f = self.settings, self.settings.forget
         f_losses = r_losses = None
         loss = 0.0
@@ -451,9 +479,9 @@ class Unlearner:
             f_losses, r_losses = losses[:n], losses[n:]
         else:
             if alpha != 0:
-                f_losses = self.forget_losses(forget_batch)
+                f_losses = self.forget_losses(forget_batch, targets[0])
             if s.remain.remain_alpha != 0:
-                r_losses = self.remain_losses(remain_batch)
+                r_losses = self.remain_losses(remain_batch, targets[1])
         if f_losses is not None:
             loss = alpha * self._forget_objective(f_losses)
         return loss + self._remain_objective(r_losses), f_losses, r_losses

@@ -39,7 +39,8 @@ def test_full_run_runs_the_three_scripts(tmp_path):
 def test_memory_benchmark_counts_each_part_of_the_state(tmp_path):
     """bench/memory.py on a tiny DiT: the parts are the tensors' sizes (the official recipe: one AdamW's two moments
     per weight and the gradients; the default, confined to the mask: two AdamWs' moments and the original values of
-    the free entries only, no gradient between steps), and the last line is their ratio."""
+    the free entries only, no gradient between steps), the checkpoint holds the weights and the moments, and the
+    last line is the ratio of the kept state."""
     from models import DiT_models
     from sfron.recipes import DEFAULT_RECIPE
     proc = run_script("bench/memory.py", "--model", "DiT-T/2", "--image-size", 32, "--batch-sizes", 1, "--steps", 1,
@@ -57,5 +58,9 @@ def test_memory_benchmark_counts_each_part_of_the_state(tmp_path):
     assert default["reference"] == pytest.approx(4 * free / 1e9) and 0 < default["adversary"] < 1e-5
     assert default["mask"] == pytest.approx((numel + 8 * free) / 1e9)     # booleans and int64 indices
     assert min(r["peak"] for r in runs.values()) > 0
+    # the checkpoint: the weights once ("ema" shares "model"), the moments, a few kB of settings and tensor headers
+    for run in runs.values():
+        stored = run["parts"]["weights"] + run["parts"]["moments"]
+        assert stored < run["checkpoint"] < stored + 1e-3
     ratio = runs[DEFAULT_RECIPE]["persistent"] / runs["official"]["persistent"]
     assert ratio < 0.5 and proc.stdout.strip().splitlines()[-1].endswith(f"ratio {ratio:.2f}")

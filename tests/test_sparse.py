@@ -107,3 +107,29 @@ def test_other_runs_keep_the_dense_state():
                      recipe("official", method="joint", mask_remain_step=True)):
         unlearner = make(Unlearner, settings, mask)
         assert unlearner.free is None and isinstance(unlearner.opt, torch.optim.AdamW)
+
+
+def test_the_frozen_original_runs_once_per_step_under_the_runs_precision():
+    """The frozen original's targets (ESD's conditional and null predictions, the distilled remain term's) come from
+    one forward pass of the stacked batches per step: with the dense reference one call of the second model on
+    2 x 4 forget + 4 remain samples, with the sparse state one swap of the original entries. Under --precision bf16
+    that pass runs under bf16 autocast, as the others do."""
+    settings = recipe("adversarial-esd-distill")
+    dense = make(DenseUnlearner, settings, half_mask(tiny_train_dit()))
+    seen = []
+    dense.reference.model.register_forward_hook(lambda module, inputs, out: seen.append((inputs[0].shape[0],
+                                                                                          out.dtype)))
+    run(dense, 2)
+    assert seen == [(12, torch.float32)] * 2
+
+    sparse = make(Unlearner, recipe("adversarial-esd-distill", precision="bf16"), half_mask(tiny_train_dit()))
+    swaps, entered = [], sparse.original.swapped_in
+
+    def counted():
+        swaps.append(1)
+        return entered()
+    sparse.original.swapped_in = counted
+    dtypes = []
+    sparse.raw_model.final_layer.linear.register_forward_hook(lambda module, inputs, out: dtypes.append(out.dtype))
+    run(sparse, 2)
+    assert len(swaps) == 2 and set(dtypes) == {torch.bfloat16}
