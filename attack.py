@@ -160,7 +160,7 @@ def parse_args(argv=None):
     parser.add_argument("--relearn-lr", type=float, default=1e-4)
     parser.add_argument("--batch-size", type=int, default=8, help="images per attack step")
     parser.add_argument("--samples", type=int, default=100, help="images drawn after each budget")
-    parser.add_argument("--classifier", type=str, default="resnet50", help="'digits' or a torchvision model")
+    parser.add_argument("--classifier", type=str, default="resnet50", help="'digits', 'mnist' or a torchvision model")
     parser.add_argument("--classifier-weights", type=str, default=None, help="local weights file of the classifier")
     parser.add_argument("--classifier-classes", type=int, default=None, help="default: the model's class count")
     parser.add_argument("--seed", type=int, default=0)

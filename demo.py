@@ -1,15 +1,17 @@
 """
-The README's three steps on the embedded digits case, on a CPU in minutes: the shipped digits DiT forgets one digit
-(--forget-class, default 0) with generate_fisher.py, generate_mask.py and forget.py --recipe (default
-adversarial-esd-distill), then the original, the unlearned and the retrained-without-that-digit models are sampled and
-evaluated with the shipped digits classifier. Writes <out>/report.json, <out>/report.md, <out>/samples.png
-(original | unlearned | retrained, from the same noise) and <out>/losses.png; with --attacks also <out>/attacks/.
+The README's three steps on an embedded case, on a CPU in minutes: the shipped DiT of --dataset (digits:
+scikit-learn's 8x8 digits; mnist: 5,000 real MNIST digits) forgets one digit (--forget-class, default 0) with
+generate_fisher.py, generate_mask.py and forget.py --recipe (default adversarial-esd-distill), then the original, the
+unlearned and the retrained-without-that-digit models are sampled and evaluated with the case's shipped classifier.
+Writes <out>/report.json, <out>/report.md, <out>/samples.png (original | unlearned | retrained, from the same noise)
+and <out>/losses.png; with --attacks also <out>/attacks/.
 """
 import argparse
 import json
 import os
 import shlex
 import time
+from dataclasses import dataclass
 
 import attack
 import evaluate
@@ -26,14 +28,43 @@ from sfron.recipes import DEFAULT_RECIPE, RECIPES, recipe_help
 from sfron.utils import UserError, check_class_index
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
-DIGITS_DIT = os.path.join(ASSETS, "digits_dit.pt")
-DIGITS_CLASSIFIER = os.path.join(ASSETS, "digits_classifier.pt")
-# the recipe of the shipped digits DiT (README: the embedded digits case); a retrained reference leaves one digit out
-TRAIN_FLAGS = ["--model", "DiT-T/2", "--image-size", 8, "--num-classes", 10, "--vae", "none", "--no-random-flip",
-               "--global-batch-size", 128, "--max-steps", 6000, "--lr", "1e-3", "--ema-decay", 0.999,
-               "--num-workers", 0]
-# What the digits need beyond a recipe's own values: the official update at the official rate (1e-5) leaves a digit
-# unforgotten in 100 steps; 1.5e-4 is the digits' rate for it (README: the embedded digits case).
+
+
+@dataclass(frozen=True)
+class EmbeddedCase:
+    """An embedded case (README: the embedded digits case, MNIST included): the images prepare_digits.py writes, and
+    the DiT, the classifier and the retrained references shipped for it in assets/, all named after it."""
+    name: str         # prepare_digits.py --dataset, train_classifier.py --classifier, the prefix in assets/
+    model: str
+    image_size: int
+    train_steps: int  # train.py --max-steps of its DiTs
+
+    @property
+    def dit(self):
+        return os.path.join(ASSETS, f"{self.name}_dit.pt")
+
+    @property
+    def classifier(self):
+        return os.path.join(ASSETS, f"{self.name}_classifier.pt")
+
+    def reference_name(self, forget_class):
+        """The file name of the DiT retrained without forget_class."""
+        return f"{self.name}_dit_without_{forget_class}.pt"
+
+    def train_flags(self):
+        """train.py's flags of the shipped DiT; a retrained reference adds --exclude-class N."""
+        return ["--model", self.model, "--image-size", self.image_size, "--num-classes", 10, "--vae", "none",
+                "--no-random-flip", "--global-batch-size", 128, "--max-steps", self.train_steps, "--lr", "1e-3",
+                "--ema-decay", 0.999, "--num-workers", 0]
+
+
+CASES = {case.name: case for case in (EmbeddedCase("digits", "DiT-T/2", 8, 6000),
+                                      EmbeddedCase("mnist", "DiT-T/4", 28, 4000))}
+DIGITS = CASES["digits"]
+DIGITS_DIT, DIGITS_CLASSIFIER = DIGITS.dit, DIGITS.classifier
+# What the embedded cases need beyond a recipe's own values: the official update at the official rate (1e-5) leaves a
+# digit unforgotten in 100 steps; 1.5e-4 is the digits' rate for it (README: the embedded digits case), used
+# unchanged on MNIST.
 DIGITS_VALUES = {"official": {"lr": 1.5e-4}, "masked-esd-distill": {}, "adversarial-esd-distill": {}}
 
 
@@ -43,22 +74,32 @@ def step(script, argv):
     script.main(script.parse_args([str(a) for a in argv]))
 
 
+def case_of(args):
+    """The EmbeddedCase of --dataset."""
+    return CASES[args.dataset]
+
+
+def data_path_of(args):
+    """--data-path, or data/<dataset>."""
+    return args.data_path or os.path.join("data", args.dataset)
+
+
 def sample_npz(ckpt, name, args):
     """Evaluation samples of every digit from one model; returns the .npz path."""
     sample_dir = os.path.join(args.out, "samples", name)
-    step(sample_ddp, ["--model", "DiT-T/2", "--ckpt", ckpt, "--sampler", "ddim", "--num-sampling-steps",
+    step(sample_ddp, ["--model", case_of(args).model, "--ckpt", ckpt, "--sampler", "ddim", "--num-sampling-steps",
                       args.sampling_steps, "--cfg-scale", args.cfg_scale, "--samples-per-class", args.samples_per_class,
                       "--per-proc-batch-size", 10 * args.samples_per_class, "--sample-dir", sample_dir])
     (npz,) = [os.path.join(sample_dir, f) for f in os.listdir(sample_dir) if f.endswith(".npz")]
     return npz
 
 
-def retrained_reference(forget_class, reference_dir, data_path, train_missing=True):
+def retrained_reference(case, forget_class, reference_dir, data_path, train_missing=True):
     """
-    The digits DiT retrained without forget_class: shipped in assets/, or kept in reference_dir, or trained there
-    now with train.py (about 10 minutes on 2 CPU cores) when train_missing; None when absent.
+    The case's DiT retrained without forget_class: shipped in assets/, or kept in reference_dir, or trained there
+    now with train.py (digits: about 13 minutes on 2 CPU cores) when train_missing; None when absent.
     """
-    name = f"digits_dit_without_{forget_class}.pt"
+    name = case.reference_name(forget_class)
     for folder in (ASSETS, reference_dir):
         if os.path.isfile(os.path.join(folder, name)):
             return os.path.join(folder, name)
@@ -66,7 +107,7 @@ def retrained_reference(forget_class, reference_dir, data_path, train_missing=Tr
         return None
     path = os.path.join(reference_dir, name)
     print(f"\nNo retrained reference for digit {forget_class}: training one (once; kept in {path})", flush=True)
-    step(train, ["--data-path", data_path, *TRAIN_FLAGS, "--exclude-class", forget_class, "--results-dir",
+    step(train, ["--data-path", data_path, *case.train_flags(), "--exclude-class", forget_class, "--results-dir",
                  os.path.join(reference_dir, "runs"), "--export", path])
     return path
 
@@ -91,18 +132,19 @@ def plot_losses(losses_json, path, forget_class):
 
 def common_flags(args):
     """The flags the three steps share (as the README gives them)."""
-    return ["--model", "DiT-T/2", "--data-path", args.data_path, "--batch-size", args.batch_size, "--ckpt",
-            DIGITS_DIT, "--num-workers", 0]
+    return ["--model", case_of(args).model, "--data-path", data_path_of(args), "--batch-size", args.batch_size,
+            "--ckpt", case_of(args).dit, "--num-workers", 0]
 
 
 def fisher_and_masks(args, mask_path, results):
-    """Steps 1 and 2: the Fisher diagonals and the saliency masks (and the digits folder if missing)."""
-    for path in (DIGITS_DIT, DIGITS_CLASSIFIER):
+    """Steps 1 and 2: the Fisher diagonals and the saliency masks (and the images' folder if missing)."""
+    case = case_of(args)
+    for path in (case.dit, case.classifier):
         if not os.path.isfile(path):
             raise UserError(f"missing shipped file {path}: see 'The embedded digits case' in the README")
-    check_class_index(args.forget_class, 10, "--forget-class", "the digits")
-    if not os.path.isdir(os.path.join(args.data_path, "train")):
-        step(prepare_digits, ["--out", args.data_path])
+    check_class_index(args.forget_class, 10, "--forget-class", f"the {case.name} digits")
+    if not os.path.isdir(os.path.join(data_path_of(args), "train")):
+        step(prepare_digits, ["--dataset", case.name, "--out", data_path_of(args)])
     step(generate_fisher, common_flags(args) + ["--n-iters", args.fisher_iters, "--forget-class", args.forget_class,
                                                 "--mask-path", mask_path, "--results-dir", results])
     thresholds = sorted({float(t) for t in args.thresholds} | {recipe_value(args, "threshold")})
@@ -137,9 +179,10 @@ def attack_models(args, models, report):
     """attack.py's label inversion and relearning on every model; adds each model's forget accuracy after them to
     the report (inversion_fa, relearn_fa) and prints them."""
     out = os.path.join(args.out, "attacks")
-    step(attack, ["--model", "DiT-T/2", "--ckpt", *models.values(), "--names", *models.keys(), "--data-path",
-                  args.data_path, "--forget-class", args.forget_class, "--classifier", "digits",
-                  "--classifier-weights", DIGITS_CLASSIFIER, "--num-sampling-steps", args.sampling_steps,
+    case = case_of(args)
+    step(attack, ["--model", case.model, "--ckpt", *models.values(), "--names", *models.keys(), "--data-path",
+                  data_path_of(args), "--forget-class", args.forget_class, "--classifier", case.name,
+                  "--classifier-weights", case.classifier, "--num-sampling-steps", args.sampling_steps,
                   "--cfg-scale", args.cfg_scale, "--inversion-steps", args.inversion_steps, "--relearn-steps",
                   args.relearn_steps, "--samples", args.samples_per_class, "--out", out])
     attacked = json.load(open(os.path.join(out, "report.json")))
@@ -156,22 +199,22 @@ def attack_models(args, models, report):
 
 def main(args):
     """Runs the pipeline and writes the report."""
-    start = time.time()
+    start, case, data_path = time.time(), case_of(args), data_path_of(args)
     os.makedirs(args.out, exist_ok=True)
     mask_path, results = os.path.join(args.out, "mask"), os.path.join(args.out, "results")
     fisher_and_masks(args, mask_path, results)
-    retrained = retrained_reference(args.forget_class, args.reference_dir, args.data_path, args.train_reference)
+    retrained = retrained_reference(case, args.forget_class, args.reference_dir, data_path, args.train_reference)
     run = unlearn(args, mask_path, results, args.seed)
-    models = {"original": DIGITS_DIT, "unlearned": os.path.join(run, "checkpoints", f"{args.forget_iters:07d}.pt")}
+    models = {"original": case.dit, "unlearned": os.path.join(run, "checkpoints", f"{args.forget_iters:07d}.pt")}
     if retrained is not None:
         models["retrained"] = retrained
     npz = {name: sample_npz(ckpt, name, args) for name, ckpt in models.items()}
     report_path = os.path.join(args.out, "report.json")
     step(evaluate, ["--samples", *npz.values(), "--names", *npz.keys(), "--forget-class", args.forget_class,
-                    "--classifier", "digits", "--classifier-weights", DIGITS_CLASSIFIER, "--data-path",
-                    args.data_path, "--fid-features", "classifier", "--fid-cache", os.path.join(args.out, "fid_cache"),
+                    "--classifier", case.name, "--classifier-weights", case.classifier, "--data-path",
+                    data_path, "--fid-features", "classifier", "--fid-cache", os.path.join(args.out, "fid_cache"),
                     "--out", report_path])
-    step(sample, ["--model", "DiT-T/2", "--ckpt", *models.values(), "--sampler", "ddim", "--num-sampling-steps",
+    step(sample, ["--model", case.model, "--ckpt", *models.values(), "--sampler", "ddim", "--num-sampling-steps",
                   args.sampling_steps, "--cfg-scale", args.cfg_scale, "--class-labels", *range(10), "--nrow", 5,
                   "--min-side", 96, "--titles", *models.keys(), "--out", os.path.join(args.out, "samples.png")])
     plot_losses(os.path.join(run, "losses.json"), os.path.join(args.out, "losses.png"), args.forget_class)
@@ -180,24 +223,28 @@ def main(args):
     if args.attacks:
         attack_models(args, models, report)
     report["about"].update(forget_run=run, seconds=round(time.time() - start, 1), retrained=retrained or
-                           f"absent: no digits_dit_without_{args.forget_class}.pt in assets/ or {args.reference_dir}",
+                           f"absent: no {case.reference_name(args.forget_class)} in assets/ or {args.reference_dir}",
                            figure=f"samples.png: {' | '.join(models)}, digits 0-9, same noise")
     atomic_json_dump(report, report_path)
-    print(f"\nDigit {args.forget_class} forgotten in {report['about']['seconds']} s; FID in the digits classifier's "
-          f"feature space. Results in {args.out}/")
+    print(f"\nDigit {args.forget_class} forgotten in {report['about']['seconds']} s; FID in the {case.name} "
+          f"classifier's feature space. Results in {args.out}/")
 
 
 def parse_args(argv=None):
     """The command line (argv: a list of arguments instead of sys.argv)."""
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--out", type=str, default="demo_results", help="output folder")
-    parser.add_argument("--data-path", type=str, default="data/digits",
-                        help="the digits as an ImageNet-style folder (written by prepare_digits.py if missing)")
+    parser.add_argument("--dataset", type=str, choices=list(CASES), default="digits",
+                        help="the embedded case: digits (8x8, DiT-T/2) or mnist (28x28, DiT-T/4)")
+    parser.add_argument("--data-path", type=str, default=None,
+                        help="the images as an ImageNet-style folder (default data/<dataset>; written by "
+                             "prepare_digits.py if missing)")
     parser.add_argument("--forget-class", type=int, default=0, help="the digit to forget (0-9)")
     parser.add_argument("--reference-dir", type=str, default="retrained",
                         help="where retrained references not shipped in assets/ are kept (trained once)")
     parser.add_argument("--train-reference", action=argparse.BooleanOptionalAction, default=True,
-                        help="train a missing retrained reference with train.py (about 10 minutes on 2 CPU cores); "
+                        help="train a missing retrained reference with train.py (digits: about 13 minutes on 2 CPU "
+                             "cores); "
                              "--no-train-reference reports it as absent")
     parser.add_argument("--batch-size", type=int, default=128, help="samples per step of the three scripts")
     parser.add_argument("--fisher-iters", type=int, default=8, help="generate_fisher.py --n-iters")

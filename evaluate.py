@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from cli import add_class_index_arg, run_main
-from sfron.classifier import load_classifier
+from sfron.classifier import SMALL_CNN_INPUT, load_classifier
 from sfron.data import ImageSet, class_folders
 from sfron.files import atomic_json_dump, atomic_write_text
 from sfron.metrics import (classification_report, classify, embed, feature_space, frechet_distance,
@@ -127,7 +127,7 @@ def main(args):
         raise UserError("--names needs one distinct name (not 'about') per --samples file")
     samples = {n: load_samples(p) for n, p in zip(names, args.samples)}
     image_size = next(iter(samples.values()))[0].shape[1]
-    num_classes = args.num_classes or (10 if args.classifier == "digits" else 1000)
+    num_classes = args.num_classes or (10 if args.classifier in SMALL_CNN_INPUT else 1000)
     classifier = load_classifier(args.classifier, args.classifier_weights, num_classes).to(device)
     fid = fid_setup(args, classifier, image_size, device) if args.data_path or args.ref_batch else None
     reports = evaluate_models(samples, args.forget_class, classifier, fid, device)
@@ -150,10 +150,12 @@ def parse_args(argv=None):
     parser.add_argument("--forget-class", type=int, required=True)
     add_class_index_arg(parser)
     parser.add_argument("--classifier", type=str, default="resnet50",
-                        help="'digits' or a torchvision classification model (resnet50, vit_b_16, ...)")
+                        help="'digits' or 'mnist' (the embedded cases' CNN) or a torchvision classification model "
+                             "(resnet50, vit_b_16, ...)")
     parser.add_argument("--classifier-weights", type=str, default=None, help="local weights file of the classifier")
     parser.add_argument("--num-classes", type=int, default=None,
-                        help="classes of the classifier (default: 10 for digits, 1000 for torchvision models)")
+                        help="classes of the classifier (default: 10 for digits and mnist, 1000 for torchvision "
+                             "models)")
     parser.add_argument("--data-path", type=str, default=None,
                         help="ImageNet-style root of the real images for FID (none: no FID)")
     parser.add_argument("--fid-features", type=str, choices=["inception", "classifier"], default="inception")

@@ -304,8 +304,9 @@ def DiT_B_8(**kwargs): return DiT(depth=12, hidden_size=768, patch_size=8, num_h
 def DiT_S_2(**kwargs): return DiT(depth=12, hidden_size=384, patch_size=2, num_heads=6, **kwargs)
 def DiT_S_4(**kwargs): return DiT(depth=12, hidden_size=384, patch_size=4, num_heads=6, **kwargs)
 def DiT_S_8(**kwargs): return DiT(depth=12, hidden_size=384, patch_size=8, num_heads=6, **kwargs)
-# Not an official size: a ~1M-parameter DiT for small pixel-space data (the embedded digits case, tests).
+# Not official sizes: ~1M-parameter DiTs for small pixel-space data (the embedded digits and MNIST cases, tests).
 def DiT_T_2(**kwargs): return DiT(depth=6, hidden_size=96, patch_size=2, num_heads=4, **kwargs)
+def DiT_T_4(**kwargs): return DiT(depth=6, hidden_size=96, patch_size=4, num_heads=4, **kwargs)
 
 
 DiT_models = {
@@ -313,5 +314,5 @@ DiT_models = {
     'DiT-L/2':  DiT_L_2,   'DiT-L/4':  DiT_L_4,   'DiT-L/8':  DiT_L_8,
     'DiT-B/2':  DiT_B_2,   'DiT-B/4':  DiT_B_4,   'DiT-B/8':  DiT_B_8,
     'DiT-S/2':  DiT_S_2,   'DiT-S/4':  DiT_S_4,   'DiT-S/8':  DiT_S_8,
-    'DiT-T/2':  DiT_T_2,
+    'DiT-T/2':  DiT_T_2,   'DiT-T/4':  DiT_T_4,
 }

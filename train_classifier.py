@@ -1,7 +1,7 @@
 """
-Trains the small digits classifier that judges generated digits (forget accuracy, remain accuracy, and the
-feature space of the digits FID): <data-path>/train for training with one-pixel random shifts,
-<data-path>/val for the held-out accuracy.
+Trains the small CNN that judges generated digits of an embedded case (forget accuracy, remain accuracy, and the
+feature space of its FID): <data-path>/train for training with one-pixel random shifts, <data-path>/val for the
+held-out accuracy. --classifier digits (8x8) or mnist (28x28).
 """
 import argparse
 
@@ -9,15 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from cli import run_main
-from sfron.classifier import DigitsClassifier
+from sfron.classifier import SMALL_CNN_INPUT, DigitsClassifier
 from sfron.data import ImageSet, find_class_folders, list_images
 from sfron.files import atomic_torch_save
 
 
-def load_split(data_path, split):
-    """All images of a split as one tensor (N, 3, 8, 8) in [-1, 1] and labels (N,)."""
+def load_split(data_path, split, size):
+    """All images of a split as one tensor (N, 3, size, size) in [-1, 1] and labels (N,)."""
     root, classes = find_class_folders(data_path, split)
-    dataset = ImageSet(list_images(root, classes, range(len(classes))), 8, classes, root)
+    dataset = ImageSet(list_images(root, classes, range(len(classes))), size, classes, root)
     x, y = zip(*(dataset[i] for i in range(len(dataset))))
     return torch.stack(x), torch.tensor(y)
 
@@ -38,9 +38,12 @@ def main(args):
     """Trains and saves the classifier; prints the held-out accuracy."""
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
-    x_train, y_train = load_split(args.data_path, "train")
-    x_val, y_val = load_split(args.data_path, "val")
-    model = DigitsClassifier(num_classes=int(y_train.max()) + 1)
+    size = SMALL_CNN_INPUT[args.classifier]
+    data_path = args.data_path or f"data/{args.classifier}"
+    out = args.out or f"assets/{args.classifier}_classifier.pt"
+    x_train, y_train = load_split(data_path, "train", size)
+    x_val, y_val = load_split(data_path, "val", size)
+    model = DigitsClassifier(num_classes=int(y_train.max()) + 1, input_size=size)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     for epoch in range(args.epochs):
         model.train()
@@ -55,15 +58,17 @@ def main(args):
         if (epoch + 1) % 10 == 0 or epoch + 1 == args.epochs:
             print(f"epoch {epoch + 1}: train acc {accuracy(model, x_train, y_train):.4f}, "
                   f"held-out acc {accuracy(model, x_val, y_val):.4f}")
-    atomic_torch_save({"model": model.state_dict(), "val_accuracy": accuracy(model, x_val, y_val)}, args.out)
-    print(f"Saved {args.out}")
+    atomic_torch_save({"model": model.state_dict(), "val_accuracy": accuracy(model, x_val, y_val)}, out)
+    print(f"Saved {out}")
 
 
 def parse_args(argv=None):
     """The command line (argv: a list of arguments instead of sys.argv)."""
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--data-path", type=str, default="data/digits")
-    parser.add_argument("--out", type=str, default="assets/digits_classifier.pt")
+    parser.add_argument("--classifier", type=str, choices=list(SMALL_CNN_INPUT), default="digits",
+                        help="which embedded case: digits (8x8) or mnist (28x28)")
+    parser.add_argument("--data-path", type=str, default=None, help="default: data/<classifier>")
+    parser.add_argument("--out", type=str, default=None, help="default: assets/<classifier>_classifier.pt")
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)

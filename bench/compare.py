@@ -1,7 +1,8 @@
 """
-The comparison behind the paper's claim, on the embedded digits case: SFR-on beside the gradient-based baselines
-(GA, FT, RL, SalUn, SA, ESD), every method unlearning the same digits with the same step budget and batch through
-forget.py, its checkpoints evaluated along the way against the DiT retrained without the digit.
+The comparison behind the paper's claim, on an embedded case (--dataset digits, or mnist): SFR-on beside the
+gradient-based baselines (GA, FT, RL, SalUn, SA, ESD), every method unlearning the same digits with the same step
+budget and batch through forget.py, its checkpoints evaluated along the way against the DiT retrained without the
+digit.
 
     python bench/compare.py --out bench_results/compare
 
@@ -100,17 +101,18 @@ class Evaluator:
     """Samples the digits 0-9 from a model with one fixed protocol and reports the comparison's metrics."""
 
     def __init__(self, args):
-        self.args, self.device = args, torch.device("cpu")
-        self.classifier = load_classifier("digits", demo.DIGITS_CLASSIFIER, 10)
+        self.args, self.device, self.case = args, torch.device("cpu"), demo.CASES[args.dataset]
+        self.classifier = load_classifier(self.case.name, self.case.classifier, 10)
+        self.shape = (3, self.case.image_size, self.case.image_size)
         self.space = feature_space("classifier", classifier=self.classifier)
         self.config = SamplerConfig("ddim", args.sampling_steps, args.cfg_scale)
         self.labels = np.repeat(np.arange(10), args.samples_per_class)
         self._real = {}
 
     def samples(self, ckpt):
-        """uint8 images (N, 8, 8, 3) of every digit from a checkpoint, from the same noise for every model."""
-        model = load_model_and_vae(ModelRequest(model="DiT-T/2", ckpt=ckpt), self.device).model
-        z = per_sample_noise(0, range(len(self.labels)), (3, 8, 8), self.device)
+        """uint8 images (N, S, S, 3) of every digit from a checkpoint, from the same noise for every model."""
+        model = load_model_and_vae(ModelRequest(model=self.case.model, ckpt=ckpt), self.device).model
+        z = per_sample_noise(0, range(len(self.labels)), self.shape, self.device)
         images = generate(model, None, torch.from_numpy(self.labels), z, self.config)
         return to_uint8_nhwc(images)
 
@@ -118,7 +120,8 @@ class Evaluator:
         """FID statistics of the real images of the remain classes (cached on disk)."""
         if forget_class not in self._real:
             classes = [c for c in range(10) if c != forget_class]
-            batches = real_image_batches(class_folders(self.args.data_path, 10), classes, 8, None, 500)
+            batches = real_image_batches(class_folders(self.args.data_path, 10), classes, self.case.image_size, None,
+                                         500)
             cache = os.path.join(self.args.out, "fid_cache", f"real_remain_{forget_class}.pt")
             self._real[forget_class] = reference_set(self.space, batches, cache, f"real remain {forget_class}",
                                                      self.device)
@@ -128,7 +131,7 @@ class Evaluator:
         """The share of the images `model` draws for `label` (as many as per digit) that the classifier puts in
         forget_class."""
         n = self.args.samples_per_class
-        z = per_sample_noise(0, range(n), (3, 8, 8), self.device, "attack/noise")
+        z = per_sample_noise(0, range(n), self.shape, self.device, "attack/noise")
         with torch.no_grad():
             images = to_uint8_nhwc(generate(model, None, torch.full((n,), label), z, self.config))
         return float((classify(self.classifier, images, 500, self.device).argmax(1) == forget_class).float().mean())
@@ -136,9 +139,9 @@ class Evaluator:
     def attacks(self, ckpt, forget_class):
         """{inversion_fa, relearn_fa}: forget accuracy after attack.py's label inversion and relearning (8 images,
         seed 0) at the budgets of --inversion-steps and --relearn-steps."""
-        model = load_model_and_vae(ModelRequest(model="DiT-T/2", ckpt=ckpt), self.device).model
-        images = AttackImages(attack.attacker_images(class_folders(self.args.data_path, 10), forget_class, 8, 8, 0),
-                              None)
+        model = load_model_and_vae(ModelRequest(model=self.case.model, ckpt=ckpt), self.device).model
+        folders = class_folders(self.args.data_path, 10)
+        images = AttackImages(attack.attacker_images(folders, forget_class, self.case.image_size, 8, 0), None)
         budgets = self.args.inversion_steps, self.args.relearn_steps
         settings = AttackSettings(forget_class, inversion_steps=(budgets[0],), relearn_steps=(budgets[1],))
         rate = lambda net, label, step: self.forget_share(net, label, forget_class)  # noqa: E731
@@ -172,6 +175,7 @@ class Benchmark:
     def __init__(self, args):
         self.args, self.out = args, args.out
         self.evaluator = Evaluator(args)
+        self.case = self.evaluator.case
         self._retrained_stats = {}
 
     def path(self, *parts):
@@ -198,7 +202,7 @@ class Benchmark:
         """The Fisher and gradient saliency files of one class and seed (step 1 and 2 of the README)."""
         folder = self.mask_folder(seed)
         if not os.path.isfile(os.path.join(folder, str(forget_class), "gradient_0.5.pt")):
-            common = ["--model", "DiT-T/2", "--data-path", self.args.data_path, "--ckpt", demo.DIGITS_DIT,
+            common = ["--model", self.case.model, "--data-path", self.args.data_path, "--ckpt", self.case.dit,
                       "--num-workers", 0, "--batch-size", self.args.batch_size, "--seed", seed]
             log = self.path("logs", f"mask-{forget_class}-{seed}.txt")
             quiet(call, generate_fisher, common + ["--n-iters", self.args.fisher_iters, "--forget-class", forget_class,
@@ -211,11 +215,12 @@ class Benchmark:
 
     def retrained(self, forget_class):
         """(path of the DiT retrained without the class, where it came from); trained once if missing."""
-        path = demo.retrained_reference(forget_class, self.args.cache_dir, self.args.data_path, train_missing=False)
+        path = demo.retrained_reference(self.case, forget_class, self.args.cache_dir, self.args.data_path,
+                                        train_missing=False)
         if path is not None:
             return path, "shipped in assets/" if path.startswith(demo.ASSETS) else f"cached in {self.args.cache_dir}"
         start = time.time()
-        path = quiet(demo.retrained_reference, forget_class, self.args.cache_dir, self.args.data_path,
+        path = quiet(demo.retrained_reference, self.case, forget_class, self.args.cache_dir, self.args.data_path,
                      log=self.path("logs", f"retrain-{forget_class}.txt"))
         return path, f"trained now with train.py --exclude-class {forget_class} ({time.time() - start:.0f} s)"
 
@@ -224,11 +229,11 @@ class Benchmark:
         def compute():
             path, origin = self.retrained(forget_class)
             retrained = self.evaluator.samples(path)
-            out = {"original": self.evaluator.report(self.evaluator.samples(demo.DIGITS_DIT), forget_class,
+            out = {"original": self.evaluator.report(self.evaluator.samples(self.case.dit), forget_class,
                                                      self.evaluator.statistics(retrained, forget_class)),
                    "retrained": self.evaluator.report(retrained, forget_class), "retrained_from": origin}
             if self.args.attacks:
-                out["original"].update(self.evaluator.attacks(demo.DIGITS_DIT, forget_class))
+                out["original"].update(self.evaluator.attacks(self.case.dit, forget_class))
                 out["retrained"].update(self.evaluator.attacks(path, forget_class))
             return {**out, "attacks": self.attack_budgets()}
         return self.cached(self.path("references", f"{forget_class}.json"), compute,
@@ -256,7 +261,7 @@ class Benchmark:
             del flags[flags.index("--mask"):flags.index("--mask") + 2]
             flags += ["--mask-path", self.mask_folder(seed)]
         results = os.path.dirname(self.path("runs", name, "log"))
-        argv = ["--model", "DiT-T/2", "--data-path", self.args.data_path, "--ckpt", demo.DIGITS_DIT,
+        argv = ["--model", self.case.model, "--data-path", self.args.data_path, "--ckpt", self.case.dit,
                 "--batch-size", self.args.batch_size, "--n-iters", max(steps), "--ckpt-steps", *steps,
                 "--snapshot-every", 0, "--log-every", 10, "--num-workers", 0, "--forget-class", forget_class,
                 "--seed", seed, "--lr", lr, "--results-dir", results, *flags]
@@ -528,7 +533,7 @@ def main(args):
     torch.set_num_threads(args.threads or torch.get_num_threads())
     os.makedirs(args.out, exist_ok=True)
     if not os.path.isdir(os.path.join(args.data_path, "train")):
-        quiet(call, prepare_digits, ["--out", args.data_path])
+        quiet(call, prepare_digits, ["--dataset", args.dataset, "--out", args.data_path])
     bench = Benchmark(args)
     if args.all_digits:
         return all_digits(bench, args)
@@ -557,7 +562,10 @@ def parse_args(argv=None):
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--out", type=str, default="bench_results/compare", help="output folder (resumable)")
-    parser.add_argument("--data-path", type=str, default="data/digits", help="the digits folder (made if missing)")
+    parser.add_argument("--dataset", type=str, choices=list(demo.CASES), default="digits",
+                        help="the embedded case: digits (8x8, DiT-T/2) or mnist (28x28, DiT-T/4)")
+    parser.add_argument("--data-path", type=str, default=None,
+                        help="the images' folder (default data/<dataset>; made if missing)")
     parser.add_argument("--cache-dir", type=str, default="retrained",
                         help="retrained references not shipped in assets/ are trained once and kept here")
     parser.add_argument("--methods", type=str, nargs="+", choices=list(METHODS), default=list(METHODS),
@@ -600,6 +608,7 @@ def parse_args(argv=None):
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    args.data_path = args.data_path or os.path.join("data", args.dataset)
     return args
 
 

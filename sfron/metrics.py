@@ -3,7 +3,7 @@ What the SFR-on paper reports (Huang et al., NeurIPS 2024): forget accuracy (FA)
 what the DiT paper's table adds (Inception Score, precision and recall) and KID, computed offline. The feature
 statistics and every metric formula are torch-fidelity's, so the numbers equal its `calculate_metrics` on the
 same images; the features come from its TF-compatible InceptionV3 (a local weights file) or from any feature
-network (the digits classifier's penultimate layer for the embedded case).
+network (the small CNN's penultimate layer for the embedded digits and MNIST cases).
 """
 import os
 

