@@ -1,8 +1,10 @@
 """
-The README's three steps on an embedded case, on a CPU in minutes: the shipped DiT of --dataset (digits:
-scikit-learn's 8x8 digits; mnist: 5,000 real MNIST digits) forgets one digit (--forget-class, default 0) with
-generate_fisher.py, generate_mask.py and forget.py --recipe (default adversarial-esd-distill), then the original, the
-unlearned and the retrained-without-that-digit models are sampled and evaluated with the case's shipped classifier.
+The README's three steps on an embedded case, on a CPU in minutes.
+
+The shipped DiT of --dataset (digits: scikit-learn's 8x8 digits; mnist: 5,000 real MNIST digits) forgets one digit
+(--forget-class, default 0) with generate_fisher.py, generate_mask.py and forget.py --recipe (default
+adversarial-esd-distill), then the original, the unlearned and the retrained-without-that-digit models are sampled
+and evaluated with the case's shipped classifier.
 Writes <out>/report.json, <out>/report.md, <out>/samples.png (original | unlearned | retrained, from the same noise)
 and <out>/losses.png; with --attacks also <out>/attacks/.
 """

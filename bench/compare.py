@@ -1,8 +1,9 @@
 """
-The comparison behind the paper's claim, on an embedded case (--dataset digits, or mnist): SFR-on beside the
-gradient-based baselines (GA, FT, RL, SalUn, SA, ESD), every method unlearning the same digits with the same step
-budget and batch through forget.py, its checkpoints evaluated along the way against the DiT retrained without the
-digit.
+The comparison behind the paper's claim: SFR-on beside the gradient-based baselines on an embedded case.
+
+On --dataset digits (or mnist), SFR-on and the baselines (GA, FT, RL, SalUn, SA, ESD) unlearn the same digits with
+the same step budget and batch through forget.py, their checkpoints evaluated along the way against the DiT retrained
+without the digit.
 
     python bench/compare.py --out bench_results/compare
 
