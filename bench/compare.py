@@ -609,7 +609,7 @@ def parse_args(argv=None):
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.data_path = args.data_path or os.path.join("data", args.dataset)
+    args.data_path = args.data_path or prepare_digits.data_folder(args.dataset)
     return args
 
 

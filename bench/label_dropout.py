@@ -31,12 +31,12 @@ def main(args):
     with contextlib.redirect_stdout(io.StringIO()):
         demo.fisher_and_masks(base, mask_path, results)
     eval_args = evaluate.parse_args(["--samples", "x", "--forget-class", str(base.forget_class), "--classifier",
-                                     "digits", "--classifier-weights", demo.DIGITS_CLASSIFIER, "--data-path",
+                                     "digits", "--classifier-weights", demo.CASES["digits"].classifier, "--data-path",
                                      base.data_path, "--fid-features", "classifier",
                                      "--fid-cache", os.path.join(args.out, "fid_cache")])
     from sfron.classifier import load_classifier
     from sfron.metrics import load_samples
-    classifier = load_classifier("digits", demo.DIGITS_CLASSIFIER, 10)
+    classifier = load_classifier("digits", demo.CASES["digits"].classifier, 10)
     rows, given_flags = [], base.forget_flags
     for dropout in (True, False):
         for seed in args.seeds:

