@@ -37,7 +37,7 @@ from sfron.resume import (RUN_RECORD, check_same_run, checkpoint_identity, find_
 from sfron.recipes import RECIPES, flag, flag_text, get_recipe, official_differences, recipe_help
 from sfron.sampling import SnapshotGrid, SnapshotOptions, generate_replay, per_sample_noise, snapshot_classes
 from sfron.unlearn import (FORGET_LOSSES, METHODS, NON_FINITE_HINT, REMAIN_LOSSES, FrozenReference, Unlearner,
-                           UnlearnSettings)
+                           UnlearnSettings, exchange_class)
 from sfron.utils import UserError, check_class_index, create_logger, start_experiment
 
 
@@ -152,12 +152,11 @@ def check_mask_choice(args, settings, original, spec):
     (or every weight, where the update expects a sparse one)."""
     if not args.threshold > 0:
         raise UserError(f"--threshold must be positive, got {args.threshold}")
-    mask_only = [flag(name) for name in ("mask_remain_step", "separate_forget_optimizer")
-                 if getattr(settings.step, name)]
+    # (the forget step's own moments need no mask: without one, a run is the mask of gamma = 0, every weight free)
+    mask_only = flag("mask_remain_step") if settings.step.mask_remain_step else ""
     if args.mask_path is None:
         if mask_only:
-            raise UserError(f"{' and '.join(mask_only)} need a saliency mask to act on (recipe {args.recipe}): give "
-                            f"--mask-path")
+            raise UserError(f"{mask_only} needs a saliency mask to act on (recipe {args.recipe}): give --mask-path")
         return
     path = resolve_mask_file(MaskChoice(args.mask_path, args.threshold, args.sparsity), args.forget_class)
 
@@ -166,7 +165,7 @@ def check_mask_choice(args, settings, original, spec):
         return Provenance(args.forget_class, ckpt, checkpoint_sha256(ckpt), spec.model, spec.image_size,
                           spec.num_classes, samples=0)
     check_provenance(path, expected, lambda line: print(line, file=sys.stderr))
-    check_mask_frees_some(path, " and ".join(mask_only))
+    check_mask_frees_some(path, mask_only)
 
 
 def recipe_record(args):
@@ -253,11 +252,14 @@ def frozen_reference(settings, original, spec, dist, logger):
 
 def unlearning_data(settings, spec, data_sets, replay):
     """The datasets the forget and the remain terms draw from: the forget images, or SA's uniform-noise surrogate;
-    the remain images, or the replay samples."""
+    the remain images, or the replay samples, or (UNO, whose retain set is its exchange classes) the images of the
+    exchange class alone."""
     forget_set, remain_set = data_sets
     forget = settings.forget
     if forget.unlearn_loss == "sa":
         forget_set = NoiseImages(len(forget_set), spec.image_size, forget.forget_class, settings.step.seed)
+    if forget.unlearn_loss == "uno":
+        remain_set = remain_set.only_class(exchange_class(forget.forget_class, spec.num_classes))
     return forget_set, replay if replay is not None else remain_set
 
 
@@ -289,7 +291,10 @@ def prepare_run(args, settings, requests, dist, logger, experiment_dir, resumed)
     model = DDP(raw_model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None) \
         if dist.enabled else raw_model
     unlearner = Unlearner(model, create_diffusion(timestep_respacing=""), settings, dist, mask, reference)
-    if unlearner.relabel is not None:
+    if settings.forget.unlearn_loss == "uno":
+        logger.info(f"uno: the exchange class is {unlearner.relabel}: its images are the remain set, learnt under "
+                    f"their own label and under the forget label")
+    elif unlearner.relabel is not None:
         logger.info(f"{settings.forget.unlearn_loss}: the forget images' other class is {unlearner.relabel}")
     history = restore(resumed, unlearner) if resumed is not None else []
     raw_model.train()  # label dropout on, as in the official script
@@ -391,6 +396,9 @@ def build_parser():
     update.add_argument("--adversarial-steps", type=int, default=0,
                         help="ga, adaga, esd: the forget term also acts under an adversarial label embedding that "
                              "takes this many of attack.py's label-inversion steps per step (0: none)")
+    update.add_argument("--uno-weight", type=float, default=0.02,
+                        help="uno: weight of the squared cosine between the forget images' gradient and the step's "
+                             "(UNO's DiT run: 0.02; its MNIST VAE runs: 1000)")
     update.add_argument("--forget-label-dropout", action=argparse.BooleanOptionalAction, default=True,
                         help="DiT's 10%% label dropout on the forget step too, as training mode gives it in the "
                              "official script; --no-forget-label-dropout drops labels on the remain step only")

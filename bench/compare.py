@@ -1,21 +1,21 @@
 """
 The comparison behind the paper's claim: SFR-on beside the gradient-based baselines on an embedded case.
 
-On --dataset digits (or mnist), SFR-on and the baselines (GA, FT, RL, SalUn, SA, ESD) unlearn the same digits with
-the same step budget and batch through forget.py, their checkpoints evaluated along the way against the DiT retrained
-without the digit.
+On --dataset digits (or mnist), SFR-on's recipes and the baselines (GA, FT, RL, SalUn, SA, ESD, UNO, and those with
+a remain term also with the distilled one) unlearn the same digits with the same step budget and batch through
+forget.py, their checkpoints evaluated along the way against the DiT retrained without the digit.
 
-    python bench/compare.py --out bench_results/compare
+    python bench/compare.py
 
-Protocol (README: "The comparison"): each method's learning rate is chosen on a tuning digit that is not evaluated,
-from the same grid for every method, by the criterion of choose_setting(); then held fixed for every evaluated digit
-and seed. A checkpoint's report: forget accuracy, remain accuracy, the Frechet distance of the remain-class samples
-to the real images (and as a ratio to the original model's), their distance to the retrained model's samples, and
-the forget run's wall time; per run, the first evaluated step whose forget accuracy is within 3 points of the
-retrained model's; and on each final model and the references, forget accuracy after attack.py's label inversion
-and relearning attacks (README: "Is the class really gone?"). Writes comparison.json, comparison.md, curves.png and
-tradeoff.png. Every run and evaluation is
-saved as it finishes: started again with the same --out, the benchmark continues where it stopped.
+Protocol (bench/protocol.py; docs/comparison.md): every method gets the same number of configurations, chosen on
+the tuning digits by protocol.score(), then frozen for every held-out digit and seed; the default recipe is also run
+with each of its pieces removed. A checkpoint's report: forget accuracy, remain accuracy, the Frechet distance of
+the remain-class samples to the real images (and as a ratio to the original model's), their distance to the
+retrained model's samples, and the forget run's wall time; per run, the first evaluated step whose forget accuracy
+is within 3 points of the retrained model's; and on each final model and the references, forget accuracy after
+attack.py's label inversion and relearning attacks (README: "Is the class really gone?"). Writes comparison.json,
+comparison.md, curves.png and tradeoff.png to --report-dir. Every run and evaluation is saved under --out as it
+finishes: started again, the benchmark continues where it stopped.
 """
 import argparse
 import contextlib
@@ -56,26 +56,15 @@ from sfron.metrics import (classification_report, classify, embed, feature_space
                            frechet_statistics, nhwc_batches, reference_set)
 from sfron.sampling import SamplerConfig, generate, per_sample_noise, to_uint8_nhwc  # noqa: E402
 from sfron.utils import UserError  # noqa: E402
+from protocol import (ABLATIONS, CONFIGURATIONS, EVAL_STEPS, HELD_OUT_DIGITS, MAIN_METHODS, METHODS,  # noqa: E402
+                      TUNING_DIGITS, UNO_OWN_STEPS, Setting, score)
 
-# Each method as forget.py flags (the paper's unified update: a forget term, a remain term, a weight saliency).
-METHODS = {
-    "sfron": ["--recipe", "official", "--mask", "fisher"],
-    "ga": ["--method", "joint", "--unlearn-loss", "ga", "--forget-alpha", "1.0", "--remain-alpha", "0"],
-    "ft": ["--method", "joint", "--forget-alpha", "0", "--remain-alpha", "1.0"],
-    "rl": ["--method", "joint", "--unlearn-loss", "rl", "--forget-alpha", "1.0", "--remain-alpha", "1.0"],
-    "salun": ["--method", "joint", "--unlearn-loss", "salun", "--forget-alpha", "1.0", "--remain-alpha", "1.0",
-              "--mask", "gradient", "--sparsity", "0.5"],
-    "sa": ["--method", "joint", "--unlearn-loss", "sa", "--forget-alpha", "1.0", "--remain-alpha", "1.0",
-           "--replay-samples", "1000", "--num-sampling-steps", "10", "--ewc-lambda", "10"],
-    "esd": ["--method", "joint", "--unlearn-loss", "esd", "--esd-eta", "1.0", "--forget-alpha", "1.0",
-            "--remain-alpha", "0"],
-}
-LR_GRID = (5e-5, 1.5e-4, 5e-4)  # the same grid for every method
 FORGOTTEN_MARGIN = 0.03          # "forgotten": forget accuracy at most 3 points above the retrained model's
 ATTACK_MARGIN = 0.10             # and after each attack at most 10 points above the retrained model's
 ATTACK_KEYS = ("inversion_fa", "relearn_fa")
-COMPARISON_DEFAULTS = dict(classes=[0, 3, 8], steps=50, eval_steps=[10, 25], batch_size=64, samples_per_class=50,
-                           sampling_steps=10, inversion_steps=100, relearn_steps=10)
+COMPARISON_DEFAULTS = dict(classes=list(HELD_OUT_DIGITS), steps=max(EVAL_STEPS), eval_steps=list(EVAL_STEPS),
+                           batch_size=64, samples_per_class=100, sampling_steps=10, inversion_steps=100,
+                           relearn_steps=10)
 ALL_DIGITS_DEFAULTS = dict(classes=list(range(10)), steps=100, eval_steps=[], batch_size=128, samples_per_class=100,
                            sampling_steps=25, inversion_steps=200, relearn_steps=50)
 TARGETS = ("F: forget acc <= retrained + 0.03; R: remain acc >= original - 0.01; D: remain FD <= 1.2x original; "
@@ -110,10 +99,11 @@ class Evaluator:
         self.labels = np.repeat(np.arange(10), args.samples_per_class)
         self._real = {}
 
-    def samples(self, ckpt):
-        """uint8 images (N, S, S, 3) of every digit from a checkpoint, from the same noise for every model."""
+    def samples(self, ckpt, seed=0):
+        """uint8 images (N, S, S, 3) of every digit from a checkpoint, from the same noise (of `seed`) for every
+        model."""
         model = load_model_and_vae(ModelRequest(model=self.case.model, ckpt=ckpt), self.device).model
-        z = per_sample_noise(0, range(len(self.labels)), self.shape, self.device)
+        z = per_sample_noise(seed, range(len(self.labels)), self.shape, self.device)
         images = generate(model, None, torch.from_numpy(self.labels), z, self.config)
         return to_uint8_nhwc(images)
 
@@ -214,6 +204,21 @@ class Benchmark:
                                         "gradient", "--sparsity", 0.5])
         return folder
 
+    def mask_for(self, setting, forget_class, seed):
+        """The mask folder of one class and seed holding the mask `setting` asks for (its --threshold's Fisher
+        mask, or its --sparsity's gradient mask), made if missing."""
+        folder = self.masks(forget_class, seed)
+        if setting.mask == "fisher":
+            value, argv = threshold_of(setting.flags), ["--thresholds"]
+            name = f"fisher_{value}.pt"
+        else:
+            value, argv = float(last_value(list(setting.flags), "--sparsity", 0.5)), ["--criterion", "gradient",
+                                                                                    "--sparsity"]
+            name = f"gradient_{value}.pt"
+        if not os.path.isfile(os.path.join(folder, str(forget_class), name)):
+            quiet(call, generate_mask, ["--mask-path", folder, "--forget-class", forget_class, *argv, value])
+        return folder
+
     def retrained(self, forget_class):
         """(path of the DiT retrained without the class, where it came from); trained once if missing."""
         path = demo.retrained_reference(self.case, forget_class, self.args.cache_dir, self.args.data_path,
@@ -252,24 +257,19 @@ class Benchmark:
             self._retrained_stats[forget_class] = self.evaluator.statistics(self.evaluator.samples(path), forget_class)
         return self._retrained_stats[forget_class]
 
-    def run(self, method, forget_class, seed, lr, steps):
-        """One forget.py run of a method, evaluated at each of `steps`: {"steps": {step: report}, "seconds": s}."""
-        name = f"{method}-{forget_class}-seed{seed}-lr{lr}"
-
-        flags = list(METHODS[method])
-        masked = "--mask" in flags
-        if masked:
-            del flags[flags.index("--mask"):flags.index("--mask") + 2]
-            flags += ["--mask-path", self.mask_folder(seed)]
+    def run(self, setting, forget_class, seed, steps):
+        """One forget.py run of a Setting, evaluated at each of `steps`: {"steps": {step: report}, "seconds": s}."""
+        name = f"{setting.name}-{forget_class}-seed{seed}"
+        flags = list(setting.flags) + (["--mask-path", self.mask_folder(seed)] if setting.mask else [])
         results = os.path.dirname(self.path("runs", name, "log"))
         argv = ["--model", self.case.model, "--data-path", self.args.data_path, "--ckpt", self.case.dit,
                 "--batch-size", self.args.batch_size, "--n-iters", max(steps), "--ckpt-steps", *steps,
                 "--snapshot-every", 0, "--log-every", 10, "--num-workers", 0, "--forget-class", forget_class,
-                "--seed", seed, "--lr", lr, "--results-dir", results, *flags]
+                "--seed", seed, "--results-dir", results, *flags]
 
         def compute():
-            if masked:
-                self.masks(forget_class, seed)
+            if setting.mask:
+                self.mask_for(setting, forget_class, seed)
             shutil.rmtree(results, ignore_errors=True)  # a killed or outdated run's folder
             start = time.time()
             quiet(call, forget, argv, log=self.path("logs", f"{name}.txt"))
@@ -282,7 +282,7 @@ class Benchmark:
                                                       self.retrained_stats(forget_class))
             if self.args.attacks:  # the attacks on the final weights
                 reports[max(steps)].update(self.evaluator.attacks(ckpt, forget_class))
-            return {"method": method, "forget_class": forget_class, "seed": seed, "lr": lr, "seconds": seconds,
+            return {"setting": setting.name, "forget_class": forget_class, "seed": seed, "seconds": seconds,
                     "steps": reports, "flags": [str(f) for f in argv], "settings": resolved_settings(argv),
                     "attacks": self.attack_budgets()}
         return self.cached(self.path("evals", f"{name}.json"), compute,
@@ -349,20 +349,17 @@ def threshold_of(flags):
     return float(last_value(flags, "--threshold", recipe.values["threshold"]))
 
 
-def setting_rows(bench, name, lr, digits, seeds, steps):
-    """Runs (or reads back) the method `name` of METHODS on every digit and seed at lr: one row per checkpoint of
-    `steps`, with the targets it misses."""
-    rows, threshold = [], threshold_of(METHODS[name])
+def setting_rows(bench, setting, digits, seeds, steps, label=None):
+    """Runs (or reads back) a Setting on every digit and seed: one row per checkpoint of `steps`, named label (default
+    the setting's name), with the targets it misses."""
+    rows = []
     for digit in digits:
         reference = bench.reference(digit)
         for seed in seeds:
-            folder = bench.masks(digit, seed)
-            if not os.path.isfile(os.path.join(folder, str(digit), f"fisher_{threshold}.pt")):
-                quiet(call, generate_mask, ["--mask-path", folder, "--forget-class", digit, "--thresholds", threshold])
-            run = bench.run(name, digit, seed, lr, steps)
+            run = bench.run(setting, digit, seed, steps)
             for step in steps:
                 report = run["steps"][str(step)]
-                rows.append({"name": name, "digit": digit, "seed": seed, "step": step, **report,
+                rows.append({"name": label or setting.name, "digit": digit, "seed": seed, "step": step, **report,
                              "fd_ratio": report["fd_remain"] / reference["original"]["fd_remain"],
                              "retrained_fa": reference["retrained"]["forget_acc"],
                              "original_ra": reference["original"]["remain_acc"],
@@ -403,8 +400,9 @@ def recipe_methods(recipes):
     out = {}
     for recipe in recipes:
         args = demo.parse_args(["--recipe", recipe])
-        out[f"sfron-{recipe}"] = ([str(f) for f in demo.forget_flags(args)] + ["--mask", "fisher"],
-                                  demo.recipe_value(args, "lr"))
+        lr = demo.recipe_value(args, "lr")
+        out[f"sfron-{recipe}"] = Setting(f"sfron-{recipe}-lr{lr}", tuple(str(f) for f in demo.forget_flags(args)),
+                                         "fisher")
     return out
 
 
@@ -413,31 +411,42 @@ def all_digits(bench, args):
     (three without --attacks); writes all_digits.json and all_digits.md."""
     recipes = recipe_methods(args.recipes)
     rows = []
-    for name, (flags, lr) in recipes.items():
-        METHODS[name] = flags
-        rows += setting_rows(bench, name, lr, args.classes, args.seeds, sorted(set(args.eval_steps) | {args.steps}))
+    for name, setting in recipes.items():
+        rows += setting_rows(bench, setting, args.classes, args.seeds, sorted(set(args.eval_steps) | {args.steps}),
+                             label=name)
     command = "python bench/compare.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     table = targets_table(rows, command)
-    atomic_json_dump({"recipes": recipes, "rows": rows}, os.path.join(args.out, "all_digits.json"))
+    atomic_json_dump({"recipes": {name: asdict(setting) for name, setting in recipes.items()}, "rows": rows},
+                     os.path.join(args.out, "all_digits.json"))
     atomic_write_text(table, os.path.join(args.out, "all_digits.md"))
     print(table)
     print(f"Saved all_digits.json and all_digits.md to {args.out}")
 
 
-def score(report, reference):
-    """The tuning criterion of one final checkpoint (smaller is better): forgotten settings first, ranked by their
-    remain FD ratio to the original; settings that do not forget after them, by their forget accuracy."""
-    forgotten = is_forgotten(report, reference)
-    ratio = report["fd_remain"] / reference["original"]["fd_remain"]
-    return (0, ratio) if forgotten else (1, report["forget_acc"])
+def tuning_run(bench, setting, args):
+    """{digit: report of the final checkpoint, with its missed targets and remain FD ratio} of one configuration on
+    the tuning digits, seed 0."""
+    out = {}
+    for digit in args.tuning_classes:
+        reference = bench.reference(digit)
+        report = bench.run(setting, digit, 0, [args.steps])["steps"][str(args.steps)]
+        out[digit] = {**report, "missed": targets_missed(report, reference),
+                      "fd_ratio": report["fd_remain"] / reference["original"]["fd_remain"]}
+    return out
 
 
 def choose_setting(bench, method, args):
-    """The learning rate of LR_GRID with the best score on the tuning digit (seed 0) at the last step."""
-    reference = bench.reference(args.tuning_class)
-    trials = {lr: bench.run(method, args.tuning_class, 0, lr, [args.steps]) for lr in LR_GRID}
-    best = min(LR_GRID, key=lambda lr: score(trials[lr]["steps"][str(args.steps)], reference))
-    return best, {str(lr): trials[lr]["steps"][str(args.steps)] for lr in LR_GRID}
+    """(the chosen Setting of a protocol Method, {setting name: its tuning_run}): the configuration with the best
+    protocol.score() on the tuning digits; with --no-tuning the method's base configuration, untried."""
+    configurations = method.configurations()
+    if args.no_tuning:
+        return configurations[0], {}
+    trials = {c.name: tuning_run(bench, c, args) for c in configurations}
+
+    def rank(setting):
+        reports = trials[setting.name].values()
+        return score([r["missed"] for r in reports], [r["fd_ratio"] for r in reports])
+    return min(configurations, key=rank), trials
 
 
 def first_forgotten_step(run, reference):
@@ -446,23 +455,27 @@ def first_forgotten_step(run, reference):
     return min(hits) if hits else None
 
 
-def summarise(runs, references, eval_steps):
-    """{method: {step: {metric: [mean, std]}}, steps_to_forget, seconds} over every evaluated class and seed."""
+def summarise(runs, references):
+    """{row: {step: {metric: [mean, std]}}, runs, forgotten_runs, steps_to_forget, runs_meeting_targets, seconds}
+    over the runs of each table row (a method, or an ablation of the default recipe), in their order."""
     summary = {}
-    for method in sorted({r["method"] for r in runs}):
-        mine = [r for r in runs if r["method"] == method]
+    for row in dict.fromkeys(r["row"] for r in runs):
+        mine = [r for r in runs if r["row"] == row]
+        steps = sorted(set.intersection(*(set(map(int, r["steps"])) for r in mine)))
         per_step = {}
-        for step in eval_steps:
-            rows = [dict(r["steps"][str(step)], fd_ratio=r["steps"][str(step)]["fd_remain"] /
-                         references[r["forget_class"]]["original"]["fd_remain"]) for r in mine]
-            per_step[step] = {k: mean_std([row[k] for row in rows if k in row])
+        for step in steps:
+            reports = [dict(r["steps"][str(step)], fd_ratio=r["steps"][str(step)]["fd_remain"] /
+                            references[r["forget_class"]]["original"]["fd_remain"]) for r in mine]
+            per_step[step] = {k: mean_std([report[k] for report in reports if k in report])
                               for k in ("forget_acc", "remain_acc", "fd_remain", "fd_ratio", "fd_to_retrained",
                                         "inversion_fa", "relearn_fa")}
         forgotten = [first_forgotten_step(r, references[r["forget_class"]]) for r in mine]
-        summary[method] = {"steps": per_step, "runs": len(mine),
-                           "forgotten_runs": sum(f is not None for f in forgotten),
-                           "steps_to_forget": mean_std([f for f in forgotten if f is not None]),
-                           "seconds": mean_std([r["seconds"] for r in mine])}
+        final = [targets_missed(r["steps"][str(steps[-1])], references[r["forget_class"]]) for r in mine]
+        summary[row] = {"steps": per_step, "runs": len(mine), "setting": mine[0]["setting"],
+                        "forgotten_runs": sum(f is not None for f in forgotten),
+                        "steps_to_forget": mean_std([f for f in forgotten if f is not None]),
+                        "runs_meeting_targets": sum(not missed for missed in final),
+                        "seconds": mean_std([r["seconds"] for r in mine])}
     return summary
 
 
@@ -473,22 +486,27 @@ def mean_std(values):
     return [statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
 
 
-def markdown(summary, references, chosen, step):
-    """The table of the README: per method at `step`, mean ± std over classes and seeds."""
+def markdown(summary, references, step, spread):
+    """The README's tables: per row at `step` (UNO also at its own step count), mean ± std over digits and seeds."""
     def cell(v, digits=3):
         return "–" if v is None else f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}"
-    lines = ["| method | lr | forget acc | remain acc | remain FD (x original) | FD to retrained | steps to forget "
-             "| forgotten runs | seconds | FA after inversion | FA after relearning |", "| --- |" + " --- |" * 10]
-    for method, s in summary.items():
-        row = s["steps"][step]
-        lines.append(f"| {method} | {chosen.get(method, '–')} | {cell(row['forget_acc'])} | {cell(row['remain_acc'])} "
-                     f"| {cell(row['fd_ratio'], 2)} | {cell(row['fd_to_retrained'], 1)} "
-                     f"| {cell(s['steps_to_forget'], 0)} | {s['forgotten_runs']}/{s['runs']} | {cell(s['seconds'], 0)} "
-                     f"| {cell(row['inversion_fa'], 2)} | {cell(row['relearn_fa'], 2)} |")
+    lines = [f"Step {step}, mean ± std over the held-out digits and seeds. The remain FD's sampling spread at this "
+             f"sample count (the original model, {spread['seeds']} sampling seeds): ± {100 * spread['relative']:.1f}%.",
+             "", "| row | setting | forget acc | remain acc | remain FD (x original) | FD to retrained | steps to forget "
+             "| forgotten runs | runs meeting all targets | seconds | FA after inversion | FA after relearning |",
+             "| --- |" + " --- |" * 11]
+    for row, s in summary.items():
+        for at in [step] + ([UNO_OWN_STEPS] if row == "uno" and UNO_OWN_STEPS in s["steps"] else []):
+            r, name = s["steps"][at], row if at == step else f"{row} (step {at})"
+            lines.append(f"| {name} | {s['setting']} | {cell(r['forget_acc'])} | {cell(r['remain_acc'])} "
+                         f"| {cell(r['fd_ratio'], 2)} | {cell(r['fd_to_retrained'], 1)} "
+                         f"| {cell(s['steps_to_forget'], 0)} | {s['forgotten_runs']}/{s['runs']} "
+                         f"| {s['runs_meeting_targets'] if at == step else '–'}/{s['runs']} | {cell(s['seconds'], 0)} "
+                         f"| {cell(r['inversion_fa'], 2)} | {cell(r['relearn_fa'], 2)} |")
     refs = [f"| digit {c} | {reference_cell(r['original'])} | {reference_cell(r['retrained'])} "
             f"({r['retrained_from']}) |" for c, r in sorted(references.items())]
-    return (f"Step {step}, mean ± std over digits and seeds.\n\n" + "\n".join(lines) +
-            "\n\n| reference | original | retrained |\n| --- | --- | --- |\n" + "\n".join(refs) + "\n")
+    return ("\n".join(lines) + "\n\n| reference | original | retrained |\n| --- | --- | --- |\n" + "\n".join(refs)
+            + "\n")
 
 
 def reference_cell(report):
@@ -500,37 +518,73 @@ def reference_cell(report):
     return text
 
 
-def plot(summary, eval_steps, path_curves, path_tradeoff):
-    """Forget accuracy and remain FD ratio against steps for every method; and forget vs remain at the last step."""
+def plot(summary, path_curves, path_tradeoff):
+    """Forget accuracy and remain FD ratio against steps for every row; and forget vs remain at the last step."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
-    for method, s in summary.items():
+    for row, s in summary.items():
+        steps = sorted(s["steps"])
         for ax, key in zip(axes, ("forget_acc", "fd_ratio")):
-            means = [s["steps"][step][key][0] for step in eval_steps]
-            ax.plot(eval_steps, means, marker="o", label=method)
+            ax.plot(steps, [s["steps"][step][key][0] for step in steps], marker="o", label=row)
     axes[0].set(xlabel="unlearning step", ylabel="forget accuracy (lower: forgotten)")
     axes[1].set(xlabel="unlearning step", ylabel="remain FD / original's (lower: preserved)", yscale="log")
-    axes[1].legend(fontsize=8)
+    axes[1].legend(fontsize=6)
     atomic_save_figure(fig, path_curves)
     fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
-    last = eval_steps[-1]
-    for method, s in summary.items():
+    for row, s in summary.items():
+        last = max(s["steps"])
         fa, fd = s["steps"][last]["forget_acc"], s["steps"][last]["fd_ratio"]
-        ax.errorbar(fa[0], fd[0], xerr=fa[1], yerr=fd[1], marker="o", capsize=3, label=method)
-    ax.set(xlabel=f"forget accuracy at step {last}", ylabel="remain FD / original's", yscale="log")
-    ax.legend(fontsize=8)
+        ax.errorbar(fa[0], fd[0], xerr=fa[1], yerr=fd[1], marker="o", capsize=3, label=row)
+    ax.set(xlabel="forget accuracy at the last step", ylabel="remain FD / original's", yscale="log")
+    ax.legend(fontsize=6)
     atomic_save_figure(fig, path_tradeoff)
+
+
+def plan(chosen, args):
+    """[(row, Setting, digits, seeds)] of the evaluation: every main method on --classes x --seeds; the distilled
+    baselines and the ablation of the default recipe on the first --few-classes digits, the first seed."""
+    few = (args.classes[:args.few_classes], args.seeds[:1])
+    units = [(name, chosen[name], *(((args.classes, args.seeds)) if name in MAIN_METHODS else few))
+             for name in args.methods]
+    if args.ablation and "sfron-default" in chosen:
+        base = chosen["sfron-default"]
+        for row, extra in ABLATIONS.items():
+            slug = "".join(c if c.isalnum() else "-" for c in row)
+            units.append((f"default, {row}", base.over(f"{base.name}-without-{slug}", extra), *few))
+    return units
+
+
+def sampling_spread(bench, args):
+    """{relative, seeds, fd}: the remain FD of the original model (forget class: the first evaluated digit) over
+    three sampling seeds, and its standard deviation over the mean."""
+    def compute():
+        digit = args.classes[0]
+        fds = [bench.evaluator.report(bench.evaluator.samples(bench.case.dit, seed), digit)["fd_remain"]
+               for seed in range(3)]
+        return {"relative": statistics.stdev(fds) / statistics.mean(fds), "seeds": 3, "fd": fds, "digit": digit,
+                "samples_per_class": args.samples_per_class}
+    return bench.cached(bench.path("spread.json"), compute,
+                        lambda saved: saved.get("samples_per_class") == args.samples_per_class)
+
+
+def write_report(result, args):
+    """comparison.json, comparison.md, curves.png and tradeoff.png to --report-dir."""
+    os.makedirs(args.report_dir, exist_ok=True)
+    atomic_json_dump(result, os.path.join(args.report_dir, "comparison.json"))
+    table = markdown(result["summary"], result["references"], args.steps, result["spread"])
+    atomic_write_text(table, os.path.join(args.report_dir, "comparison.md"))
+    plot(result["summary"], os.path.join(args.report_dir, "curves.png"), os.path.join(args.report_dir, "tradeoff.png"))
+    print(table)
+    print(f"Saved comparison.json, comparison.md, curves.png and tradeoff.png to {args.report_dir}")
 
 
 def main(args):
     """Runs (or continues) the comparison and writes its report."""
-    unknown = [m for m in args.methods if m not in METHODS]
-    if unknown:
-        raise UserError(f"unknown --methods {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    if args.tuning_class in args.classes and not args.all_digits:
-        raise UserError(f"--tuning-class {args.tuning_class} must not be one of the evaluated --classes")
+    overlap = sorted(set(args.tuning_classes) & set(args.classes))
+    if overlap and not args.all_digits:
+        raise UserError(f"--tuning-classes {' '.join(map(str, overlap))} must not be among the evaluated --classes")
     torch.set_num_threads(args.threads or torch.get_num_threads())
     os.makedirs(args.out, exist_ok=True)
     if not os.path.isdir(os.path.join(args.data_path, "train")):
@@ -538,31 +592,34 @@ def main(args):
     bench = Benchmark(args)
     if args.all_digits:
         return all_digits(bench, args)
-    eval_steps = sorted(set(args.eval_steps) | {args.steps})
     start = time.time()
+    spread = sampling_spread(bench, args)
     chosen, tuning = {}, {}
-    for method in tqdm(args.methods, desc="Tuning (digit %d)" % args.tuning_class, dynamic_ncols=True):
-        chosen[method], tuning[method] = choose_setting(bench, method, args) if not args.no_tuning else \
-            (LR_GRID[1], {})
+    for name in tqdm(args.methods, desc=f"Tuning (digits {args.tuning_classes})", dynamic_ncols=True):
+        chosen[name], tuning[name] = choose_setting(bench, METHODS[name], args)
     references = {c: bench.reference(c) for c in tqdm(args.classes, desc="References", dynamic_ncols=True)}
-    jobs = [(m, c, s) for m in args.methods for c in args.classes for s in args.seeds]
-    runs = [bench.run(m, c, s, chosen[m], eval_steps) for m, c, s in tqdm(jobs, desc="Runs", dynamic_ncols=True)]
-    summary = summarise(runs, references, eval_steps)
-    result = {"protocol": {k: v for k, v in vars(args).items() if k not in ("out",)}, "lr_grid": LR_GRID,
-              "methods": {m: METHODS[m] for m in args.methods}, "chosen_lr": chosen, "tuning": tuning,
-              "references": references, "runs": runs, "summary": summary, "seconds": round(time.time() - start, 1)}
-    atomic_json_dump(result, os.path.join(args.out, "comparison.json"))
-    table = markdown(summary, references, chosen, args.steps)
-    atomic_write_text(table, os.path.join(args.out, "comparison.md"))
-    plot(summary, eval_steps, os.path.join(args.out, "curves.png"), os.path.join(args.out, "tradeoff.png"))
-    print(table)
-    print(f"Saved comparison.json, comparison.md, curves.png and tradeoff.png to {args.out}")
+    jobs = [(row, setting, c, s) for row, setting, digits, seeds in plan(chosen, args) for c in digits for s in seeds]
+    eval_steps = sorted(set(args.eval_steps) | {args.steps})
+    runs = []
+    for row, setting, c, s in tqdm(jobs, desc="Runs", dynamic_ncols=True):
+        steps = sorted(set(eval_steps) | ({UNO_OWN_STEPS} if row == "uno" else set()))
+        runs.append({"row": row, **bench.run(setting, c, s, steps)})
+    result = {"protocol": {k: v for k, v in vars(args).items() if k not in ("out", "report_dir")},
+              "configurations_per_method": CONFIGURATIONS,
+              "grids": {name: [asdict(c) for c in METHODS[name].configurations()] for name in args.methods},
+              "chosen": {name: asdict(setting) for name, setting in chosen.items()}, "tuning": tuning,
+              "spread": spread, "references": references, "runs": runs, "summary": summarise(runs, references),
+              "seconds": round(time.time() - start, 1)}
+    write_report(result, args)
 
 
 def parse_args(argv=None):
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--out", type=str, default="bench_results/compare", help="output folder (resumable)")
+    parser.add_argument("--out", type=str, default="bench_results/compare",
+                        help="working folder: every run and evaluation, saved as it finishes (resumable)")
+    parser.add_argument("--report-dir", type=str, default="docs/comparison",
+                        help="where comparison.json, comparison.md and the plots go")
     parser.add_argument("--dataset", type=str, choices=list(demo.CASES), default="digits",
                         help="the embedded case: digits (8x8, DiT-T/2) or mnist (28x28, DiT-T/4)")
     parser.add_argument("--data-path", type=str, default=None,
@@ -570,29 +627,35 @@ def parse_args(argv=None):
     parser.add_argument("--cache-dir", type=str, default="retrained",
                         help="retrained references not shipped in assets/ are trained once and kept here")
     parser.add_argument("--methods", type=str, nargs="+", choices=list(METHODS), default=list(METHODS),
-                        help="methods to compare (sfron: forget.py --recipe official)")
+                        help="methods to compare (bench/protocol.py; sfron: forget.py --recipe official, "
+                             "sfron-default: the default recipe, <baseline>+distill: with the distilled remain term)")
     parser.add_argument("--classes", type=int, nargs="+", default=None,
-                        help="digits to forget (default: 0 3 8; with --all-digits 0-9)")
+                        help="held-out digits to forget (default: 0 3 5 6 9; with --all-digits 0-9)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of each run")
-    parser.add_argument("--tuning-class", type=int, default=5, help="the digit the learning rates are chosen on")
-    parser.add_argument("--no-tuning", action="store_true", help="use the middle learning rate of the grid")
+    parser.add_argument("--tuning-classes", type=int, nargs="+", default=list(TUNING_DIGITS),
+                        help="the digits every method's configuration is chosen on (seed 0; never evaluated)")
+    parser.add_argument("--no-tuning", action="store_true", help="use each method's base configuration")
+    parser.add_argument("--few-classes", type=int, default=3,
+                        help="the distilled baselines and the ablation run on this many of --classes, first seed")
+    parser.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True,
+                        help="the default recipe with each of its pieces removed in turn (needs sfron-default)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="unlearning steps of every run (default: 50; with --all-digits 100)")
+                        help="unlearning steps of every run (default: 100)")
     parser.add_argument("--eval-steps", type=int, nargs="*", default=None,
-                        help="checkpoints evaluated along the way, and --steps (default: 10 25; with --all-digits "
+                        help="checkpoints evaluated along the way, and --steps (default: 10 25 50; with --all-digits "
                              "none)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="forget and remain samples per step (default: 64; with --all-digits the demo's 128)")
     parser.add_argument("--fisher-iters", type=int, default=8, help="generate_fisher.py --n-iters")
     parser.add_argument("--samples-per-class", type=int, default=None,
-                        help="generated images per digit evaluated (default: 50; with --all-digits the demo's 100)")
+                        help="generated images per digit evaluated (default: 100, as the demo)")
     parser.add_argument("--sampling-steps", type=int, default=None,
                         help="DDIM steps of the evaluation samples (default: 10; with --all-digits the demo's 25)")
     parser.add_argument("--cfg-scale", type=float, default=2.0, help="guidance scale of the evaluation samples")
     parser.add_argument("--all-digits", action="store_true",
                         help="instead of the comparison: forget.py's recipes as demo.py runs them on --classes x "
                              "--seeds, against the embedded case's five targets (README: the embedded digits case); "
-                             "writes all_digits.md and all_digits.json")
+                             "writes all_digits.md and all_digits.json to --out")
     parser.add_argument("--recipes", type=str, nargs="+", choices=list(RECIPES), default=list(RECIPES),
                         help="--all-digits: the recipes to measure")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")

@@ -25,14 +25,11 @@ COLUMNS = ("forget_acc", "remain_acc", "fid_remain", "fid_forget", "precision_re
 
 
 def method_flags(method, mask_path):
-    """forget.py flags of a method of bench/compare.py (its --mask kind becomes --mask-path)."""
-    from compare import METHODS
+    """forget.py flags of a method of bench/protocol.py, at no particular rate (its mask, if any, at mask_path)."""
+    from protocol import METHODS
     if method not in METHODS:
         raise UserError(f"unknown method {method}; choose from {', '.join(METHODS)}")
-    flags = list(METHODS[method])
-    if "--mask" in flags:
-        flags[flags.index("--mask"):flags.index("--mask") + 2] = ["--mask-path", mask_path]
-    return flags
+    return METHODS[method].mask_flags(mask_path)
 
 
 def task_cell(task, methods, classes, seeds):

@@ -26,17 +26,18 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import compare  # noqa: E402
 from cli import run_main  # noqa: E402
+from protocol import METHODS, Setting  # noqa: E402
 from sfron.files import atomic_json_dump, atomic_write_text  # noqa: E402
 from sfron.recipes import RECIPES  # noqa: E402
 from sfron.utils import UserError  # noqa: E402
 
-COMPARED = tuple(compare.METHODS)  # the comparison's own method names, which a setting must not take
+COMPARED = tuple(METHODS)  # the comparison's own method names, which a setting must not take
 def main(args):
     """Measures one named setting and writes its table."""
     if args.name in COMPARED:
         raise UserError(f"--name {args.name} is a method of bench/compare.py; choose another name")
-    flags = ["--recipe", args.recipe, "--mask", "fisher", *shlex.split(args.flags)]
-    compare.METHODS[args.name] = flags
+    flags = ["--recipe", args.recipe, "--lr", str(args.lr), *shlex.split(args.flags)]
+    setting = Setting(f"{args.name}-lr{args.lr}", tuple(flags), "fisher")
     bench_args = compare.parse_args(["--all-digits", "--out", args.out, "--data-path", args.data_path, "--cache-dir",
                                      args.cache_dir, "--attacks" if args.attacks else "--no-attacks", "--batch-size",
                                      str(args.batch_size), "--samples-per-class", str(args.samples_per_class),
@@ -44,8 +45,8 @@ def main(args):
                                      str(args.fisher_iters)])
     if not os.path.isdir(os.path.join(args.data_path, "train")):
         compare.quiet(compare.call, compare.prepare_digits, ["--out", args.data_path])
-    rows = compare.setting_rows(compare.Benchmark(bench_args), args.name, args.lr, args.digits, args.seeds,
-                                args.steps)
+    rows = compare.setting_rows(compare.Benchmark(bench_args), setting, args.digits, args.seeds, args.steps,
+                                label=args.name)
     command = "python bench/sfron_variants.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     table = compare.targets_table(rows, command)
     os.makedirs(args.out, exist_ok=True)

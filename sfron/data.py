@@ -159,6 +159,13 @@ class ImageSet(Dataset):
     def __len__(self):
         return len(self.samples)
 
+    def only_class(self, label):
+        """The images of one class of this set, or one clear error where it has none."""
+        samples = [(path, y) for path, y in self.samples if y == label]
+        if not samples:
+            raise UserError(f"{self.root} has no image of class {label} among these images")
+        return ImageSet(samples, self.image_size, self.classes, self.root)
+
     def load(self, index, flip=False):
         """The image (3, S, S) in [-1, 1] and its class index."""
         path, label = self.samples[index]

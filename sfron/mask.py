@@ -228,7 +228,7 @@ def saliency_mask_for(choice, forget_class, model, device):
 
 def check_mask_frees_some(path, sparse_expected):
     """A mask file that would leave the forget step nothing to move (every weight frozen), or, where the update
-    expects a sparse mask (sparse_expected: the flags that do), nothing to freeze, is one error line."""
+    expects a sparse mask (sparse_expected: the flag that does), nothing to freeze, is one error line."""
     raw = safe_torch_load(path, what="mask")
     tensors = [v for v in raw.values() if isinstance(v, torch.Tensor)] if isinstance(raw, dict) else []
     total = sum(v.numel() for v in tensors)
@@ -237,7 +237,7 @@ def check_mask_frees_some(path, sparse_expected):
         raise UserError(f"mask {path} freezes every weight: the forget step would change nothing; use a lower "
                         f"threshold (generate_mask.py prints the share each threshold freezes)")
     if total and kept == total and sparse_expected:
-        raise UserError(f"mask {path} frees every weight, but {sparse_expected} expect a sparse mask; use a higher "
+        raise UserError(f"mask {path} frees every weight, but {sparse_expected} expects a sparse mask; use a higher "
                         f"threshold")
 
 

@@ -8,7 +8,9 @@ weighted sum of the forget term, the remain term and the EWC penalty.
 Earlier methods are settings of the same update (README: the comparison): GA is the ascent alone (remain weight
 0), FT the remain term alone (forget weight 0), RL a relabelled forget term with the remain term, SalUn its
 random-label forget term under a gradient-saliency mask, SA a surrogate forget set with generative replay and an
-EWC penalty, ESD a negatively guided target from the frozen original model.
+EWC penalty, ESD a negatively guided target from the frozen original model. UNO (Unlearning via
+Orthogonalization, arXiv 2506.04712) is a joint step too: the forget label learns an exchange class's images while
+the gradient of the real forget images is kept orthogonal to the step's.
 """
 import functools
 import math
@@ -17,6 +19,7 @@ from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .adversary import AdversarialLabel
 from .build import autocast_dtype
@@ -27,7 +30,7 @@ from .sampling import SamplerConfig
 from .sparse import MaskedAdamW, MaskedOriginal, free_entries, gather, scatter_
 from .utils import UserError
 
-FORGET_LOSSES = ("ga", "adaga", "rl", "salun", "sa", "esd")
+FORGET_LOSSES = ("ga", "adaga", "rl", "salun", "sa", "esd", "uno")
 ADVERSARIAL_LOSSES = ("ga", "adaga", "esd")  # the forget terms that also act under the adversarial label
 DESCENT_LOSSES = ("rl", "sa")            # minimise it under another label / on surrogate images
 METHODS = ("ron", "joint")
@@ -63,6 +66,7 @@ class ForgetTerm:
     esd_eta: float = 1.0              # esd: the negative guidance scale
     forget_label_dropout: bool = True  # DiT's label dropout on the forget step too, as training mode does officially
     adversarial_steps: int = 0        # ga, adaga, esd: inversion steps of the adversarial label per step (0: none)
+    uno_weight: float = 0.02          # uno: weight of the squared cosine of the forget and the step's gradients
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,10 @@ class UnlearnSettings:
         if forget.adversarial_steps and forget.unlearn_loss not in ADVERSARIAL_LOSSES:
             raise UserError(f"--adversarial-steps applies to --unlearn-loss {', '.join(ADVERSARIAL_LOSSES)}, not "
                             f"{forget.unlearn_loss}")
+        if forget.unlearn_loss == "uno" and step.method != "joint":
+            raise UserError("--unlearn-loss uno is one step on UNO's whole objective: use --method joint")
+        if forget.uno_weight < 0:
+            raise UserError(f"--uno-weight must not be negative, got {forget.uno_weight}")
         if step.remain_lr is not None and not step.remain_lr > 0:
             raise UserError(f"--remain-lr must be positive, got {step.remain_lr}")
         if (step.remain_lr is not None or step.separate_forget_optimizer or step.mask_remain_step or
@@ -177,6 +185,12 @@ def relabel_class(forget_class, num_classes):
     return target if target != forget_class else (forget_class + 1) % num_classes
 
 
+def exchange_class(forget_class, num_classes):
+    """The other class SalUn's target and UNO's forget label take: the next one, (cls + 1) mod num_classes (UNO's
+    ImageNet run exchanges 207 for 208)."""
+    return (forget_class + 1) % num_classes
+
+
 def forget_conditioning(batch, unlearn_loss, drop_labels=True, relabel=None):
     """
     (labels, label-drop ids) of the forget step: `rl` trains under the relabel class; drop_labels=False keeps
@@ -212,6 +226,16 @@ def eps_prediction(model, diffusion, batch, labels, drop):
 def mean_flat_square(x):
     """Per-sample mean of squares (b,)."""
     return x.float().square().flatten(1).mean(1)
+
+
+def squared_cosine(a, b):
+    """(a . b)^2 / (|a|^2 |b|^2), in float32, of two gradients given as a tensor (or None) per parameter."""
+    pairs = [(x.float(), y.float()) for x, y in zip(a, b) if x is not None and y is not None]
+    if not pairs:  # neither term reaches a weight
+        return 0.0
+    dot = sum((x * y).sum() for x, y in pairs)
+    norms = sum(x.square().sum() for x, _ in pairs) * sum(y.square().sum() for _, y in pairs)
+    return dot.square() / (norms + 1e-12)
 
 
 def ewc_penalty(named_params, reference):
@@ -288,7 +312,11 @@ class Unlearner:
         self.forget_opt = self._make_optimizer(step.lr) if step.separate_forget_optimizer else self.opt
         num_classes, forget = self.raw_model.num_classes, settings.forget
         self.relabel = {"rl": relabel_class(forget.forget_class, num_classes),
-                        "salun": (forget.forget_class + 1) % num_classes}.get(forget.unlearn_loss)
+                        "salun": exchange_class(forget.forget_class, num_classes),
+                        "uno": exchange_class(forget.forget_class, num_classes)}.get(forget.unlearn_loss)
+        if forget.unlearn_loss == "uno" and dist.world_size > 1:
+            raise UserError("--unlearn-loss uno differentiates its gradients (a double backward pass), which DDP "
+                            "does not support: run it on one process")
         self.amp = dict(device_type=dist.device.type, dtype=autocast_dtype(step.precision),
                         enabled=step.precision == "bf16")
         self.adversary = AdversarialLabel(self.raw_model, forget.adversarial_steps, dist) \
@@ -466,6 +494,8 @@ class Unlearner:
         """(alpha L_forget + remain_alpha L_remain + EWC, forget losses, remain losses) for the joint step; targets:
         frozen_targets()'s."""
         s, f = self.settings, self.settings.forget
+        if f.unlearn_loss == "uno":
+            return self._uno_loss(forget_batch, remain_batch, alpha)
         f_losses = r_losses = None
         loss = 0.0
         if alpha != 0 and s.remain.remain_alpha != 0 and f.unlearn_loss in ("ga", "adaga", "rl") and \
@@ -485,6 +515,34 @@ class Unlearner:
         if f_losses is not None:
             loss = alpha * self._forget_objective(f_losses)
         return loss + self._remain_objective(r_losses), f_losses, r_losses
+
+    def _uno_loss(self, forget_batch, remain_batch, alpha):
+        """
+        UNO's objective and its (forget, remain) per-sample losses: the remain batch (the exchange class's images,
+        forget.py's remain set under uno) under the forget label, weighted by alpha, plus the same images under
+        their own label, weighted by remain_alpha, plus uno_weight times the squared cosine between the gradient of
+        the forget images' diffusion loss and the gradient of those two terms. The cosine is differentiated through
+        (a double backward pass), as in UNO's code; no label is dropped. Both labels of the exchange images share
+        one x_t and t (one forward pass).
+        """
+        with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no second derivative
+            return self._uno_terms(forget_batch, remain_batch, alpha)
+
+    def _uno_terms(self, forget_batch, remain_batch, alpha):
+        """_uno_loss()'s value, under an attention that can be differentiated twice."""
+        s, keep = self.settings, torch.zeros_like(remain_batch.drop)
+        forget_label = torch.full_like(remain_batch.y, s.forget.forget_class)
+        both = diffusion_loss(self.model, self.diffusion, concat_batches(remain_batch, remain_batch),
+                              labels=torch.cat([forget_label, remain_batch.y]), force_drop_ids=torch.cat([keep, keep]))
+        f_losses, r_losses = both.chunk(2)
+        step_loss = alpha * f_losses.mean() + s.remain.remain_alpha * r_losses.mean()
+        if s.forget.uno_weight == 0:
+            return step_loss, f_losses, r_losses
+        forget_loss = diffusion_loss(self.model, self.diffusion, forget_batch,
+                                     force_drop_ids=torch.zeros_like(forget_batch.drop)).mean()
+        forget_grads = torch.autograd.grad(forget_loss, self.params, create_graph=True, allow_unused=True)
+        step_grads = torch.autograd.grad(step_loss, self.params, create_graph=True, allow_unused=True)
+        return step_loss + s.forget.uno_weight * squared_cosine(forget_grads, step_grads), f_losses, r_losses
 
     def _global_means(self, f_losses, r_losses, step):
         """The mean forget and remain losses over the global batch (0 for a skipped term), checked for finiteness."""

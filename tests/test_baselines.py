@@ -1,9 +1,11 @@
 """The defining mechanics of each method of the comparison, checked by hand on a tiny DiT."""
 import copy
+import os
 
 import pytest
 import torch
 from torch.func import functional_call, grad
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffusion import create_diffusion
 from helpers import run_script
@@ -133,6 +135,56 @@ def test_sa_penalty_is_the_ewc_sum_and_its_surrogate_is_uniform_noise():
     x, y = noise[3]
     assert y == 2 and x.shape == (3, 8, 8) and -1 <= x.min() < -0.9 and 0.9 < x.max() <= 1
     assert torch.equal(noise[3][0], x) and not torch.equal(noise[2][0], x)
+
+
+def test_uno_step_is_its_objective_with_the_squared_cosine_differentiated_through():
+    """UNO: the exchange images under the forget label and under their own, plus w cos^2(grad of the forget images'
+    loss, grad of those two terms), its gradient taken through both gradients (torch.func, nested)."""
+    model, fb, rb = tiny_model(), batch(1, 0), batch(2, 1)  # forget class 0; the exchange class 1
+    keep, w = torch.zeros(2, dtype=torch.long), 50.0
+    step_loss = lambda th: (0.5 * diffusion_losses(model, th, rb, torch.zeros(2, dtype=torch.long), keep).mean()  # noqa
+                            + 2.0 * diffusion_losses(model, th, rb, rb.y, keep).mean())
+    forget_loss = lambda th: diffusion_losses(model, th, fb, fb.y, keep).mean()  # noqa: E731
+
+    def cosine2(th):  # over the trainable weights (pos_embed is a fixed buffer-like parameter)
+        free = {n: v for n, v in th.items() if n != "pos_embed"}
+        a, b = (grad(lambda f: fn({**f, "pos_embed": th["pos_embed"]}))(free) for fn in (forget_loss, step_loss))
+        dot = sum((a[n] * b[n]).sum() for n in a)
+        return dot ** 2 / (sum(v.square().sum() for v in a.values()) * sum(v.square().sum() for v in b.values()))
+    with sdpa_kernel(SDPBackend.MATH):  # the fused kernels have no second derivative
+        expected = autograd_of(model, lambda th: step_loss(th) + w * cosine2(th))
+    without = autograd_of(model, step_loss)
+    s = settings(unlearn_loss="uno", uno_weight=w, forget_alpha=0.5, remain_alpha=2.0)
+    got = step_gradient(model, s, fb, rb, alpha=0.5)
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-4, atol=1e-6)
+    assert max(float((expected[n] - without[n]).abs().max()) for n in expected) > 1e-3  # the cosine term acts
+    unlearner = Unlearner(model, DIFFUSION, s, DIST)
+    assert unlearner.relabel == 1
+    with pytest.raises(UserError, match="use --method joint"):
+        UnlearnSettings.from_fields({"forget_class": 0, "unlearn_loss": "uno"}).check()
+
+
+def test_forget_py_runs_uno_on_the_exchange_class_images(tmp_path):
+    """forget.py --unlearn-loss uno: its remain stream holds the exchange class's images alone (UNO's retain set),
+    and the run ends with a checkpoint."""
+    import forget
+    from helpers import experiment_dirs, make_tiny_run_folder, run_in_process
+    make_tiny_run_folder(tmp_path)
+    argv = ["--model", "DiT-T/2", "--data-path", tmp_path / "data", "--ckpt", tmp_path / "tiny.pt", "--forget-class", 1,
+            "--method", "joint", "--unlearn-loss", "uno", "--grad-clip", 0, "--lr", 1e-3, "--batch-size", 2,
+            "--n-iters", 2, "--snapshot-every", 0, "--num-workers", 0, "--results-dir", tmp_path / "results"]
+    args = forget.parse_args([str(a) for a in argv])
+    settings = forget.unlearn_settings(args)
+    from sfron.data import class_folders, unlearn_datasets
+    forget_set, remain_set = unlearn_datasets(class_folders(tmp_path / "data", 3), 1, 8)
+    _, uno_remain = forget.unlearning_data(settings, type("Spec", (), {"num_classes": 3, "image_size": 8}),
+                                           (forget_set, remain_set), None)
+    assert set(remain_set.targets) == {0, 2} and uno_remain.targets == [2] * 6
+    proc = run_in_process("forget.py", *argv, cwd=tmp_path, check=True)
+    assert "uno: the exchange class is 2" in proc.stdout + proc.stderr
+    (run,) = experiment_dirs(tmp_path / "results")
+    assert os.path.isfile(os.path.join(run, "checkpoints", "0000002.pt"))
 
 
 @pytest.mark.parametrize("name", ["ga", "ft", "rl"])

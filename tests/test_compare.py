@@ -9,47 +9,83 @@ from helpers import run_script
 
 
 def test_compare_reports_what_it_evaluated_and_resumes(tmp_path):
-    argv = ("bench/compare.py", "--out", tmp_path / "cmp", "--data-path", tmp_path / "digits", "--cache-dir",
-            tmp_path / "retrained", "--methods", "sfron", "ga", "--classes", 0, "--seeds", 0, "--no-tuning",
-            "--steps", 4, "--eval-steps", 2, "--batch-size", 8, "--fisher-iters", 1, "--samples-per-class", 4,
-            "--sampling-steps", 3, "--inversion-steps", 2, "--relearn-steps", 1)
+    argv = ("bench/compare.py", "--out", tmp_path / "cmp", "--report-dir", tmp_path / "report", "--data-path",
+            tmp_path / "digits", "--cache-dir", tmp_path / "retrained", "--methods", "sfron", "ga", "--classes", 0,
+            "--seeds", 0, "--tuning-classes", 5, "--no-tuning", "--steps", 4, "--eval-steps", 2, "--batch-size", 8,
+            "--fisher-iters", 1, "--samples-per-class", 4, "--sampling-steps", 3, "--inversion-steps", 2,
+            "--relearn-steps", 1)
     run_script(*argv, cwd=tmp_path)
-    result = json.load(open(tmp_path / "cmp" / "comparison.json"))
+    result = json.load(open(tmp_path / "report" / "comparison.json"))
     assert result["references"]["0"]["retrained_from"] == "shipped in assets/"
-    assert sorted(r["method"] for r in result["runs"]) == ["ga", "sfron"]
+    assert sorted(r["row"] for r in result["runs"]) == ["ga", "sfron"]
+    assert result["spread"]["seeds"] == 3 and len(set(result["spread"]["fd"])) == 3  # three sampling seeds differ
     original_fd = result["references"]["0"]["original"]["fd_remain"]
     for run in result["runs"]:
         assert sorted(run["steps"]) == ["2", "4"] and "--ckpt-steps" in run["flags"]
         for step, report in run["steps"].items():
-            row = result["summary"][run["method"]]["steps"][step]
+            row = result["summary"][run["row"]]["steps"][step]
             assert row["forget_acc"] == [pytest.approx(report["forget_acc"]), 0.0]  # one run: its own number
             assert row["fd_ratio"][0] == pytest.approx(report["fd_remain"] / original_fd)
             assert report["forget_acc"] * 4 == pytest.approx(round(report["forget_acc"] * 4))  # 4 forget samples
         final = run["steps"]["4"]  # the attacks ran on the final weights only, at the asked budgets
         assert "inversion_fa" in final and "inversion_fa" not in run["steps"]["2"]
         assert run["attacks"] == {"inversion_steps": 2, "relearn_steps": 1}
-    table = open(tmp_path / "cmp" / "comparison.md").read()
+    table = open(tmp_path / "report" / "comparison.md").read()
     for run in result["runs"]:  # each method's line of the table holds its run's numbers at the last step
         final = run["steps"]["4"]
-        line = next(line for line in table.splitlines() if line.startswith(f"| {run['method']} |"))
+        line = next(line for line in table.splitlines() if line.startswith(f"| {run['row']} |"))
         cells = [c.strip() for c in line.split("|")[1:-1]]
+        assert cells[1] == run["setting"] == result["chosen"][run["row"]]["name"]
         assert cells[2] == f"{final['forget_acc']:.3f} ± 0.000" and cells[3] == f"{final['remain_acc']:.3f} ± 0.000"
-        assert cells[9:11] == [f"{final['inversion_fa']:.2f} ± 0.00", f"{final['relearn_fa']:.2f} ± 0.00"]
+        assert cells[10:12] == [f"{final['inversion_fa']:.2f} ± 0.00", f"{final['relearn_fa']:.2f} ± 0.00"]
     reference = result["references"]["0"]
     assert f"after inversion {reference['retrained']['inversion_fa']:.2f}" in table.split("| reference |")[1]
     for name in ("curves.png", "tradeoff.png"):
-        assert os.path.getsize(tmp_path / "cmp" / name) > 0
+        assert os.path.getsize(tmp_path / "report" / name) > 0
     # started again with the same --out: every unit is read back, nothing is run again
     stamps = {f: os.path.getmtime(tmp_path / "cmp" / "evals" / f) for f in os.listdir(tmp_path / "cmp" / "evals")}
     run_script(*argv, cwd=tmp_path)
     assert {f: os.path.getmtime(tmp_path / "cmp" / "evals" / f) for f in stamps} == stamps
-    assert json.load(open(tmp_path / "cmp" / "comparison.json"))["runs"] == result["runs"]
+    assert json.load(open(tmp_path / "report" / "comparison.json"))["runs"] == result["runs"]
+
+
+def test_compare_tunes_every_method_on_its_grid_and_ablates_the_default(tmp_path, monkeypatch):
+    """The protocol end to end, shortened: each method tried on its whole grid on the tuning digit, the chosen
+    configuration evaluated, UNO also at its own step count, a distilled baseline, and the default recipe with each
+    piece removed in turn (the mask's removal runs without a mask)."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import compare
+    from protocol import ABLATIONS, CONFIGURATIONS, UNO_OWN_STEPS
+    monkeypatch.chdir(tmp_path)
+    argv = ["--out", "cmp", "--report-dir", "report", "--data-path", "digits", "--cache-dir", "ret", "--methods",
+            "sfron-default", "uno", "ft+distill", "--classes", "0", "--seeds", "0", "--tuning-classes", "5",
+            "--steps", "2", "--eval-steps", "1", "--batch-size", "8", "--fisher-iters", "1", "--samples-per-class",
+            "2", "--sampling-steps", "2", "--no-attacks", "--threads", "1"]
+    compare.main(compare.parse_args(argv))
+    result = json.load(open(tmp_path / "report" / "comparison.json"))
+    for method in ("sfron-default", "uno", "ft+distill"):
+        grid = [c["name"] for c in result["grids"][method]]
+        assert len(grid) == CONFIGURATIONS and sorted(result["tuning"][method]) == sorted(grid)
+        assert all(list(trial) == ["5"] for trial in result["tuning"][method].values())
+        assert result["chosen"][method]["name"] in grid
+    rows = {r["row"]: r for r in result["runs"]}
+    assert sorted(rows["uno"]["steps"], key=int) == ["1", "2", str(UNO_OWN_STEPS)]
+    assert "--remain-loss" in rows["ft+distill"]["flags"] and "distill" in rows["ft+distill"]["flags"]
+    ablated = [row for row in rows if row.startswith("default, ")]
+    assert len(ablated) == len(ABLATIONS)
+    for row, extra in ABLATIONS.items():
+        flags = rows[f"default, {row}"]["flags"]
+        assert ("--mask-path" in flags) == ("--no-mask" not in extra)
+        assert all(f in flags for f in extra if f != "--no-mask")
+    table = open(tmp_path / "report" / "comparison.md").read()
+    assert f"| uno (step {UNO_OWN_STEPS}) |" in table and "| default, no mask (gamma 0) |" in table
 
 
 def test_compare_refuses_a_tuning_class_it_evaluates(tmp_path):
-    proc = run_script("bench/compare.py", "--out", tmp_path / "cmp", "--classes", 0, 5, "--tuning-class", 5,
+    proc = run_script("bench/compare.py", "--out", tmp_path / "cmp", "--classes", 0, 5, "--tuning-classes", 5, 7,
                       cwd=tmp_path, check=False)
-    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: --tuning-class 5")
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == \
+        "error: --tuning-classes 5 must not be among the evaluated --classes"
 
 
 def test_sfron_variants_checks_each_run_against_the_three_targets(tmp_path, monkeypatch):
@@ -65,7 +101,7 @@ def test_sfron_variants_checks_each_run_against_the_three_targets(tmp_path, monk
     result = json.load(open(tmp_path / "out" / "variants-small-mask.json"))
     assert result["flags"][-3:] == ["--threshold", "5", "--mask-remain-step"]
     reference = json.load(open(tmp_path / "out" / "references" / "3.json"))
-    run = json.load(open(tmp_path / "out" / "evals" / "small-mask-3-seed0-lr0.001.json"))
+    run = json.load(open(tmp_path / "out" / "evals" / "small-mask-lr0.001-3-seed0.json"))
     assert "--mask-remain-step" in run["flags"] and os.path.isfile(tmp_path / "out" / "mask" / "seed0" / "3" /
                                                                     "fisher_5.0.pt")
     for row in result["rows"]:
@@ -108,7 +144,7 @@ def test_all_digits_measures_both_recipes_against_the_targets(tmp_path, monkeypa
 
     def unit(recipe):
         lr = demo.recipe_value(demo.parse_args(["--recipe", recipe]), "lr")
-        return tmp_path / "out" / "evals" / f"sfron-{recipe}-3-seed0-lr{lr}.json"
+        return tmp_path / "out" / "evals" / f"sfron-{recipe}-lr{lr}-3-seed0.json"
     for recipe in ("official", "masked-esd-distill"):
         run = json.load(open(unit(recipe)))
         flags, settings = run["flags"], run["settings"]
@@ -154,12 +190,14 @@ def test_label_dropout_benchmark_runs_both_settings(tmp_path, monkeypatch, capsy
         assert settings["forget_label_dropout"] is dropout and settings["unlearn_loss"] == "ga"
 
 
-def test_learning_rate_tuning_picks_by_the_stated_criterion(monkeypatch):
-    """choose_setting: among the rates that forget (within 3 points of the retrained model), the smallest remain
-    distance; if none forgets, the lowest forget accuracy."""
+def test_tuning_picks_by_the_stated_criterion_on_every_tuning_digit(monkeypatch):
+    """choose_setting: the configuration missing the fewest targets summed over the tuning digits (seed 0, last
+    step), ties broken by the mean remain distance ratio; --no-tuning: the base configuration, untried."""
     monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
     import compare
-    reference = {"original": {"fd_remain": 10.0}, "retrained": {"forget_acc": 0.02}}
+    from protocol import METHODS
+    reference = {"original": {"fd_remain": 10.0, "remain_acc": 1.0}, "retrained": {"forget_acc": 0.02}}
+    base, third, triple, knob = METHODS["esd"].configurations()
 
     class Bench:
         def __init__(self, reports):
@@ -168,18 +206,42 @@ def test_learning_rate_tuning_picks_by_the_stated_criterion(monkeypatch):
         def reference(self, digit):
             return reference
 
-        def run(self, method, digit, seed, lr, steps):
-            self.asked.append((method, digit, seed, lr, tuple(steps)))
-            return {"steps": {str(steps[-1]): self.reports[lr]}}
-    args = compare.parse_args(["--steps", "50", "--tuning-class", "5"])
-    low, mid, high = compare.LR_GRID
-    forgets = Bench({low: {"forget_acc": 0.40, "fd_remain": 9.0}, mid: {"forget_acc": 0.05, "fd_remain": 14.0},
-                     high: {"forget_acc": 0.00, "fd_remain": 25.0}})
-    assert compare.choose_setting(forgets, "ga", args)[0] == mid        # forgets, and keeps the remain classes best
-    assert forgets.asked == [("ga", 5, 0, lr, (50,)) for lr in compare.LR_GRID]  # the tuning digit, seed 0, last step
-    none = Bench({low: {"forget_acc": 0.90, "fd_remain": 9.0}, mid: {"forget_acc": 0.30, "fd_remain": 9.5},
-                  high: {"forget_acc": 0.60, "fd_remain": 30.0}})
-    assert compare.choose_setting(none, "ga", args)[0] == mid           # none forgets: the lowest forget accuracy
+        def run(self, setting, digit, seed, steps):
+            self.asked.append((setting.name, digit, seed, tuple(steps)))
+            return {"steps": {str(steps[-1]): self.reports[setting.name][digit]}}
+    good, forgets_not = {"forget_acc": 0.0, "remain_acc": 1.0}, {"forget_acc": 0.5, "remain_acc": 1.0}
+    reports = {base.name: {2: dict(good, fd_remain=11.0), 7: dict(good, fd_remain=11.0)},
+               third.name: {2: dict(good, fd_remain=9.0), 7: dict(forgets_not, fd_remain=9.0)},   # misses F on 7
+               triple.name: {2: dict(good, fd_remain=10.0), 7: dict(good, fd_remain=10.5)},     # all met, closest
+               knob.name: {2: dict(good, fd_remain=13.0), 7: dict(good, fd_remain=30.0)}}       # misses D on 7
+    bench, args = Bench(reports), compare.parse_args(["--steps", "50"])
+    chosen, trials = compare.choose_setting(bench, METHODS["esd"], args)
+    assert chosen == triple and trials[third.name][7]["missed"] == "F" and trials[knob.name][7]["missed"] == "D"
+    assert sorted(bench.asked) == sorted((c.name, d, 0, (50,)) for c in (base, third, triple, knob) for d in (2, 7))
+    args.no_tuning = True
+    assert compare.choose_setting(Bench({}), METHODS["esd"], args) == (base, {})
+
+
+def test_every_method_gets_the_same_number_of_configurations():
+    """The protocol's grids: CONFIGURATIONS each; the base first; the others differ from it in the rate or in the
+    method's one knob only; the distilled baselines add the distilled remain term and nothing else."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    from protocol import CONFIGURATIONS, DISTILLED, METHODS
+    names = set(METHODS)
+    assert {"ga", "ft", "rl", "salun", "sa", "esd", "uno", "sfron", "sfron-default"} < names and len(DISTILLED) == 4
+    for method in METHODS.values():
+        grid = method.configurations()
+        assert len(grid) == CONFIGURATIONS == len({c.name for c in grid}) == len({c.flags for c in grid})
+        base = grid[0].flags
+        for config in grid[1:]:
+            changed = [i for i, (a, b) in enumerate(zip(base, config.flags)) if a != b]
+            extra = config.flags[len(base):]
+            assert (changed and not extra) or (not changed and len(extra) == 2 and extra[0] == method.knob[0])
+            assert all(config.flags[i - 1] in ("--lr", "--remain-lr") for i in changed)
+    for method in DISTILLED:
+        parent = METHODS[method.name.split("+")[0]]
+        assert method.flags == parent.flags + ("--remain-loss", "distill") and method.knob == parent.knob
 
 
 def test_a_saved_run_counts_as_the_same_only_if_its_settings_are(monkeypatch):

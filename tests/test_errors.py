@@ -129,10 +129,10 @@ def test_settings_that_would_change_nothing_stop_before_any_folder_is_made(setup
         return run_in_process("forget.py", "--model", "DiT-T/2", "--data-path", setup / "data", "--ckpt", setup / ckpt,
                               "--forget-class", cls, "--n-iters", 1, "--results-dir", results, "--num-workers", 0,
                               *args, cwd=setup)
-    assert_one_line_error(forget("--mask-remain-step"), "--mask-remain-step need a saliency mask",
+    assert_one_line_error(forget("--mask-remain-step"), "--mask-remain-step needs a saliency mask",
                           "--mask-path")
-    assert_one_line_error(forget("--recipe", "masked-esd-distill"), "--mask-remain-step and "
-                          "--separate-forget-optimizer", "recipe masked-esd-distill")
+    assert_one_line_error(forget("--recipe", "masked-esd-distill"), "--mask-remain-step needs a saliency mask",
+                          "recipe masked-esd-distill")
     assert_one_line_error(forget("--mask-path", setup / "mask", "--threshold", 0), "--threshold must be positive")
     assert_one_line_error(forget("--mask-path", mask, cls=2), "was made for class 1, this run's is 2")
     assert_one_line_error(forget("--mask-path", mask, ckpt="retrained.pt"), "was made for the checkpoint",
