@@ -241,9 +241,14 @@ class Benchmark:
             if self.args.attacks:
                 out["original"].update(self.evaluator.attacks(self.case.dit, forget_class))
                 out["retrained"].update(self.evaluator.attacks(path, forget_class))
-            return {**out, "attacks": self.attack_budgets()}
+            return {**out, "attacks": self.attack_budgets(), "evaluation": self.evaluation()}
         return self.cached(self.path("references", f"{forget_class}.json"), compute,
-                           lambda saved: saved.get("attacks") == self.attack_budgets())
+                           lambda saved: saved.get("attacks") == self.attack_budgets()
+                           and saved.get("evaluation") == self.evaluation())
+
+    def evaluation(self):
+        """How a unit's samples were drawn: a unit saved under other values is computed again."""
+        return {k: getattr(self.args, k) for k in ("samples_per_class", "sampling_steps", "cfg_scale")}
 
     def attack_budgets(self):
         """{inversion_steps, relearn_steps} of the attacks a unit runs, or None without attacks."""
@@ -284,10 +289,11 @@ class Benchmark:
                 reports[max(steps)].update(self.evaluator.attacks(ckpt, forget_class))
             return {"setting": setting.name, "forget_class": forget_class, "seed": seed, "seconds": seconds,
                     "steps": reports, "flags": [str(f) for f in argv], "settings": resolved_settings(argv),
-                    "attacks": self.attack_budgets()}
+                    "attacks": self.attack_budgets(), "evaluation": self.evaluation()}
         return self.cached(self.path("evals", f"{name}.json"), compute,
                            lambda saved: covers(saved, [str(f) for f in argv], steps)
-                           and saved.get("attacks") == self.attack_budgets())
+                           and saved.get("attacks") == self.attack_budgets()
+                           and saved.get("evaluation") == self.evaluation())
 
 
 def resolved_settings(argv):

@@ -30,6 +30,7 @@ def test_compare_reports_what_it_evaluated_and_resumes(tmp_path):
         final = run["steps"]["4"]  # the attacks ran on the final weights only, at the asked budgets
         assert "inversion_fa" in final and "inversion_fa" not in run["steps"]["2"]
         assert run["attacks"] == {"inversion_steps": 2, "relearn_steps": 1}
+        assert run["evaluation"] == {"samples_per_class": 4, "sampling_steps": 3, "cfg_scale": 2.0}  # pinned
     table = open(tmp_path / "report" / "comparison.md").read()
     for run in result["runs"]:  # each method's line of the table holds its run's numbers at the last step
         final = run["steps"]["4"]
