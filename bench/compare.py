@@ -49,7 +49,7 @@ from sfron.attack import AttackImages, AttackSettings, label_inversion, relearni
 from sfron.build import ModelRequest, load_model_and_vae  # noqa: E402
 from sfron.classifier import load_classifier  # noqa: E402
 from sfron.data import class_folders  # noqa: E402
-from sfron.files import as_read_back, atomic_json_dump, atomic_save_figure, atomic_write_text  # noqa: E402
+from sfron.files import as_read_back, atomic_json_dump, atomic_write_text  # noqa: E402
 from sfron.recipes import RECIPES  # noqa: E402
 from sfron.unlearn import UnlearnSettings  # noqa: E402
 from sfron.metrics import (classification_report, classify, embed, feature_space, frechet_distance,  # noqa: E402
@@ -58,19 +58,14 @@ from sfron.sampling import SamplerConfig, generate, per_sample_noise, to_uint8_n
 from sfron.utils import UserError  # noqa: E402
 from protocol import (ABLATIONS, CONFIGURATIONS, EVAL_STEPS, HELD_OUT_DIGITS, MAIN_METHODS, METHODS,  # noqa: E402
                       TUNING_DIGITS, UNO_OWN_STEPS, Setting, score)
+from report import (ATTACK_KEYS, judged_targets, summarise, targets_missed, targets_table,  # noqa: E402
+                    write_report)
 
-FORGOTTEN_MARGIN = 0.03          # "forgotten": forget accuracy at most 3 points above the retrained model's
-ATTACK_MARGIN = 0.10             # and after each attack at most 10 points above the retrained model's
-ATTACK_KEYS = ("inversion_fa", "relearn_fa")
 COMPARISON_DEFAULTS = dict(classes=list(HELD_OUT_DIGITS), steps=max(EVAL_STEPS), eval_steps=list(EVAL_STEPS),
                            batch_size=64, samples_per_class=100, sampling_steps=10, inversion_steps=100,
                            relearn_steps=10)
 ALL_DIGITS_DEFAULTS = dict(classes=list(range(10)), steps=100, eval_steps=[], batch_size=128, samples_per_class=100,
                            sampling_steps=25, inversion_steps=200, relearn_steps=50)
-TARGETS = ("F: forget acc <= retrained + 0.03; R: remain acc >= original - 0.01; D: remain FD <= 1.2x original; "
-           "I, L: forget acc after label inversion, after relearning <= retrained's + 0.10")
-
-
 def quiet(fn, *args, log=None):
     """Runs fn(*args) with its output (progress bars and logs of the scripts) going to the file `log`."""
     buffer = io.StringIO()
@@ -323,27 +318,6 @@ def same_settings(saved, resolved):
     return all({**defaults[section], **saved.get(section, {})} == values for section, values in resolved.items())
 
 
-def is_forgotten(report, reference):
-    """Forget accuracy at most FORGOTTEN_MARGIN above the retrained model's (accuracies are float32 shares of whole
-    samples: 1e-6 absorbs their rounding)."""
-    return report["forget_acc"] <= reference["retrained"]["forget_acc"] + FORGOTTEN_MARGIN + 1e-6
-
-
-def targets_missed(report, reference):
-    """The targets of the embedded case a checkpoint misses: F (forget accuracy), R (remain accuracy at most 1 point
-    below the original's), D (remain Frechet distance at most 1.2x the original's), and where the attacks ran on it
-    I and L (forget accuracy after label inversion and after relearning at most ATTACK_MARGIN above the retrained
-    model's under the same attack)."""
-    original, retrained = reference["original"], reference["retrained"]
-    checks = [("F", is_forgotten(report, reference)),
-              ("R", report["remain_acc"] >= original["remain_acc"] - 0.01 - 1e-6),
-              ("D", report["fd_remain"] <= 1.2 * original["fd_remain"])]
-    for letter, key in zip("IL", ATTACK_KEYS):
-        if key in report:
-            checks.append((letter, report[key] <= retrained[key] + ATTACK_MARGIN + 1e-6))
-    return "".join(letter for letter, ok in checks if not ok)
-
-
 def last_value(flags, name, default=None):
     """The value of the last `name` flag in a forget.py command line (default if absent)."""
     return flags[len(flags) - 1 - flags[::-1].index(name) + 1] if name in flags else default
@@ -373,32 +347,6 @@ def setting_rows(bench, setting, digits, seeds, steps, label=None):
                              "targets": judged_targets(report), "missed": targets_missed(report, reference),
                              "seconds": run["seconds"]})
     return rows
-
-
-def judged_targets(report):
-    """The letters of the targets a checkpoint's report can be judged on: F R D, and I L where it was attacked."""
-    return "FRD" + "".join(letter for letter, key in zip("IL", ATTACK_KEYS) if key in report)
-
-
-def targets_table(rows, command):
-    """Markdown: one line per setting, digit, seed and step, and how many final runs of each setting pass."""
-    lines = [f"`{command}`", "", f"Targets: {TARGETS}.", "",
-             "| setting | digit | seed | step | forget acc (retrained) | remain acc (original) | remain FD (x original) "
-             "| FA after inversion (retrained) | FA after relearning (retrained) | targets |", "| --- |" + " --- |" * 9]
-    for r in rows:
-        attacked = [f"{r[k]:.2f} ({r['retrained_' + k]:.2f})" if k in r else "–" for k in ATTACK_KEYS]
-        lines.append(f"| {r['name']} | {r['digit']} | {r['seed']} | {r['step']} | {r['forget_acc']:.3f} "
-                     f"({r['retrained_fa']:.3f}) | {r['remain_acc']:.3f} ({r['original_ra']:.3f}) | {r['fd_ratio']:.2f} "
-                     f"| {' | '.join(attacked)} | {'pass' if not r['missed'] else 'misses ' + r['missed']} |")
-    lines.append("")
-    for name in dict.fromkeys(r["name"] for r in rows):
-        mine = [r for r in rows if r["name"] == name]
-        for step in sorted({r["step"] for r in mine}):
-            at = [r for r in mine if r["step"] == step]
-            judged = sorted({r["targets"] for r in at}, key=len)[0]  # the targets every run at this step was judged on
-            lines.append(f"{name}, step {step}: {sum(not r['missed'] for r in at)} of {len(at)} runs meet all "
-                         f"{len(judged)} targets ({' '.join(judged)}).")
-    return "\n".join(lines) + "\n"
 
 
 def recipe_methods(recipes):
@@ -455,99 +403,6 @@ def choose_setting(bench, method, args):
     return min(configurations, key=rank), trials
 
 
-def first_forgotten_step(run, reference):
-    """The first evaluated step whose forget accuracy is within 3 points of the retrained model's (or None)."""
-    hits = [int(s) for s, r in run["steps"].items() if is_forgotten(r, reference)]
-    return min(hits) if hits else None
-
-
-def summarise(runs, references):
-    """{row: {step: {metric: [mean, std]}}, runs, forgotten_runs, steps_to_forget, runs_meeting_targets, seconds}
-    over the runs of each table row (a method, or an ablation of the default recipe), in their order."""
-    summary = {}
-    for row in dict.fromkeys(r["row"] for r in runs):
-        mine = [r for r in runs if r["row"] == row]
-        steps = sorted(set.intersection(*(set(map(int, r["steps"])) for r in mine)))
-        per_step = {}
-        for step in steps:
-            reports = [dict(r["steps"][str(step)], fd_ratio=r["steps"][str(step)]["fd_remain"] /
-                            references[r["forget_class"]]["original"]["fd_remain"]) for r in mine]
-            per_step[step] = {k: mean_std([report[k] for report in reports if k in report])
-                              for k in ("forget_acc", "remain_acc", "fd_remain", "fd_ratio", "fd_to_retrained",
-                                        "inversion_fa", "relearn_fa")}
-        forgotten = [first_forgotten_step(r, references[r["forget_class"]]) for r in mine]
-        final = [targets_missed(r["steps"][str(steps[-1])], references[r["forget_class"]]) for r in mine]
-        summary[row] = {"steps": per_step, "runs": len(mine), "setting": mine[0]["setting"],
-                        "forgotten_runs": sum(f is not None for f in forgotten),
-                        "steps_to_forget": mean_std([f for f in forgotten if f is not None]),
-                        "runs_meeting_targets": sum(not missed for missed in final),
-                        "seconds": mean_std([r["seconds"] for r in mine])}
-    return summary
-
-
-def mean_std(values):
-    """[mean, standard deviation] (None for no values; std 0 for one)."""
-    if not values:
-        return None
-    return [statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
-
-
-def markdown(summary, references, step, spread):
-    """The README's tables: per row at `step` (UNO also at its own step count), mean ± std over digits and seeds."""
-    def cell(v, digits=3):
-        return "–" if v is None else f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}"
-    lines = [f"Step {step}, mean ± std over the held-out digits and seeds. The remain FD's sampling spread at this "
-             f"sample count (the original model, {spread['seeds']} sampling seeds): ± {100 * spread['relative']:.1f}%.",
-             "", "| row | setting | forget acc | remain acc | remain FD (x original) | FD to retrained | steps to forget "
-             "| forgotten runs | runs meeting all targets | seconds | FA after inversion | FA after relearning |",
-             "| --- |" + " --- |" * 11]
-    for row, s in summary.items():
-        for at in [step] + ([UNO_OWN_STEPS] if row == "uno" and UNO_OWN_STEPS in s["steps"] else []):
-            r, name = s["steps"][at], row if at == step else f"{row} (step {at})"
-            lines.append(f"| {name} | {s['setting']} | {cell(r['forget_acc'])} | {cell(r['remain_acc'])} "
-                         f"| {cell(r['fd_ratio'], 2)} | {cell(r['fd_to_retrained'], 1)} "
-                         f"| {cell(s['steps_to_forget'], 0)} | {s['forgotten_runs']}/{s['runs']} "
-                         f"| {s['runs_meeting_targets'] if at == step else '–'}/{s['runs']} | {cell(s['seconds'], 0)} "
-                         f"| {cell(r['inversion_fa'], 2)} | {cell(r['relearn_fa'], 2)} |")
-    refs = [f"| digit {c} | {reference_cell(r['original'])} | {reference_cell(r['retrained'])} "
-            f"({r['retrained_from']}) |" for c, r in sorted(references.items())]
-    return ("\n".join(lines) + "\n\n| reference | original | retrained |\n| --- | --- | --- |\n" + "\n".join(refs)
-            + "\n")
-
-
-def reference_cell(report):
-    """A reference model's numbers in one table cell (the attacks' where they ran)."""
-    text = (f"forget acc {report['forget_acc']:.3f}, remain acc {report['remain_acc']:.4f}, remain FD "
-            f"{report['fd_remain']:.1f}")
-    if "inversion_fa" in report:
-        text += f"; after inversion {report['inversion_fa']:.2f}, after relearning {report['relearn_fa']:.2f}"
-    return text
-
-
-def plot(summary, path_curves, path_tradeoff):
-    """Forget accuracy and remain FD ratio against steps for every row; and forget vs remain at the last step."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
-    for row, s in summary.items():
-        steps = sorted(s["steps"])
-        for ax, key in zip(axes, ("forget_acc", "fd_ratio")):
-            ax.plot(steps, [s["steps"][step][key][0] for step in steps], marker="o", label=row)
-    axes[0].set(xlabel="unlearning step", ylabel="forget accuracy (lower: forgotten)")
-    axes[1].set(xlabel="unlearning step", ylabel="remain FD / original's (lower: preserved)", yscale="log")
-    axes[1].legend(fontsize=6)
-    atomic_save_figure(fig, path_curves)
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
-    for row, s in summary.items():
-        last = max(s["steps"])
-        fa, fd = s["steps"][last]["forget_acc"], s["steps"][last]["fd_ratio"]
-        ax.errorbar(fa[0], fd[0], xerr=fa[1], yerr=fd[1], marker="o", capsize=3, label=row)
-    ax.set(xlabel="forget accuracy at the last step", ylabel="remain FD / original's", yscale="log")
-    ax.legend(fontsize=6)
-    atomic_save_figure(fig, path_tradeoff)
-
-
 def plan(chosen, args):
     """[(row, Setting, digits, seeds)] of the evaluation: every main method on --classes x --seeds; the distilled
     baselines and the ablation of the default recipe on the first --few-classes digits, the first seed."""
@@ -573,17 +428,6 @@ def sampling_spread(bench, args):
                 "samples_per_class": args.samples_per_class}
     return bench.cached(bench.path("spread.json"), compute,
                         lambda saved: saved.get("samples_per_class") == args.samples_per_class)
-
-
-def write_report(result, args):
-    """comparison.json, comparison.md, curves.png and tradeoff.png to --report-dir."""
-    os.makedirs(args.report_dir, exist_ok=True)
-    atomic_json_dump(result, os.path.join(args.report_dir, "comparison.json"))
-    table = markdown(result["summary"], result["references"], args.steps, result["spread"])
-    atomic_write_text(table, os.path.join(args.report_dir, "comparison.md"))
-    plot(result["summary"], os.path.join(args.report_dir, "curves.png"), os.path.join(args.report_dir, "tradeoff.png"))
-    print(table)
-    print(f"Saved comparison.json, comparison.md, curves.png and tradeoff.png to {args.report_dir}")
 
 
 def main(args):
