@@ -59,7 +59,7 @@ from sfron.utils import UserError  # noqa: E402
 from protocol import (ABLATIONS, CONFIGURATIONS, EVAL_STEPS, HELD_OUT_DIGITS, MAIN_METHODS, METHODS,  # noqa: E402
                       TUNING_DIGITS, UNO_OWN_STEPS, Setting, score)
 from report import (ATTACK_KEYS, judged_targets, summarise, targets_missed, targets_table,  # noqa: E402
-                    write_report)
+                    write_report, write_tuning)
 
 COMPARISON_DEFAULTS = dict(classes=list(HELD_OUT_DIGITS), steps=max(EVAL_STEPS), eval_steps=list(EVAL_STEPS),
                            batch_size=64, samples_per_class=100, sampling_steps=10, inversion_steps=100,
@@ -447,6 +447,11 @@ def main(args):
     chosen, tuning = {}, {}
     for name in tqdm(args.methods, desc=f"Tuning (digits {args.tuning_classes})", dynamic_ncols=True):
         chosen[name], tuning[name] = choose_setting(bench, METHODS[name], args)
+    if not args.no_tuning:
+        write_tuning(tuning, {name: asdict(setting) for name, setting in chosen.items()}, args)
+        if args.tuning_only:
+            print(f"Saved tuning.json and tuning.md to {args.report_dir}")
+            return
     references = {c: bench.reference(c) for c in tqdm(args.classes, desc="References", dynamic_ncols=True)}
     jobs = [(row, setting, c, s) for row, setting, digits, seeds in plan(chosen, args) for c in digits for s in seeds]
     eval_steps = sorted(set(args.eval_steps) | {args.steps})
@@ -485,6 +490,8 @@ def parse_args(argv=None):
     parser.add_argument("--tuning-classes", type=int, nargs="+", default=list(TUNING_DIGITS),
                         help="the digits every method's configuration is chosen on (seed 0; never evaluated)")
     parser.add_argument("--no-tuning", action="store_true", help="use each method's base configuration")
+    parser.add_argument("--tuning-only", action="store_true",
+                        help="stop after the tuning stage (tuning.json and tuning.md in --report-dir)")
     parser.add_argument("--few-classes", type=int, default=3,
                         help="the distilled baselines and the ablation run on this many of --classes, first seed")
     parser.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True,

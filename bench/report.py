@@ -164,3 +164,26 @@ def write_report(result, args):
     plot(result["summary"], os.path.join(args.report_dir, "curves.png"), os.path.join(args.report_dir, "tradeoff.png"))
     print(table)
     print(f"Saved comparison.json, comparison.md, curves.png and tradeoff.png to {args.report_dir}")
+
+
+def tuning_markdown(tuning, chosen):
+    """The tuning stage: per method and configuration, the targets each tuning digit's final checkpoint misses and
+    its remain FD ratio, the configuration's score, and which one was chosen."""
+    lines = ["| method | configuration | " + "per tuning digit: targets missed (remain FD ratio) | targets missed, summed "
+             "| mean remain FD ratio | chosen |", "| --- | --- | --- | --- | --- | --- |"]
+    for method, trials in tuning.items():
+        for name, digits in trials.items():
+            cells = "; ".join(f"{d}: {r['missed'] or 'none'} ({r['fd_ratio']:.2f})" for d, r in digits.items())
+            missed = sum(len(r["missed"]) for r in digits.values())
+            ratio = statistics.mean(r["fd_ratio"] for r in digits.values())
+            mark = "**chosen**" if name == chosen[method]["name"] else ""
+            lines.append(f"| {method} | {name} | {cells} | {missed} | {ratio:.2f} | {mark} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_tuning(tuning, chosen, args):
+    """tuning.json and tuning.md to --report-dir."""
+    os.makedirs(args.report_dir, exist_ok=True)
+    atomic_json_dump({"tuning_digits": args.tuning_classes, "tuning": tuning, "chosen": chosen},
+                     os.path.join(args.report_dir, "tuning.json"))
+    atomic_write_text(tuning_markdown(tuning, chosen), os.path.join(args.report_dir, "tuning.md"))

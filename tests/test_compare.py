@@ -80,6 +80,11 @@ def test_compare_tunes_every_method_on_its_grid_and_ablates_the_default(tmp_path
         assert all(f in flags for f in extra if f != "--no-mask")
     table = open(tmp_path / "report" / "comparison.md").read()
     assert f"| uno (step {UNO_OWN_STEPS}) |" in table and "| default, no mask (gamma 0) |" in table
+    tuning = open(tmp_path / "report" / "tuning.md").read().splitlines()
+    for method in ("sfron-default", "uno", "ft+distill"):  # one line per configuration, the chosen one marked
+        mine = [line for line in tuning if line.startswith(f"| {method} |")]
+        assert len(mine) == CONFIGURATIONS
+        assert [line.split(" | ")[1] for line in mine if "**chosen**" in line] == [result["chosen"][method]["name"]]
 
 
 def test_compare_refuses_a_tuning_class_it_evaluates(tmp_path):
