@@ -5,9 +5,13 @@ import sys
 
 import pytest
 import torch
+import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# No tqdm monitor thread in the test process: tests that run a script's main() in-process keep bars open for more than
+# its 10 s interval, and a child the fault tests fork while that thread holds tqdm's lock waits on it for ever.
+tqdm.tqdm.monitor_interval = 0
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "dit_official_reference.safetensors")
 
 
