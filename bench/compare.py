@@ -50,6 +50,7 @@ from sfron.build import ModelRequest, load_model_and_vae  # noqa: E402
 from sfron.classifier import load_classifier  # noqa: E402
 from sfron.data import class_folders  # noqa: E402
 from sfron.files import as_read_back, atomic_json_dump, atomic_write_text  # noqa: E402
+from sfron.mask import mask_filename  # noqa: E402
 from sfron.recipes import RECIPES  # noqa: E402
 from sfron.unlearn import UnlearnSettings  # noqa: E402
 from sfron.metrics import (classification_report, classify, embed, feature_space, frechet_distance,  # noqa: E402
@@ -66,6 +67,8 @@ COMPARISON_DEFAULTS = dict(classes=list(HELD_OUT_DIGITS), steps=max(EVAL_STEPS),
                            relearn_steps=10)
 ALL_DIGITS_DEFAULTS = dict(classes=list(range(10)), steps=100, eval_steps=[], batch_size=128, samples_per_class=100,
                            sampling_steps=25, inversion_steps=200, relearn_steps=50)
+
+
 def quiet(fn, *args, log=None):
     """Runs fn(*args) with its output (progress bars and logs of the scripts) going to the file `log`."""
     buffer = io.StringIO()
@@ -184,34 +187,31 @@ class Benchmark:
         """The --mask-path of one seed's masks."""
         return self.path("mask", f"seed{seed}")
 
-    def masks(self, forget_class, seed):
-        """The Fisher and gradient saliency files of one class and seed (step 1 and 2 of the README)."""
+    def saliency_statistics(self, forget_class, seed):
+        """The mask folder of one seed, holding the Fisher diagonals and the summed forget gradient of one class (step
+        1 of the README; computed if missing)."""
         folder = self.mask_folder(seed)
-        if not os.path.isfile(os.path.join(folder, str(forget_class), "gradient_0.5.pt")):
+        if not os.path.isfile(os.path.join(folder, str(forget_class), "forget_gradient.pt")):  # written last
             common = ["--model", self.case.model, "--data-path", self.args.data_path, "--ckpt", self.case.dit,
                       "--num-workers", 0, "--batch-size", self.args.batch_size, "--seed", seed]
             log = self.path("logs", f"mask-{forget_class}-{seed}.txt")
             quiet(call, generate_fisher, common + ["--n-iters", self.args.fisher_iters, "--forget-class", forget_class,
                                                     "--mask-path", folder, "--results-dir", self.path("runs", "fisher"),
                                                     "--gradient-saliency"], log=log)
-            quiet(call, generate_mask, ["--mask-path", folder, "--forget-class", forget_class, "--thresholds", 1.0])
-            quiet(call, generate_mask, ["--mask-path", folder, "--forget-class", forget_class, "--criterion",
-                                        "gradient", "--sparsity", 0.5])
         return folder
 
     def mask_for(self, setting, forget_class, seed):
         """The mask folder of one class and seed holding the mask `setting` asks for (its --threshold's Fisher
-        mask, or its --sparsity's gradient mask), made if missing."""
-        folder = self.masks(forget_class, seed)
+        mask, or its --sparsity's gradient mask; step 2 of the README), made if missing."""
+        folder = self.saliency_statistics(forget_class, seed)
         if setting.mask == "fisher":
-            value, argv = threshold_of(setting.flags), ["--thresholds"]
-            name = f"fisher_{value}.pt"
+            threshold = threshold_of(setting.flags)
+            name, argv = mask_filename(threshold=threshold), ["--thresholds", threshold]
         else:
-            value, argv = float(last_value(list(setting.flags), "--sparsity", 0.5)), ["--criterion", "gradient",
-                                                                                    "--sparsity"]
-            name = f"gradient_{value}.pt"
+            sparsity = float(last_value(list(setting.flags), "--sparsity", 0.5))
+            name, argv = mask_filename(sparsity=sparsity), ["--criterion", "gradient", "--sparsity", sparsity]
         if not os.path.isfile(os.path.join(folder, str(forget_class), name)):
-            quiet(call, generate_mask, ["--mask-path", folder, "--forget-class", forget_class, *argv, value])
+            quiet(call, generate_mask, ["--mask-path", folder, "--forget-class", forget_class, *argv])
         return folder
 
     def retrained(self, forget_class):

@@ -5,7 +5,7 @@ bench/compare.py and bench/sfron_variants.py, the summary over runs and the plot
 import os
 import statistics
 
-from protocol import UNO_OWN_STEPS
+from protocol import UNO_OWN_STEPS, score
 from sfron.files import atomic_json_dump, atomic_save_figure, atomic_write_text
 
 FORGOTTEN_MARGIN = 0.03          # "forgotten": forget accuracy at most 3 points above the retrained model's
@@ -174,8 +174,7 @@ def tuning_markdown(tuning, chosen):
     for method, trials in tuning.items():
         for name, digits in trials.items():
             cells = "; ".join(f"{d}: {r['missed'] or 'none'} ({r['fd_ratio']:.2f})" for d, r in digits.items())
-            missed = sum(len(r["missed"]) for r in digits.values())
-            ratio = statistics.mean(r["fd_ratio"] for r in digits.values())
+            missed, ratio = score([r["missed"] for r in digits.values()], [r["fd_ratio"] for r in digits.values()])
             mark = "**chosen**" if name == chosen[method]["name"] else ""
             lines.append(f"| {method} | {name} | {cells} | {missed} | {ratio:.2f} | {mark} |")
     return "\n".join(lines) + "\n"
