@@ -35,6 +35,17 @@ def workdir(tmp_path_factory):
     return make_tiny_run_folder(tmp_path_factory.mktemp("faults"))
 
 
+def fresh_tqdm_lock():
+    """A forked child's own tqdm write lock: the parent's holds a process-shared semaphore once any bar was drawn in
+    the test process, and a sibling SIGKILLed while drawing one would leave it held for every later child."""
+    import multiprocessing
+
+    import tqdm
+    from tqdm.std import TqdmDefaultWriteLock
+    TqdmDefaultWriteLock.mp_lock = multiprocessing.RLock()
+    tqdm.tqdm.set_lock(TqdmDefaultWriteLock())
+
+
 def forked(script, argv, cwd, setup=None):
     """Runs script's command line in a forked child (one thread, output to <cwd>/child.log); returns its pid."""
     pid = os.fork()
@@ -42,6 +53,7 @@ def forked(script, argv, cwd, setup=None):
         return pid
     status = 1
     try:
+        fresh_tqdm_lock()
         torch.set_num_threads(1)
         os.chdir(cwd)
         sys.stdout = sys.stderr = open(os.path.join(cwd, "child.log"), "a", buffering=1)
