@@ -404,11 +404,12 @@ def choose_setting(bench, method, args):
 
 
 def plan(chosen, args):
-    """[(row, Setting, digits, seeds)] of the evaluation: every main method on --classes x --seeds; the distilled
-    baselines and the ablation of the default recipe on the first --few-classes digits, the first seed."""
+    """[(row, Setting, digits, seeds)] of the evaluation, in chosen's order: every main method on --classes x --seeds;
+    the distilled baselines and the ablation of the default recipe on the first --few-classes digits, the first
+    seed."""
     few = (args.classes[:args.few_classes], args.seeds[:1])
-    units = [(name, chosen[name], *(((args.classes, args.seeds)) if name in MAIN_METHODS else few))
-             for name in args.methods]
+    units = [(name, setting, *(((args.classes, args.seeds)) if name in MAIN_METHODS else few))
+             for name, setting in chosen.items()]
     if args.ablation and "sfron-default" in chosen:
         base = chosen["sfron-default"]
         for row, extra in ABLATIONS.items():
@@ -447,8 +448,12 @@ def main(args):
     chosen, tuning = {}, {}
     for name in tqdm(args.methods, desc=f"Tuning (digits {args.tuning_classes})", dynamic_ncols=True):
         chosen[name], tuning[name] = choose_setting(bench, METHODS[name], args)
+    # the reports list methods in the protocol's order, whatever order --methods ran them in
+    order = [name for name in METHODS if name in chosen]
+    by_protocol = {name: chosen[name] for name in order}
     if not args.no_tuning:
-        write_tuning(tuning, {name: asdict(setting) for name, setting in chosen.items()}, args)
+        write_tuning({name: tuning[name] for name in order},
+                     {name: asdict(setting) for name, setting in by_protocol.items()}, args)
         if args.tuning_only:
             print(f"Saved tuning.json and tuning.md to {args.report_dir}")
             return
@@ -459,10 +464,13 @@ def main(args):
     for row, setting, c, s in tqdm(jobs, desc="Runs", dynamic_ncols=True):
         steps = sorted(set(eval_steps) | ({UNO_OWN_STEPS} if row == "uno" else set()))
         runs.append({"row": row, **bench.run(setting, c, s, steps)})
+    rank = {row: i for i, (row, *_) in enumerate(plan(by_protocol, args))}
+    runs.sort(key=lambda r: rank[r["row"]])  # stable: digits and seeds keep their order within a row
     result = {"protocol": {k: v for k, v in vars(args).items() if k not in ("out", "report_dir")},
               "configurations_per_method": CONFIGURATIONS,
-              "grids": {name: [asdict(c) for c in METHODS[name].configurations()] for name in args.methods},
-              "chosen": {name: asdict(setting) for name, setting in chosen.items()}, "tuning": tuning,
+              "grids": {name: [asdict(c) for c in METHODS[name].configurations()] for name in order},
+              "chosen": {name: asdict(setting) for name, setting in by_protocol.items()},
+              "tuning": {name: tuning[name] for name in order},
               "spread": spread, "references": references, "runs": runs, "summary": summarise(runs, references),
               "seconds": round(time.time() - start, 1)}
     write_report(result, args)

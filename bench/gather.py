@@ -5,6 +5,7 @@ cell and method flags for the batch script, and gathers the reports into one tab
 
     python bench/gather.py --task 5 --methods sfron ga --classes 207 360 --seeds 0 1   # -> "ga 207 1"
     python bench/gather.py --flags salun --mask-path masks/seed0                        # -> forget.py flags
+    python bench/gather.py --mask-args sfron-default                                     # -> "--thresholds 5.0"
     python bench/gather.py --reports results/compare/reports --out results/compare/table.md
 """
 import argparse
@@ -24,12 +25,12 @@ from sfron.utils import UserError  # noqa: E402
 COLUMNS = ("forget_acc", "remain_acc", "fid_remain", "fid_forget", "precision_remain", "recall_remain")
 
 
-def method_flags(method, mask_path):
-    """forget.py flags of a method of bench/protocol.py, at no particular rate (its mask, if any, at mask_path)."""
+def protocol_method(name):
+    """The Method of bench/protocol.py called name."""
     from protocol import METHODS
-    if method not in METHODS:
-        raise UserError(f"unknown method {method}; choose from {', '.join(METHODS)}")
-    return METHODS[method].mask_flags(mask_path)
+    if name not in METHODS:
+        raise UserError(f"unknown method {name}; choose from {', '.join(METHODS)}")
+    return METHODS[name]
 
 
 def task_cell(task, methods, classes, seeds):
@@ -46,7 +47,7 @@ def gather(paths):
     for path in paths:
         name = os.path.splitext(os.path.basename(path))[0]
         report = json.load(open(path))
-        rows.setdefault(name.split("-")[0], []).append(report[name])
+        rows.setdefault(name.rsplit("-", 2)[0], []).append(report[name])  # method names hold dashes too
     summary = {}
     for method, reports in sorted(rows.items()):
         summary[method] = {"cells": len(reports)}
@@ -72,7 +73,9 @@ def main(args):
     if args.task is not None:
         print(*task_cell(args.task, args.methods, args.classes, args.seeds))
     elif args.flags:
-        print(*method_flags(args.flags, args.mask_path))
+        print(*protocol_method(args.flags).mask_flags(args.mask_path))
+    elif args.mask_args:
+        print(*protocol_method(args.mask_args).mask_args())
     else:
         paths = sorted(glob.glob(os.path.join(args.reports, "*.json")))
         if not paths:
@@ -91,6 +94,8 @@ def parse_args(argv=None):
     parser.add_argument("--classes", type=int, nargs="+", default=[207])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--flags", type=str, default=None, help="print the forget.py flags of this method")
+    parser.add_argument("--mask-args", type=str, default=None,
+                        help="print the generate_mask.py flags of this method's own mask")
     parser.add_argument("--mask-path", type=str, default="masks", help="the mask folder of --flags")
     parser.add_argument("--reports", type=str, default="results/compare/reports", help="the reports to gather")
     parser.add_argument("--out", type=str, default="results/compare/table.md")

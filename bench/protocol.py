@@ -59,9 +59,17 @@ class Method:
         return Setting(f"{self.name}-{label}", tuple(self.flags) + tuple(own_knob + rates) + tuple(extra), self.mask)
 
     def mask_flags(self, mask_path):
-        """forget.py flags of this method at no particular rate, its mask given as mask_path (SLURM arrays)."""
-        own_knob = [self.knob[0], self.knob[1]] if self.knob else []
-        return list(self.flags) + own_knob + (["--mask-path", mask_path] if self.mask else [])
+        """forget.py flags of this method at its base rate and own knob, its mask given as mask_path (SLURM
+        arrays)."""
+        return list(self.setting(self.base_lr).flags) + (["--mask-path", mask_path] if self.mask else [])
+
+    def mask_args(self):
+        """generate_mask.py flags that make the mask this method's own knob asks for ([] without a mask)."""
+        if self.mask == "fisher":
+            return ["--thresholds", self.knob[1]]
+        if self.mask == "gradient":
+            return ["--criterion", "gradient", "--sparsity", self.knob[1]]
+        return []
 
 
 JOINT = ("--method", "joint")
