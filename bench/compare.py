@@ -418,6 +418,22 @@ def plan(chosen, args):
     return units
 
 
+def run_steps(row, args):
+    """The steps a run of this row is evaluated at: --eval-steps and --steps, and UNO's own step count for UNO."""
+    return sorted(set(args.eval_steps) | {args.steps} | ({UNO_OWN_STEPS} if row == "uno" else set()))
+
+
+def parse_shard(text):
+    """(index, count) of --shard K/N, or one clear error."""
+    try:
+        index, count = map(int, text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K/N, such as 0/2, got {text}")
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"K/N needs 0 <= K < N, got {text}")
+    return index, count
+
+
 def sampling_spread(bench, args):
     """{relative, seeds, fd}: the remain FD of the original model (forget class: the first evaluated digit) over
     three sampling seeds, and its standard deviation over the mean."""
@@ -459,11 +475,15 @@ def main(args):
             return
     references = {c: bench.reference(c) for c in tqdm(args.classes, desc="References", dynamic_ncols=True)}
     jobs = [(row, setting, c, s) for row, setting, digits, seeds in plan(chosen, args) for c in digits for s in seeds]
-    eval_steps = sorted(set(args.eval_steps) | {args.steps})
+    if args.shard:  # this process's share of the held-out runs; a run without --shard gathers them into the report
+        index, count = args.shard
+        for row, setting, c, s in tqdm(jobs[index::count], desc=f"Runs, shard {index}/{count}", dynamic_ncols=True):
+            bench.run(setting, c, s, run_steps(row, args))
+        print(f"Shard {index}/{count} done: run bench/compare.py without --shard to write the report")
+        return
     runs = []
     for row, setting, c, s in tqdm(jobs, desc="Runs", dynamic_ncols=True):
-        steps = sorted(set(eval_steps) | ({UNO_OWN_STEPS} if row == "uno" else set()))
-        runs.append({"row": row, **bench.run(setting, c, s, steps)})
+        runs.append({"row": row, **bench.run(setting, c, s, run_steps(row, args))})
     rank = {row: i for i, (row, *_) in enumerate(plan(by_protocol, args))}
     runs.sort(key=lambda r: rank[r["row"]])  # stable: digits and seeds keep their order within a row
     result = {"protocol": {k: v for k, v in vars(args).items() if k not in ("out", "report_dir")},
@@ -500,6 +520,9 @@ def parse_args(argv=None):
     parser.add_argument("--no-tuning", action="store_true", help="use each method's base configuration")
     parser.add_argument("--tuning-only", action="store_true",
                         help="stop after the tuning stage (tuning.json and tuning.md in --report-dir)")
+    parser.add_argument("--shard", type=parse_shard, default=None, metavar="K/N",
+                        help="run only every N-th held-out run from the K-th (N processes share the benchmark; tune "
+                             "first with --tuning-only, or every shard tunes), and write no report")
     parser.add_argument("--few-classes", type=int, default=3,
                         help="the distilled baselines and the ablation run on this many of --classes, first seed")
     parser.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True,

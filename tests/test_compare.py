@@ -14,10 +14,19 @@ def test_compare_reports_what_it_evaluated_and_resumes(tmp_path):
             "--seeds", 0, "--tuning-classes", 5, "--no-tuning", "--steps", 4, "--eval-steps", 2, "--batch-size", 8,
             "--fisher-iters", 1, "--samples-per-class", 4, "--sampling-steps", 3, "--inversion-steps", 2,
             "--relearn-steps", 1)
+    evals = tmp_path / "cmp" / "evals"
+    # two shards share the held-out runs (one each) and write no report; the full run then computes nothing anew
+    for shard in ("0/2", "1/2"):
+        before = set(os.listdir(evals)) if evals.is_dir() else set()
+        run_script(*argv, "--shard", shard, cwd=tmp_path)
+        assert not (tmp_path / "report" / "comparison.json").exists()
+        assert len([f for f in set(os.listdir(evals)) - before if f.endswith("-0-seed0.json")]) == 1, shard
+    stamps = {f: os.path.getmtime(evals / f) for f in os.listdir(evals)}
     run_script(*argv, cwd=tmp_path)
+    assert {f: os.path.getmtime(evals / f) for f in stamps} == stamps
     result = json.load(open(tmp_path / "report" / "comparison.json"))
     assert result["references"]["0"]["retrained_from"] == "shipped in assets/"
-    assert sorted(r["row"] for r in result["runs"]) == ["ga", "sfron"]
+    assert [r["row"] for r in result["runs"]] == ["ga", "sfron"]  # the protocol's order, not --methods'
     assert result["spread"]["seeds"] == 3 and len(set(result["spread"]["fd"])) == 3  # three sampling seeds differ
     original_fd = result["references"]["0"]["original"]["fd_remain"]
     for run in result["runs"]:
@@ -44,9 +53,9 @@ def test_compare_reports_what_it_evaluated_and_resumes(tmp_path):
     for name in ("curves.png", "tradeoff.png"):
         assert os.path.getsize(tmp_path / "report" / name) > 0
     # started again with the same --out: every unit is read back, nothing is run again
-    stamps = {f: os.path.getmtime(tmp_path / "cmp" / "evals" / f) for f in os.listdir(tmp_path / "cmp" / "evals")}
+    stamps = {f: os.path.getmtime(evals / f) for f in os.listdir(evals)}
     run_script(*argv, cwd=tmp_path)
-    assert {f: os.path.getmtime(tmp_path / "cmp" / "evals" / f) for f in stamps} == stamps
+    assert {f: os.path.getmtime(evals / f) for f in stamps} == stamps
     assert json.load(open(tmp_path / "report" / "comparison.json"))["runs"] == result["runs"]
 
 
