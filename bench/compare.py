@@ -50,6 +50,7 @@ from sfron.build import ModelRequest, load_model_and_vae  # noqa: E402
 from sfron.classifier import load_classifier  # noqa: E402
 from sfron.data import class_folders  # noqa: E402
 from sfron.files import as_read_back, atomic_json_dump, atomic_write_text  # noqa: E402
+from sfron.loss import NonFinite  # noqa: E402
 from sfron.mask import mask_filename  # noqa: E402
 from sfron.recipes import RECIPES  # noqa: E402
 from sfron.unlearn import UnlearnSettings  # noqa: E402
@@ -271,20 +272,25 @@ class Benchmark:
             if setting.mask:
                 self.mask_for(setting, forget_class, seed)
             shutil.rmtree(results, ignore_errors=True)  # a killed or outdated run's folder
-            start = time.time()
-            quiet(call, forget, argv, log=self.path("logs", f"{name}.txt"))
+            start, diverged_at = time.time(), None
+            try:
+                quiet(call, forget, argv, log=self.path("logs", f"{name}.txt"))
+            except NonFinite as e:  # a result, not a failure: its checkpoints before the divergence are evaluated
+                diverged_at = e.diverged_at
             seconds = time.time() - start
             (run_dir,) = [os.path.join(results, d) for d in os.listdir(results)]
             reports = {}
             for step in steps:
                 ckpt = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
-                reports[step] = self.evaluator.report(self.evaluator.samples(ckpt), forget_class,
-                                                      self.retrained_stats(forget_class))
-            if self.args.attacks:  # the attacks on the final weights
+                if diverged_at is None or os.path.isfile(ckpt):
+                    reports[step] = self.evaluator.report(self.evaluator.samples(ckpt), forget_class,
+                                                          self.retrained_stats(forget_class))
+            if self.args.attacks and max(steps) in reports:  # the attacks on the final weights
                 reports[max(steps)].update(self.evaluator.attacks(ckpt, forget_class))
             return {"setting": setting.name, "forget_class": forget_class, "seed": seed, "seconds": seconds,
-                    "steps": reports, "flags": [str(f) for f in argv], "settings": resolved_settings(argv),
-                    "attacks": self.attack_budgets(), "evaluation": self.evaluation()}
+                    "diverged_at": diverged_at, "steps": reports, "flags": [str(f) for f in argv],
+                    "settings": resolved_settings(argv), "attacks": self.attack_budgets(),
+                    "evaluation": self.evaluation()}
         return self.cached(self.path("evals", f"{name}.json"), compute,
                            lambda saved: covers(saved, [str(f) for f in argv], steps)
                            and saved.get("attacks") == self.attack_budgets()
@@ -299,14 +305,15 @@ def resolved_settings(argv):
 def covers(saved, flags, steps):
     """Whether a saved run is the run of forget.py `flags` evaluated at (at least) `steps`: the same flags but for
     its --ckpt-steps, resolving to the same settings (a recipe changed since is another run), and every one of
-    steps evaluated."""
+    steps evaluated (for a run that diverged, those before the step it diverged in)."""
     def without_steps(argv):
         start = argv.index("--ckpt-steps")
         end = next((i for i in range(start + 1, len(argv)) if argv[i].startswith("--")), len(argv))
         return argv[:start] + argv[end:]
+    diverged_at = saved.get("diverged_at")
     return (without_steps(saved["flags"]) == without_steps(flags)
             and same_settings(saved.get("settings"), resolved_settings(flags))
-            and {str(s) for s in steps} <= set(saved["steps"]))
+            and {str(s) for s in steps if diverged_at is None or s < diverged_at} <= set(saved["steps"]))
 
 
 def same_settings(saved, resolved):
@@ -338,7 +345,12 @@ def setting_rows(bench, setting, digits, seeds, steps, label=None):
         for seed in seeds:
             run = bench.run(setting, digit, seed, steps)
             for step in steps:
-                report = run["steps"][str(step)]
+                report = run["steps"].get(str(step))
+                if report is None:  # after the run's divergence: it misses every target there
+                    rows.append({"name": label or setting.name, "digit": digit, "seed": seed, "step": step,
+                                 "diverged_at": run["diverged_at"], "targets": "FRD", "missed": "diverged",
+                                 "seconds": run["seconds"]})
+                    continue
                 rows.append({"name": label or setting.name, "digit": digit, "seed": seed, "step": step, **report,
                              "fd_ratio": report["fd_remain"] / reference["original"]["fd_remain"],
                              "retrained_fa": reference["retrained"]["forget_acc"],
@@ -383,7 +395,10 @@ def tuning_run(bench, setting, args):
     out = {}
     for digit in args.tuning_classes:
         reference = bench.reference(digit)
-        report = bench.run(setting, digit, 0, [args.steps])["steps"][str(args.steps)]
+        report = bench.run(setting, digit, 0, [args.steps])["steps"].get(str(args.steps))
+        if report is None:  # diverged before the last step: every target missed, no distance to rank it by
+            out[digit] = {"missed": "FRDIL" if args.attacks else "FRD", "fd_ratio": float("inf"), "diverged": True}
+            continue
         out[digit] = {**report, "missed": targets_missed(report, reference),
                       "fd_ratio": report["fd_remain"] / reference["original"]["fd_remain"]}
     return out

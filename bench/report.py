@@ -47,6 +47,10 @@ def targets_table(rows, command):
              "| setting | digit | seed | step | forget acc (retrained) | remain acc (original) | remain FD (x original) "
              "| FA after inversion (retrained) | FA after relearning (retrained) | targets |", "| --- |" + " --- |" * 9]
     for r in rows:
+        if "forget_acc" not in r:
+            lines.append(f"| {r['name']} | {r['digit']} | {r['seed']} | {r['step']} | diverged at step "
+                         f"{r['diverged_at']} |" + " – |" * 4 + " misses all |")
+            continue
         attacked = [f"{r[k]:.2f} ({r['retrained_' + k]:.2f})" if k in r else "–" for k in ATTACK_KEYS]
         lines.append(f"| {r['name']} | {r['digit']} | {r['seed']} | {r['step']} | {r['forget_acc']:.3f} "
                      f"({r['retrained_fa']:.3f}) | {r['remain_acc']:.3f} ({r['original_ra']:.3f}) | {r['fd_ratio']:.2f} "
@@ -74,20 +78,23 @@ def summarise(runs, references):
     summary = {}
     for row in dict.fromkeys(r["row"] for r in runs):
         mine = [r for r in runs if r["row"] == row]
-        steps = sorted(set.intersection(*(set(map(int, r["steps"])) for r in mine)))
+        steps = sorted(set.union(*(set(map(int, r["steps"])) for r in mine)))
         per_step = {}
-        for step in steps:
+        for step in steps:  # over the runs evaluated there: a diverged run has no step after its divergence
             reports = [dict(r["steps"][str(step)], fd_ratio=r["steps"][str(step)]["fd_remain"] /
-                            references[r["forget_class"]]["original"]["fd_remain"]) for r in mine]
+                            references[r["forget_class"]]["original"]["fd_remain"])
+                       for r in mine if str(step) in r["steps"]]
             per_step[step] = {k: mean_std([report[k] for report in reports if k in report])
                               for k in ("forget_acc", "remain_acc", "fd_remain", "fd_ratio", "fd_to_retrained",
                                         "inversion_fa", "relearn_fa")}
         forgotten = [first_forgotten_step(r, references[r["forget_class"]]) for r in mine]
-        final = [targets_missed(r["steps"][str(steps[-1])], references[r["forget_class"]]) for r in mine]
+        final = [targets_missed(r["steps"][str(steps[-1])], references[r["forget_class"]])
+                 if str(steps[-1]) in r["steps"] else "diverged" for r in mine]
         summary[row] = {"steps": per_step, "runs": len(mine), "setting": mine[0]["setting"],
                         "forgotten_runs": sum(f is not None for f in forgotten),
                         "steps_to_forget": mean_std([f for f in forgotten if f is not None]),
                         "runs_meeting_targets": sum(not missed for missed in final),
+                        "diverged_runs": sum(r.get("diverged_at") is not None for r in mine),
                         "seconds": mean_std([r["seconds"] for r in mine])}
     return summary
 
@@ -109,8 +116,14 @@ def markdown(summary, references, step, spread):
              "| forgotten runs | runs meeting all targets | seconds | FA after inversion | FA after relearning |",
              "| --- |" + " --- |" * 11]
     for row, s in summary.items():
+        diverged = s.get("diverged_runs", 0)
         for at in [step] + ([UNO_OWN_STEPS] if row == "uno" and UNO_OWN_STEPS in s["steps"] else []):
-            r, name = s["steps"][at], row if at == step else f"{row} (step {at})"
+            r, name = s["steps"].get(at), row if at == step else f"{row} (step {at})"
+            if diverged:
+                name += f" ({diverged} of {s['runs']} runs diverged: figures over the rest)"
+            if r is None:
+                r = dict.fromkeys(("forget_acc", "remain_acc", "fd_ratio", "fd_to_retrained", "inversion_fa",
+                                   "relearn_fa"))
             lines.append(f"| {name} | {s['setting']} | {cell(r['forget_acc'])} | {cell(r['remain_acc'])} "
                          f"| {cell(r['fd_ratio'], 2)} | {cell(r['fd_to_retrained'], 1)} "
                          f"| {cell(s['steps_to_forget'], 0)} | {s['forgotten_runs']}/{s['runs']} "

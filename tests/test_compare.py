@@ -278,3 +278,28 @@ def test_a_saved_run_counts_as_the_same_only_if_its_settings_are(monkeypatch):
     changed = json.loads(json.dumps(saved))
     changed["settings"]["step"]["remain_lr"] = 1e-3
     assert not compare.covers(changed, flags, [100])
+
+
+def test_a_diverged_run_is_a_result_not_a_crash(tmp_path, monkeypatch):
+    """A run stopped by a non-finite loss is recorded (diverged_at, its checkpoints before the divergence
+    evaluated), read back as it is, and counted in the table as a run that misses the targets."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import compare
+    from protocol import METHODS
+    from report import markdown, summarise
+    monkeypatch.chdir(tmp_path)
+    args = compare.parse_args(["--out", "cmp", "--data-path", "digits", "--cache-dir", "ret", "--classes", "0",
+                               "--seeds", "0", "--tuning-classes", "5", "--batch-size", "8", "--samples-per-class",
+                               "2", "--sampling-steps", "2", "--no-attacks", "--threads", "1"])
+    compare.quiet(compare.call, compare.prepare_digits, ["--dataset", "digits", "--out", args.data_path])
+    bench = compare.Benchmark(args)
+    ascent = METHODS["ga"].setting(1e30)  # every weight moves by the rate at the first step
+    run = bench.run(ascent, 0, 0, [1, 4])
+    assert run["diverged_at"] == 2 and sorted(run["steps"]) == ["1"]  # the second step's loss is not finite
+    saved = os.path.getmtime(tmp_path / "cmp" / "evals" / f"{ascent.name}-0-seed0.json")
+    assert bench.run(ascent, 0, 0, [1, 4]) == run  # read back, not run again
+    assert os.path.getmtime(tmp_path / "cmp" / "evals" / f"{ascent.name}-0-seed0.json") == saved
+    summary = summarise([{"row": "ga", **run}], {0: bench.reference(0)})
+    assert summary["ga"]["diverged_runs"] == 1 and summary["ga"]["runs_meeting_targets"] == 0
+    table = markdown(summary, {0: bench.reference(0)}, 4, {"seeds": 3, "relative": 0.01})
+    assert "| ga (1 of 1 runs diverged: figures over the rest) |" in table
