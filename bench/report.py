@@ -149,7 +149,10 @@ def plot(summary, path_curves, path_tradeoff):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    colors = plt.cm.tab20.colors  # up to 20 rows, each its own colour
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
+    for ax in axes:
+        ax.set_prop_cycle(color=colors)
     for row, s in summary.items():
         steps = sorted(s["steps"])
         for ax, key in zip(axes, ("forget_acc", "fd_ratio")):
@@ -159,6 +162,7 @@ def plot(summary, path_curves, path_tradeoff):
     axes[1].legend(fontsize=6)
     atomic_save_figure(fig, path_curves)
     fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    ax.set_prop_cycle(color=colors)
     for row, s in summary.items():
         last = max(s["steps"])
         fa, fd = s["steps"][last]["forget_acc"], s["steps"][last]["fd_ratio"]
