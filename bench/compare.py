@@ -490,15 +490,13 @@ def main(args):
             return
     references = {c: bench.reference(c) for c in tqdm(args.classes, desc="References", dynamic_ncols=True)}
     jobs = [(row, setting, c, s) for row, setting, digits, seeds in plan(chosen, args) for c in digits for s in seeds]
-    if args.shard:  # this process's share of the held-out runs; a run without --shard gathers them into the report
-        index, count = args.shard
-        for row, setting, c, s in tqdm(jobs[index::count], desc=f"Runs, shard {index}/{count}", dynamic_ncols=True):
-            bench.run(setting, c, s, run_steps(row, args))
+    index, count = args.shard or (0, 1)  # a shard runs its share of the held-out runs; a full run gathers them all
+    runs = [{"row": row, **bench.run(setting, c, s, run_steps(row, args))} for row, setting, c, s in
+            tqdm(jobs[index::count], desc="Runs" + (f", shard {index}/{count}" if args.shard else ""),
+                 dynamic_ncols=True)]
+    if args.shard:
         print(f"Shard {index}/{count} done: run bench/compare.py without --shard to write the report")
         return
-    runs = []
-    for row, setting, c, s in tqdm(jobs, desc="Runs", dynamic_ncols=True):
-        runs.append({"row": row, **bench.run(setting, c, s, run_steps(row, args))})
     rank = {row: i for i, (row, *_) in enumerate(plan(by_protocol, args))}
     runs.sort(key=lambda r: rank[r["row"]])  # stable: digits and seeds keep their order within a row
     result = {"protocol": {k: v for k, v in vars(args).items() if k not in ("out", "report_dir")},
