@@ -1,10 +1,11 @@
 """
-Trains a class-conditional DiT on an ImageNet-style folder, in the manner of the official train.py (AdamW at
-a constant learning rate, an EMA of the weights, label dropout for guidance). --exclude-class leaves one class
-out: the model retrained without the forget class, the gold standard of unlearning. Used for the embedded
+Trains a class-conditional DiT on an ImageNet-style folder, in the manner of the official train.py (AdamW, by
+default at a constant learning rate; an EMA of the weights; label dropout for guidance). --exclude-class leaves one
+class out: the model retrained without the forget class, the gold standard of unlearning. Used for the embedded
 digits models; runs on one CPU or GPU, or under torchrun / srun (DDP).
 """
 import argparse
+import math
 import os
 import time
 from copy import deepcopy
@@ -38,6 +39,17 @@ def training_set(data_path, image_size, num_classes, exclude_class=None):
     return ImageSet(list_images(root, classes, keep), image_size, classes, root)
 
 
+def lr_factor(step, total_steps, schedule, warmup_steps):
+    """The multiple of --lr at 0-based `step`: a linear warmup over warmup_steps, then constant (the official
+    schedule) or a cosine decay to zero at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
 def main(args):
     """Trains the DiT and writes results/NNN-<model>/checkpoints/NNNNNNN.pt."""
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -62,6 +74,12 @@ def main(args):
         model.train()
         diffusion = create_diffusion(timestep_respacing="")
         steps = args.max_steps or args.epochs * (len(dataset) // args.global_batch_size)
+        if args.warmup_steps < 0:
+            raise UserError(f"--warmup-steps must be at least 0, got {args.warmup_steps}")
+        if args.warmup_steps and args.warmup_steps >= steps:
+            raise UserError(f"--warmup-steps {args.warmup_steps} leaves nothing of the {steps} training steps")
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda i: lr_factor(i, steps, args.lr_schedule, args.warmup_steps))
         config = StreamConfig(stream="train", seed=args.global_seed, global_batch=args.global_batch_size,
                               num_timesteps=diffusion.num_timesteps, dropout_prob=model.y_embedder.dropout_prob,
                               random_flip=args.random_flip)
@@ -77,6 +95,7 @@ def main(args):
             opt.zero_grad(set_to_none=True)
             losses.mean().backward()
             opt.step()
+            scheduler.step()
             update_ema(ema, model, args.ema_decay)
             running += losses.detach().mean().item()
             log_steps += 1
@@ -117,6 +136,9 @@ def parse_args(argv=None):
     parser.add_argument("--global-batch-size", type=int, default=256)
     parser.add_argument("--global-seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr-schedule", type=str, choices=["constant", "cosine"], default="constant",
+                        help="constant (the official schedule) or a cosine decay to zero at the last step")
+    parser.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warmup over these steps")
     parser.add_argument("--ema-decay", type=float, default=0.9999)
     parser.add_argument("--vae", type=str, default="ema", help="ema | mse | a local VAE folder | none (pixel space)")
     parser.add_argument("--random-flip", action=argparse.BooleanOptionalAction, default=True)
