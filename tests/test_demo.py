@@ -10,7 +10,7 @@ from helpers import ROOT, run_in_process, run_script
 from sfron.build import ModelRequest, load_model_and_vae
 from sfron.classifier import load_classifier
 from sfron.metrics import classify
-from sfron.sampling import SamplerConfig, generate, per_sample_noise, to_uint8
+from sfron.sampling import SamplerConfig, generate, per_sample_noise, to_uint8_nhwc
 from sfron.data import ImageSet, find_class_folders, list_images
 
 ASSETS = os.path.join(ROOT, "assets")
@@ -57,9 +57,8 @@ def drawn_share(case, ckpt, digit, classifier, n=20):
     spec = CASE_SPECS[case]
     model = load_model_and_vae(ModelRequest(model=spec["model"], ckpt=ckpt), torch.device("cpu"), with_vae=False).model
     z = per_sample_noise(0, range(n), (3, spec["image_size"], spec["image_size"]), torch.device("cpu"))
-    images = to_uint8(generate(model, None, torch.full((n,), digit), z, SamplerConfig("ddim", 25, 2.0)))
-    return (classify(classifier, images.permute(0, 2, 3, 1).numpy(), n, torch.device("cpu")).argmax(1) == digit
-            ).float().mean().item()
+    images = to_uint8_nhwc(generate(model, None, torch.full((n,), digit), z, SamplerConfig("ddim", 25, 2.0)))
+    return (classify(classifier, images, n, torch.device("cpu")).argmax(1) == digit).float().mean().item()
 
 
 @pytest.mark.parametrize("case", sorted(CASE_SPECS))
