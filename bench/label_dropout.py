@@ -28,6 +28,7 @@ def main(args):
     base = demo.parse_args(["--out", args.out, "--samples-per-class", str(args.samples_per_class), "--recipe", "official",
                             *shlex.split(args.demo_flags)])
     mask_path, results = os.path.join(args.out, "mask"), os.path.join(args.out, "results")
+    demo.check_case(base)
     with contextlib.redirect_stdout(io.StringIO()):
         demo.fisher_and_masks(base, mask_path, results)
     eval_args = evaluate.parse_args(["--samples", "x", "--forget-class", str(base.forget_class), "--classifier",

@@ -51,6 +51,25 @@ def test_shipped_files_are_small_and_load():
                 assert os.path.getsize(os.path.join(ASSETS, name)) < 2.5e6
 
 
+TRAINING_KEYS = ("model", "image_size", "num_classes", "vae", "random_flip", "global_batch_size", "max_steps", "lr",
+                 "lr_schedule", "warmup_steps", "ema_decay", "global_seed", "precision")
+
+
+def test_shipped_dits_were_trained_as_demo_trains_a_missing_reference():
+    """Each shipped DiT records the train.py settings of its case's EmbeddedCase.train_flags() (a key recorded
+    before its flag existed counts as that flag's default), so a reference demo.py trains matches the shipped ones."""
+    import demo
+    import train
+    defaults = vars(train.parse_args(["--data-path", "x"]))
+    for name, case in demo.CASES.items():
+        expected = vars(train.parse_args(["--data-path", f"data/{name}", *map(str, case.train_flags())]))
+        for file in shipped(name):
+            if not file.endswith("classifier.pt"):
+                recorded = torch.load(os.path.join(ASSETS, file), weights_only=True)["args"]
+                assert {k: recorded.get(k, defaults[k]) for k in TRAINING_KEYS} == \
+                    {k: expected[k] for k in TRAINING_KEYS}, file
+
+
 def drawn_share(case, ckpt, digit, classifier, n=20):
     """The share of n images a case's DiT draws for `digit` (DDIM 25, guidance 2, fixed noise) that the case's
     classifier puts in `digit`."""
@@ -110,14 +129,15 @@ def test_mnist_folder_and_classifier(tmp_path):
     assert saved["val_accuracy"] > 0.8 and f"held-out acc {saved['val_accuracy']:.4f}" in proc.stdout
 
 
-def test_a_case_without_its_shipped_dit_is_one_clear_error(tmp_path):
-    """demo.py --dataset mnist before its DiT is shipped (or with any shipped file missing): one error line."""
-    if os.path.isfile(os.path.join(ASSETS, "mnist_dit.pt")):
-        pytest.skip("the MNIST DiT is shipped")
-    proc = run_script("demo.py", "--dataset", "mnist", "--out", tmp_path / "out", cwd=tmp_path, check=False)
-    missing = os.path.join(ASSETS, "mnist_dit.pt")
+def test_a_case_without_its_shipped_dit_is_one_clear_error(tmp_path, monkeypatch):
+    """demo.py --dataset mnist with a shipped file missing (here: an empty assets/ folder): one error line."""
+    import demo
+    monkeypatch.setattr(demo, "ASSETS", str(tmp_path / "assets"))
+    proc = run_in_process("demo.py", "--dataset", "mnist", "--out", tmp_path / "out", cwd=tmp_path)
+    missing = os.path.join(str(tmp_path / "assets"), "mnist_dit.pt")
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
         f"error: missing shipped file {missing}: see 'The embedded digits case' in the README"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_data_folder_defaults_to_the_case(monkeypatch):
