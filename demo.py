@@ -101,7 +101,8 @@ def sample_npz(ckpt, name, args):
 def retrained_reference(case, forget_class, reference_dir, data_path, train_missing=True):
     """
     The case's DiT retrained without forget_class: shipped in assets/, or kept in reference_dir, or trained there
-    now with train.py (digits: about 13 minutes on 2 CPU cores; MNIST: 80 minutes on one) when train_missing; None when absent.
+    now with train.py (digits: about 13 minutes on 2 CPU cores; MNIST: 80 minutes on one) when train_missing; None
+    when absent.
     """
     name = case.reference_name(forget_class)
     for folder in (ASSETS, reference_dir):
