@@ -2,7 +2,7 @@
 Trains a class-conditional DiT on an ImageNet-style folder, in the manner of the official train.py (AdamW, by
 default at a constant learning rate; an EMA of the weights; label dropout for guidance). --exclude-class leaves one
 class out: the model retrained without the forget class, the gold standard of unlearning. Used for the embedded
-digits models; runs on one CPU or GPU, or under torchrun / srun (DDP).
+digits and MNIST models; runs on one CPU or GPU, or under torchrun / srun (DDP).
 """
 import argparse
 import math
@@ -50,12 +50,26 @@ def lr_factor(step, total_steps, schedule, warmup_steps):
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def training_steps(args, num_images):
+    """The run's optimizer steps (--max-steps, else --epochs over num_images), with --warmup-steps checked against
+    them."""
+    steps = args.max_steps or args.epochs * (num_images // args.global_batch_size)
+    if args.warmup_steps < 0:
+        raise UserError(f"--warmup-steps must be at least 0, got {args.warmup_steps}")
+    if args.warmup_steps and args.warmup_steps >= steps:
+        raise UserError(f"--warmup-steps {args.warmup_steps} leaves nothing of the {steps} training steps")
+    return steps
+
+
 def main(args):
     """Trains the DiT and writes results/NNN-<model>/checkpoints/NNNNNNN.pt."""
     torch.backends.cuda.matmul.allow_tf32 = True
     with distributed() as dist:
         torch.manual_seed(args.global_seed)
         suffix = args.model.replace("/", "-") + (f"-without-{args.exclude_class}" if args.exclude_class is not None else "")
+        # the images and the step count first: a bad folder or warmup is one error line before any folder is made
+        dataset = training_set(args.data_path, args.image_size, args.num_classes, args.exclude_class)
+        steps = training_steps(args, len(dataset))
         experiment_dir, logger = start_experiment(dist, args.results_dir, suffix)
         checkpoint_dir = os.path.join(experiment_dir, "checkpoints")
         os.makedirs(checkpoint_dir, exist_ok=True)
@@ -65,7 +79,6 @@ def main(args):
         model = build_dit(spec, in_channels=3 if vae is None else latent_channels(vae)).to(dist.device)
         ema = deepcopy(model).requires_grad_(False).eval()
         logger.info(f"{spec.describe()}: {sum(p.numel() for p in model.parameters()):,} parameters")
-        dataset = training_set(args.data_path, args.image_size, args.num_classes, args.exclude_class)
         logger.info(f"Training on {len(dataset):,} images of {args.data_path}"
                     + (f" without class {args.exclude_class}" if args.exclude_class is not None else ""))
 
@@ -73,11 +86,6 @@ def main(args):
         ddp = DDP(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None) if dist.enabled else model
         model.train()
         diffusion = create_diffusion(timestep_respacing="")
-        steps = args.max_steps or args.epochs * (len(dataset) // args.global_batch_size)
-        if args.warmup_steps < 0:
-            raise UserError(f"--warmup-steps must be at least 0, got {args.warmup_steps}")
-        if args.warmup_steps and args.warmup_steps >= steps:
-            raise UserError(f"--warmup-steps {args.warmup_steps} leaves nothing of the {steps} training steps")
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda i: lr_factor(i, steps, args.lr_schedule, args.warmup_steps))
         config = StreamConfig(stream="train", seed=args.global_seed, global_batch=args.global_batch_size,

@@ -47,12 +47,21 @@ def test_learning_rate_schedules():
 
 
 def test_a_warmup_longer_than_the_run_is_one_clear_error(tmp_path):
+    """--warmup-steps as long as the run: one error line, and no results folder made."""
     make_image_folder(tmp_path / "data", num_classes=2, per_class=2, size=(8, 8))
     proc = run_in_process("train.py", "--data-path", tmp_path / "data", "--model", "DiT-T/2", "--image-size", 8,
                           "--num-classes", 2, "--vae", "none", "--global-batch-size", 2, "--max-steps", 3,
                           "--warmup-steps", 3, "--num-workers", 0, cwd=tmp_path)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == ["error: --warmup-steps 3 leaves nothing of the 3 training steps"]
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_missing_data_folder_stops_before_any_folder_is_made(tmp_path):
+    proc = run_in_process("train.py", "--data-path", tmp_path / "nowhere", "--model", "DiT-T/2", "--image-size", 8,
+                          "--num-classes", 2, "--vae", "none", "--max-steps", 3, cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: --data-path ")
+    assert not (tmp_path / "results").exists()
 
 
 def test_train_classifier_learns_the_digits(tmp_path):
