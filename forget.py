@@ -26,14 +26,14 @@ from sfron.checkpoint import checkpoint_sha256, save_safetensors_weights
 from sfron.data import (DiffusionBatches, LatentEncoder, NoiseImages, StreamConfig, TensorImages, class_folders,
                         dataset_fingerprint, forget_latent_cache, unlearn_datasets)
 from sfron.dist import distributed
-from sfron.files import atomic_json_dump, atomic_torch_save, remove_stale_temporaries
+from sfron.files import atomic_json_dump, atomic_torch_save
 from sfron.fisher import fisher_diagonal
 from sfron.loss import check_finite_weights
 from sfron.mask import (MaskChoice, Provenance, check_mask_frees_some, check_provenance, kept_share,
                         resolve_mask_file, saliency_mask_for)
 from sfron.preemption import Preempted, StopSignals
 from sfron.resume import (RUN_RECORD, check_same_run, checkpoint_identity, find_matching_run, find_resume_checkpoint,
-                          newest_checkpoint, pinned_record)
+                          newest_checkpoint, pinned_record, remove_leftovers)
 from sfron.recipes import RECIPES, flag, flag_text, get_recipe, official_differences, recipe_help
 from sfron.sampling import SnapshotGrid, SnapshotOptions, generate_replay, per_sample_noise, snapshot_classes
 from sfron.unlearn import (FORGET_LOSSES, METHODS, NON_FINITE_HINT, REMAIN_LOSSES, FrozenReference, Unlearner,
@@ -210,14 +210,6 @@ def experiment_of(args, settings, dist):
     remove_leftovers(found, dist)
     path = newest_checkpoint(found)
     return (found, None, None) if path is None else (found, *find_resume_checkpoint(path))
-
-
-def remove_leftovers(experiment_dir, dist):
-    """Rank 0 removes the temporary files a process killed mid-write left in the run's folders."""
-    if dist.is_main:
-        remove_stale_temporaries(experiment_dir)
-        remove_stale_temporaries(os.path.join(experiment_dir, "checkpoints"))
-    dist.barrier()
 
 
 def frozen_reference(settings, original, spec, dist, logger):

@@ -9,7 +9,8 @@ import math
 import os
 import time
 from copy import deepcopy
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -19,13 +20,20 @@ from diffusion import create_diffusion
 from models import DiT_models
 from sfron.build import ModelSpec, autocast_dtype, build_dit
 from sfron.checkpoint import save_safetensors_weights
-from sfron.data import DiffusionBatches, ImageSet, LatentEncoder, StreamConfig, find_class_folders, list_images
+from sfron.data import (DiffusionBatches, ImageSet, LatentEncoder, StreamConfig, dataset_fingerprint,
+                        find_class_folders, list_images)
 from sfron.dist import distributed
-from sfron.files import atomic_torch_save
+from sfron.files import atomic_json_dump, atomic_torch_save
 from sfron.loss import check_finite, diffusion_loss
 from sfron.optim import update_ema
-from sfron.utils import UserError, check_class_index, start_experiment
+from sfron.preemption import Preempted, StopSignals
+from sfron.resume import (RUN_RECORD, check_same_run, find_matching_run, find_resume_checkpoint, newest_checkpoint,
+                          pinned_record, remove_leftovers)
+from sfron.utils import UserError, check_class_index, create_logger, start_experiment
 from sfron.vae import latent_channels, load_vae
+
+
+RESUME_KEYS = ("model", "ema", "opt", "scheduler", "run", "train_steps")  # what a checkpoint needs to be continued
 
 
 def training_set(data_path, image_size, num_classes, exclude_class=None):
@@ -61,20 +69,87 @@ def training_steps(args, num_images):
     return steps
 
 
+@dataclass(frozen=True)
+class TrainingSettings:
+    """What a training run optimizes: a resumed run must keep every field (with the model spec and the images)."""
+    steps: int
+    global_batch_size: int
+    global_seed: int
+    lr: float
+    lr_schedule: str
+    warmup_steps: int
+    ema_decay: float
+    precision: str
+    exclude_class: Optional[int]
+
+
+def training_settings(args, steps):
+    """TrainingSettings of the command line, for `steps` optimizer steps."""
+    return TrainingSettings(steps, args.global_batch_size, args.global_seed, args.lr, args.lr_schedule,
+                            args.warmup_steps, args.ema_decay, args.precision, args.exclude_class)
+
+
+def experiment_of(args, record, dist, suffix):
+    """(experiment folder, checkpoint path, checkpoint): a new folder; the run --resume names; or with --resume auto
+    the newest run under --results-dir with the same record (from its last checkpoint, else from the start)."""
+    if args.resume not in (None, "auto"):
+        path, checkpoint = find_resume_checkpoint(args.resume, RESUME_KEYS, "train.py")
+        found = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    else:
+        found = find_matching_run(args.results_dir, record) if args.resume == "auto" and dist.is_main else None
+        found = dist.broadcast_object(found)
+        if found is None:
+            path = start_experiment(dist, args.results_dir, suffix)[0]
+            if dist.is_main:
+                atomic_json_dump(record, os.path.join(path, RUN_RECORD))
+            return path, None, None
+        path = newest_checkpoint(found)
+        path, checkpoint = find_resume_checkpoint(path, RESUME_KEYS, "train.py") if path else (None, None)
+    if checkpoint is not None:
+        check_same_run(checkpoint["run"], record)
+    remove_leftovers(found, dist)
+    return found, path, checkpoint
+
+
+def save_checkpoint(path, state, args, record, train_steps):
+    """Rank 0 writes checkpoints/NNNNNNN.pt: the weights, the EMA, the optimizer and schedule, and the run record.
+    state: (model, ema, opt, scheduler)."""
+    model, ema, opt, scheduler = state
+    atomic_torch_save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                       "scheduler": scheduler.state_dict(), "args": vars(args), "spec": record["model"],
+                       "run": record, "train_steps": train_steps}, path)
+
+
+def export_ema(ema, args, spec):
+    """Writes the final EMA weights (in --export-precision) and the settings, without optimizer state, to --export."""
+    dtype = torch.float16 if args.export_precision == "fp16" else torch.float32
+    weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ema.state_dict().items()}
+    if args.export.endswith(".safetensors"):
+        save_safetensors_weights(weights, args.export, asdict(spec))
+    else:
+        atomic_torch_save({"ema": weights, "spec": asdict(spec), "args": vars(args)}, args.export)
+
+
 def main(args):
     """Trains the DiT and writes results/NNN-<model>/checkpoints/NNNNNNN.pt."""
     torch.backends.cuda.matmul.allow_tf32 = True
-    with distributed() as dist:
+    with distributed() as dist, StopSignals() as stop:
         torch.manual_seed(args.global_seed)
         suffix = args.model.replace("/", "-") + (f"-without-{args.exclude_class}" if args.exclude_class is not None else "")
         # the images and the step count first: a bad folder or warmup is one error line before any folder is made
         dataset = training_set(args.data_path, args.image_size, args.num_classes, args.exclude_class)
         steps = training_steps(args, len(dataset))
-        experiment_dir, logger = start_experiment(dist, args.results_dir, suffix)
-        checkpoint_dir = os.path.join(experiment_dir, "checkpoints")
-        os.makedirs(checkpoint_dir, exist_ok=True)
         spec = ModelSpec(model=args.model, image_size=args.image_size, num_classes=args.num_classes, vae=args.vae,
                          random_flip=args.random_flip)
+        record = pinned_record({"model": spec, "training": training_settings(args, steps),
+                                "data": {"fingerprint": dataset_fingerprint(dataset)}})
+        experiment_dir, resumed_path, resumed = experiment_of(args, record, dist, suffix)
+        logger = create_logger(experiment_dir, dist.rank)
+        start = 0 if resumed is None else resumed["train_steps"]
+        logger.info(f"Experiment directory created at {experiment_dir}" if resumed is None else
+                    f"Resuming {experiment_dir} from {resumed_path} (step {start})")
+        checkpoint_dir = os.path.join(experiment_dir, "checkpoints")
+        os.makedirs(checkpoint_dir, exist_ok=True)
         vae = load_vae(spec.vae, dist.device)
         model = build_dit(spec, in_channels=3 if vae is None else latent_channels(vae)).to(dist.device)
         ema = deepcopy(model).requires_grad_(False).eval()
@@ -83,17 +158,24 @@ def main(args):
                     + (f" without class {args.exclude_class}" if args.exclude_class is not None else ""))
 
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda i: lr_factor(i, steps, args.lr_schedule, args.warmup_steps))
+        if resumed is not None:  # before DDP, which starts every process from rank 0's weights
+            model.load_state_dict(resumed["model"])
+            ema.load_state_dict(resumed["ema"])
+            opt.load_state_dict(resumed["opt"])
+            scheduler.load_state_dict(resumed["scheduler"])
         ddp = DDP(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None) if dist.enabled else model
         model.train()
         diffusion = create_diffusion(timestep_respacing="")
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda i: lr_factor(i, steps, args.lr_schedule, args.warmup_steps))
         config = StreamConfig(stream="train", seed=args.global_seed, global_batch=args.global_batch_size,
                               num_timesteps=diffusion.num_timesteps, dropout_prob=model.y_embedder.dropout_prob,
                               random_flip=args.random_flip)
         encoder = LatentEncoder(vae) if vae is not None else None
-        batches = DiffusionBatches(dataset, config, dist, range(steps), encoder, args.num_workers)
-        logger.info(f"Training for {steps} steps of {args.global_batch_size} images")
+        # each sample's image, noise and timestep are keyed by its position in the stream: a resumed run sees
+        # exactly the batches the uninterrupted one would have
+        batches = DiffusionBatches(dataset, config, dist, range(start, steps), encoder, args.num_workers)
+        logger.info(f"Training for {steps} steps of {args.global_batch_size} images (from step {start})")
         running, log_steps, start_time = 0.0, 0, time.time()
         for batch in batches:
             with torch.autocast(dist.device.type, dtype=autocast_dtype(args.precision),
@@ -112,21 +194,20 @@ def main(args):
                 logger.info(f"(step={train_steps:07d}) Train Loss: {running / log_steps:.4f}, "
                             f"Train Steps/Sec: {log_steps / (time.time() - start_time):.2f}")
                 running, log_steps, start_time = 0.0, 0, time.time()
-            if (train_steps % args.ckpt_every == 0 or train_steps == steps) and dist.is_main:
+            stopping = stop.agreed(dist, f"after step {train_steps}")  # every process, every step: all stop together
+            if train_steps % args.ckpt_every == 0 or train_steps == steps or stopping:
                 path = os.path.join(checkpoint_dir, f"{train_steps:07d}.pt")
-                atomic_torch_save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                                   "args": vars(args), "spec": asdict(spec)}, path)
-                logger.info(f"Saved checkpoint to {path}")
-                if args.save_safetensors and train_steps == steps:
-                    save_safetensors_weights(ema.state_dict(), path[:-len(".pt")] + ".safetensors", asdict(spec))
-                    logger.info(f"Saved the final EMA weights to {path[:-len('.pt')]}.safetensors")
+                if dist.is_main:
+                    save_checkpoint(path, (model, ema, opt, scheduler), args, record, train_steps)
+                    logger.info(f"Saved checkpoint to {path}")
+                    if args.save_safetensors and train_steps == steps:
+                        save_safetensors_weights(ema.state_dict(), path[:-len(".pt")] + ".safetensors", asdict(spec))
+                        logger.info(f"Saved the final EMA weights to {path[:-len('.pt')]}.safetensors")
+                dist.barrier()
+            if stopping and train_steps < steps:
+                raise Preempted(stop.name(), f"after step {train_steps}; saved {path}")
         if args.export and dist.is_main:
-            dtype = torch.float16 if args.export_precision == "fp16" else torch.float32
-            weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ema.state_dict().items()}
-            if args.export.endswith(".safetensors"):
-                save_safetensors_weights(weights, args.export, asdict(spec))
-            else:
-                atomic_torch_save({"ema": weights, "spec": asdict(spec), "args": vars(args)}, args.export)
+            export_ema(ema, args, spec)
             logger.info(f"Exported the EMA weights ({args.export_precision}) to {args.export}")
         logger.info("Done!")
 
@@ -163,6 +244,9 @@ def parse_args(argv=None):
                         help="also write the final EMA weights as one .safetensors file beside the last checkpoint")
     parser.add_argument("--exclude-class", type=int, default=None,
                         help="leave this class out of training (a retrained-without-the-class reference)")
+    parser.add_argument("--resume", type=str, default=None,
+                        help="continue a run: its checkpoint file or experiment folder (newest checkpoint), or auto "
+                             "(the newest run under --results-dir with the same settings and images; else a new run)")
     return parser.parse_args(argv)
 
 

@@ -9,7 +9,7 @@ import os
 from dataclasses import asdict
 from glob import glob
 
-from .files import as_read_back, safe_torch_load
+from .files import as_read_back, remove_stale_temporaries, safe_torch_load
 from .utils import UserError
 
 CHECKPOINT_PATTERN = "[0-9]" * 7 + ".pt"
@@ -54,12 +54,12 @@ def check_same_run(recorded, current):
         for key, value in fields.items():
             if key not in saved:
                 raise UserError(f"the resumed run records no {_flag(key)} (it was started by an earlier version "
-                                f"of forget.py): resume it with that version, or start a new run")
+                                f"of the script): resume it with that version, or start a new run")
             if saved[key] != value:
                 raise UserError(_difference(section, key, saved[key], value))
 
 
-def find_resume_checkpoint(path, required=("model", "opt", "run", "train_steps")):
+def find_resume_checkpoint(path, required=("model", "opt", "run", "train_steps"), script="forget.py"):
     """(path, checkpoint) to resume: a checkpoint file, or the newest checkpoints/NNNNNNN.pt of an experiment folder."""
     if os.path.isdir(path):
         folder, path = path, newest_checkpoint(path)
@@ -67,7 +67,7 @@ def find_resume_checkpoint(path, required=("model", "opt", "run", "train_steps")
             raise UserError(f"--resume {folder}: no checkpoints/NNNNNNN.pt in that folder")
     checkpoint = safe_torch_load(path, what="checkpoint")
     if not isinstance(checkpoint, dict) or not set(required) <= checkpoint.keys():
-        raise UserError(f"--resume {path} is not a resumable forget.py checkpoint (it lacks "
+        raise UserError(f"--resume {path} is not a resumable {script} checkpoint (it lacks "
                         f"{', '.join(k for k in required if not isinstance(checkpoint, dict) or k not in checkpoint)})")
     return path, checkpoint
 
@@ -97,3 +97,11 @@ def find_matching_run(results_dir, sections):
         if all(recorded.get(name) == as_read_back(value) for name, value in sections.items()):
             matches.append(os.path.dirname(path))
     return matches[-1] if matches else None
+
+
+def remove_leftovers(experiment_dir, dist):
+    """Rank 0 removes the temporary files a process killed mid-write left in the run's folders."""
+    if dist.is_main:
+        remove_stale_temporaries(experiment_dir)
+        remove_stale_temporaries(os.path.join(experiment_dir, "checkpoints"))
+    dist.barrier()

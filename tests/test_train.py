@@ -1,5 +1,6 @@
 """train.py and train_classifier.py: a few steps, then their files load where the README says they do."""
 import os
+import signal
 
 import numpy as np
 import torch
@@ -62,6 +63,59 @@ def test_a_missing_data_folder_stops_before_any_folder_is_made(tmp_path):
                           "--num-classes", 2, "--vae", "none", "--max-steps", 3, cwd=tmp_path)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: --data-path ")
     assert not (tmp_path / "results").exists()
+
+
+def train_tiny(data, results, *flags, cwd):
+    """A 4-step DiT-T/2 training of 8x8 images under `results`, with a checkpoint every 2 steps."""
+    return run_in_process("train.py", "--data-path", data, "--results-dir", results, "--model", "DiT-T/2",
+                          "--image-size", 8, "--num-classes", 3, "--vae", "none", "--global-batch-size", 4,
+                          "--max-steps", 4, "--ckpt-every", 2, "--lr", "1e-3", "--lr-schedule", "cosine",
+                          "--ema-decay", 0.5, "--num-workers", 0, *flags, cwd=cwd)
+
+
+def test_a_stopped_training_resumed_ends_bit_identical_to_an_uninterrupted_one(tmp_path, monkeypatch):
+    """SIGUSR1 after step 1: the run saves its state and exits 75; --resume auto finds the run of the same settings
+    and continues it: the weights, EMA, optimizer and learning rate at the end equal those of a run never stopped."""
+    import train
+    make_image_folder(tmp_path / "data", num_classes=3, per_class=4, size=(8, 8))
+    train_tiny(tmp_path / "data", tmp_path / "whole", cwd=tmp_path).check_returncode()
+    update_ema, calls = train.update_ema, []
+
+    def update_then_signal(*args):
+        update_ema(*args)
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)  # a preemption notice during step 1
+    monkeypatch.setattr(train, "update_ema", update_then_signal)
+    stopped = train_tiny(tmp_path / "data", tmp_path / "stopped", cwd=tmp_path)
+    assert stopped.returncode == 75 and "run the same command again to continue" in stopped.stderr
+    (run,) = os.listdir(tmp_path / "stopped")
+    assert sorted(os.listdir(tmp_path / "stopped" / run / "checkpoints")) == ["0000001.pt"]
+    proc = train_tiny(tmp_path / "data", tmp_path / "stopped", "--resume", "auto", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert os.listdir(tmp_path / "stopped") == [run] and len(calls) == 4
+    assert "(step 1)" in (tmp_path / "stopped" / run / "log.txt").read_text()
+    whole, resumed = (torch.load(tmp_path / root / os.listdir(tmp_path / root)[0] / "checkpoints" / "0000004.pt",
+                                 weights_only=True) for root in ("whole", "stopped"))
+    for key in ("model", "ema"):
+        assert all(torch.equal(whole[key][k], v) for k, v in resumed[key].items())
+    assert all(torch.equal(whole["opt"]["state"][i]["exp_avg_sq"], state["exp_avg_sq"])
+               for i, state in resumed["opt"]["state"].items())
+    assert resumed["scheduler"]["last_epoch"] == 4 and resumed["opt"]["param_groups"][0]["lr"] == 0.0
+
+
+def test_a_resumed_training_with_another_setting_is_refused(tmp_path):
+    """--resume of a run with a different --lr: one error line naming the flag, and the run's folder untouched."""
+    make_image_folder(tmp_path / "data", num_classes=3, per_class=4, size=(8, 8))
+    train_tiny(tmp_path / "data", tmp_path / "results", cwd=tmp_path).check_returncode()
+    (run,) = os.listdir(tmp_path / "results")
+    before = sorted(os.listdir(tmp_path / "results" / run / "checkpoints"))
+    proc = train_tiny(tmp_path / "data", tmp_path / "results", "--lr", "2e-3", "--resume",
+                      tmp_path / "results" / run, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "error: --lr 0.002 differs from the resumed run's 0.001; resume with the original command"]
+    assert sorted(os.listdir(tmp_path / "results" / run / "checkpoints")) == before
 
 
 def test_train_classifier_learns_the_digits(tmp_path):
