@@ -36,8 +36,8 @@ from sfron.resume import (RUN_RECORD, check_same_run, checkpoint_identity, find_
                           newest_checkpoint, pinned_record, remove_leftovers)
 from sfron.recipes import RECIPES, flag, flag_text, get_recipe, official_differences, recipe_help
 from sfron.sampling import SnapshotGrid, SnapshotOptions, generate_replay, per_sample_noise, snapshot_classes
-from sfron.unlearn import (FORGET_LOSSES, METHODS, NON_FINITE_HINT, REMAIN_LOSSES, FrozenReference, Unlearner,
-                           UnlearnSettings, exchange_class)
+from sfron.unlearn import (FORGET_LOSSES, LR_SCALES, METHODS, NON_FINITE_HINT, REMAIN_LOSSES, FrozenReference,
+                           Unlearner, UnlearnSettings, exchange_class)
 from sfron.utils import UserError, check_class_index, create_logger, start_experiment
 
 
@@ -75,7 +75,7 @@ def checkpoint_state(unlearner):
     script saves there an EMA of decay 0.9999, which after 600 steps is still about 94% the original model.)
     """
     state = unlearner.raw_model.state_dict()
-    checkpoint = {"model": state, "ema": state, "opt": unlearner.opt.state_dict()}
+    checkpoint = {"model": state, "ema": state, "opt": unlearner.opt.state_dict(), "rate_scale": unlearner.rate_scale}
     if unlearner.forget_opt is not unlearner.opt:
         checkpoint["forget_opt"] = unlearner.forget_opt.state_dict()
     if unlearner.adversary is not None:
@@ -120,6 +120,8 @@ def restore(resumed, unlearner):
         unlearner.forget_opt.load_state_dict(resumed["forget_opt"])
     if unlearner.adversary is not None:
         unlearner.adversary.load_state_dict(resumed["adversary"])
+    if resumed.get("rate_scale") is not None:  # --lr-scale guidance: the scale the run's start measured
+        unlearner.set_rate_scale(resumed["rate_scale"])
     return list(resumed.get("losses", []))
 
 
@@ -340,6 +342,10 @@ def run(args, settings, requests, dist, logger, stop, experiment_dir, resumed):
         f_loss, r_loss = unlearner.step(forget_batch, remain_batch, alpha)
         history.append([len(history) + 1, f_loss, r_loss])
         train_steps = len(history)
+        if step.lr_scale != "none" and train_steps == start + 1:
+            logger.info(f"--lr-scale {step.lr_scale}: guidance size {unlearner.rate_scale:.4g}, so lr "
+                        f"{step.lr * unlearner.rate_scale:.3g} and remain lr "
+                        f"{(step.remain_lr or step.lr) * unlearner.rate_scale:.3g}")
         running[0] += f_loss
         running[1] += r_loss
         log_steps += 1
@@ -400,6 +406,10 @@ def build_parser():
                              "move the remain classes")
     update.add_argument("--remain-alpha", type=float, default=1.0,
                         help="weight of the remain term (the official DiT script parses this flag and weights by 1)")
+    update.add_argument("--lr-scale", type=str, choices=LR_SCALES, default="none",
+                        help="guidance: --lr and --remain-lr are multiples of the forget class's guidance size, the "
+                             "RMS of eps(x_t, c) - eps(x_t, null) of the original model on the first forget batch "
+                             "(default: none, the rates as given)")
     update.add_argument("--remain-lr", type=float, default=None,
                         help="ron: learning rate of the slow (remain) step (default: --lr)")
     update.add_argument("--grad-clip", type=float, default=1.0,

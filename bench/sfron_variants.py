@@ -11,6 +11,8 @@ steps at most 0.10 above the retrained model's.
     python bench/sfron_variants.py --name official --lr 1.5e-4 --digits 2 5
     python bench/sfron_variants.py --name own-moments --lr 2e-3 --digits 2 5 \
         --flags="--mask-remain-step --threshold 5 --separate-forget-optimizer"
+    python bench/sfron_variants.py --name relative --recipe adversarial-esd-distill --lr 0.05 --dataset mnist \
+        --digits 0 --flags="--lr-scale guidance --remain-lr 0.05"
 
 Writes <out>/variants-<name>.md (every row measured so far) and keeps each run under <out> (a repeated command reads
 its runs back). Uses bench/compare.py's units: the retrained references come from assets/ or --cache-dir.
@@ -38,13 +40,14 @@ def main(args):
         raise UserError(f"--name {args.name} is a method of bench/compare.py; choose another name")
     flags = ["--recipe", args.recipe, "--lr", str(args.lr), *shlex.split(args.flags)]
     setting = Setting(f"{args.name}-lr{args.lr}", tuple(flags), "fisher")
-    bench_args = compare.parse_args(["--all-digits", "--out", args.out, "--data-path", args.data_path, "--cache-dir",
+    bench_args = compare.parse_args(["--all-digits", "--dataset", args.dataset, "--out", args.out, "--data-path",
+                                     args.data_path, "--cache-dir",
                                      args.cache_dir, "--attacks" if args.attacks else "--no-attacks", "--batch-size",
                                      str(args.batch_size), "--samples-per-class", str(args.samples_per_class),
                                      "--sampling-steps", str(args.sampling_steps), "--fisher-iters",
                                      str(args.fisher_iters)])
     if not os.path.isdir(os.path.join(args.data_path, "train")):
-        compare.quiet(compare.call, compare.prepare_digits, ["--out", args.data_path])
+        compare.quiet(compare.call, compare.prepare_digits, ["--dataset", args.dataset, "--out", args.data_path])
     rows = compare.setting_rows(compare.Benchmark(bench_args), setting, args.digits, args.seeds, args.steps,
                                 label=args.name)
     command = "python bench/sfron_variants.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -68,7 +71,10 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of each digit")
     parser.add_argument("--steps", type=int, nargs="+", default=[50, 100], help="steps evaluated (the last: the run's)")
     parser.add_argument("--out", type=str, default="bench_results/sfron_variants", help="output folder")
-    parser.add_argument("--data-path", type=str, default="data/digits", help="the digits folder (made if missing)")
+    parser.add_argument("--dataset", type=str, choices=list(compare.demo.CASES), default="digits",
+                        help="the embedded case: digits, or mnist")
+    parser.add_argument("--data-path", type=str, default=None,
+                        help="the images' folder (default data/<dataset>; made if missing)")
     parser.add_argument("--cache-dir", type=str, default="retrained", help="retrained references not in assets/")
     parser.add_argument("--batch-size", type=int, default=128, help="forget and remain samples per step")
     parser.add_argument("--fisher-iters", type=int, default=8, help="generate_fisher.py --n-iters")
@@ -79,6 +85,7 @@ def parse_args(argv=None):
                              "references, for the two attack targets (--no-attacks: the three targets only)")
     args = parser.parse_args(argv)
     args.steps = sorted(set(args.steps))
+    args.data_path = args.data_path or compare.prepare_digits.data_folder(args.dataset)
     return args
 
 

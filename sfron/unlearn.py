@@ -34,6 +34,7 @@ FORGET_LOSSES = ("ga", "adaga", "rl", "salun", "sa", "esd", "uno")
 ADVERSARIAL_LOSSES = ("ga", "adaga", "esd")  # the forget terms that also act under the adversarial label
 DESCENT_LOSSES = ("rl", "sa")            # minimise it under another label / on surrogate images
 METHODS = ("ron", "joint")
+LR_SCALES = ("none", "guidance")  # --lr-scale: the rates as given, or relative to the forget class's guidance size
 REMAIN_LOSSES = ("diffusion", "distill")  # the remain term: the noise, or the frozen original's prediction
 ADAGA_EPS = 1e-15
 NON_FINITE_HINT = "lower --lr or --forget-alpha (the last good checkpoint is kept)"
@@ -51,6 +52,7 @@ class StepSettings:
     separate_forget_optimizer: bool = False  # ron: the forget step keeps its own AdamW moments
     mask_remain_step: bool = False           # ron: the remain step moves the weights of the saliency mask only
     remain_projection: bool = False          # ron: the remain gradient loses its component against the forget one
+    lr_scale: str = "none"                   # guidance: lr and remain_lr are multiples of the class's guidance size
     seed: int = 0
     precision: str = "fp32"
 
@@ -143,6 +145,8 @@ class UnlearnSettings:
             raise UserError("--unlearn-loss uno is one step on UNO's whole objective: use --method joint")
         if forget.uno_weight < 0:
             raise UserError(f"--uno-weight must not be negative, got {forget.uno_weight}")
+        if step.lr_scale not in LR_SCALES:
+            raise UserError(f"--lr-scale must be one of {', '.join(LR_SCALES)}, got {step.lr_scale}")
         if step.remain_lr is not None and not step.remain_lr > 0:
             raise UserError(f"--remain-lr must be positive, got {step.remain_lr}")
         if (step.remain_lr is not None or step.separate_forget_optimizer or step.mask_remain_step or
@@ -322,6 +326,30 @@ class Unlearner:
         self.adversary = AdversarialLabel(self.raw_model, forget.adversarial_steps, dist) \
             if forget.adversarial_steps else None
         self._forget_grads = None  # the last forget step's gradient (--remain-projection)
+        # --lr-scale guidance: set from the first forget batch, before the first step moves the weights
+        self.rate_scale = 1.0 if step.lr_scale == "none" else None
+
+    def set_rate_scale(self, scale):
+        """Multiplies --lr and --remain-lr by scale from now on (a resumed run sets the scale its start measured)."""
+        self.rate_scale = float(scale)
+        for opt in {id(self.opt): self.opt, id(self.forget_opt): self.forget_opt}.values():
+            for group in opt.param_groups:
+                group["lr"] = self.settings.step.lr * self.rate_scale
+
+    def guidance_size(self, batch):
+        """
+        The RMS over the forget batch (all processes) of the model's guidance direction for the forget label,
+        eps(x_t, c) - eps(x_t, null): how far its predictions must move for the class to be gone (ESD's target
+        lies (1 + eta) times this from them). Called before the first step, when the weights are the original's.
+        """
+        keep = torch.zeros_like(batch.drop)
+        with torch.no_grad(), torch.autocast(**self.amp):
+            eps = eps_prediction(self.raw_model, self.diffusion, concat_batches(batch, batch),
+                                 torch.cat([batch.y, batch.y]), torch.cat([keep, torch.ones_like(keep)]))
+        cond, null = eps.float().chunk(2)                                       # (b, C, H, W) each
+        sums = torch.stack([(cond - null).pow(2).sum(), torch.tensor(float(cond.numel()), device=cond.device)])
+        total, count = self.dist.all_reduce_sum_(sums).tolist()
+        return math.sqrt(total / count)
 
     def _make_optimizer(self, lr):
         """AdamW over the parameters: of the free entries only when the run is confined to the mask."""
@@ -466,6 +494,8 @@ class Unlearner:
         all-reduced gradient and means non-finite on all; nothing has been saved from the bad weights).
         """
         s = self.settings
+        if self.rate_scale is None:
+            self.set_rate_scale(self.guidance_size(forget_batch))
         use_remain = s.remain.remain_alpha != 0
         f_losses = r_losses = None
         self._forget_grads = None  # a remain step projects off this step's forget gradient only
@@ -481,7 +511,8 @@ class Unlearner:
                 with torch.autocast(**self.amp):                                   # at the updated weights
                     r_losses = self.remain_losses(remain_batch, targets[1]) if use_remain else None
                     r_loss = self._remain_objective(r_losses)
-                self._optimizer_step(r_loss, masked=False, lr=s.step.remain_lr)    # slow: remain
+                remain_lr = s.step.remain_lr * self.rate_scale if s.step.remain_lr is not None else None
+                self._optimizer_step(r_loss, masked=False, lr=remain_lr)           # slow: remain
         elif s.step.method == "joint":  # one masked and clipped step on every term
             with torch.autocast(**self.amp):
                 loss, f_losses, r_losses = self._joint_loss(forget_batch, remain_batch, alpha, targets)

@@ -142,11 +142,14 @@ def test_a_case_without_its_shipped_dit_is_one_clear_error(tmp_path, monkeypatch
 
 def test_the_data_folder_defaults_to_the_case(monkeypatch):
     """demo.py and bench/compare.py resolve --data-path from --dataset in their parse_args, so scripts that build on
-    their arguments (bench/label_dropout.py, bench/sfron_variants.py) get a folder, not None."""
+    their arguments (bench/label_dropout.py, bench/sfron_variants.py) get a folder, not None; so does
+    bench/sfron_variants.py's own --dataset."""
     monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
     import compare
     import demo
-    for parse in (demo.parse_args, compare.parse_args):
+    import sfron_variants
+    variants = lambda argv: sfron_variants.parse_args(["--name", "x", "--lr", "1e-3", *argv])  # noqa: E731
+    for parse in (demo.parse_args, compare.parse_args, variants):
         assert parse([]).data_path == os.path.join("data", "digits")
         assert parse(["--dataset", "mnist"]).data_path == os.path.join("data", "mnist")
         assert parse(["--dataset", "mnist", "--data-path", "elsewhere"]).data_path == "elsewhere"

@@ -124,7 +124,7 @@ def own_flags():
 
 def test_forget_py_keeps_its_flags_few_and_grouped():
     parser, own = own_flags()
-    assert len(own) <= 29  # 28, and UNO's --uno-weight
+    assert len(own) <= 30  # 28, UNO's --uno-weight and --lr-scale
     grouped = {id(a) for g in parser._action_groups[2:] for a in g._group_actions}  # past positionals/options
     assert all(id(a) in grouped for a in own if a.dest != "help")
     assert all(len(fields(part)) <= 12 for part in (StepSettings, ForgetTerm, RemainTerm, ReplaySettings))
