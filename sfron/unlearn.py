@@ -227,6 +227,22 @@ def eps_prediction(model, diffusion, batch, labels, drop):
     return model(x_t, batch.t, labels, force_drop_ids=drop)[:, :batch.x.shape[1]]
 
 
+def guidance_size(model, diffusion, batch, dist, amp):
+    """
+    The RMS over the batch (all processes) of the model's guidance direction for the batch's labels,
+    eps(x_t, c) - eps(x_t, null): how far the forget label's predictions must move for the class to be gone (ESD's
+    target lies (1 + eta) times this from them). amp: torch.autocast's arguments.
+    """
+    keep = torch.zeros_like(batch.drop)
+    with torch.no_grad(), torch.autocast(**amp):
+        eps = eps_prediction(model, diffusion, concat_batches(batch, batch), torch.cat([batch.y, batch.y]),
+                             torch.cat([keep, torch.ones_like(keep)]))
+    cond, null = eps.float().chunk(2)                                           # (b, C, H, W) each
+    sums = torch.stack([(cond - null).pow(2).sum(), torch.tensor(float(cond.numel()), device=cond.device)])
+    total, count = dist.all_reduce_sum_(sums).tolist()
+    return math.sqrt(total / count)
+
+
 def mean_flat_square(x):
     """Per-sample mean of squares (b,)."""
     return x.float().square().flatten(1).mean(1)
@@ -326,7 +342,7 @@ class Unlearner:
         self.adversary = AdversarialLabel(self.raw_model, forget.adversarial_steps, dist) \
             if forget.adversarial_steps else None
         self._forget_grads = None  # the last forget step's gradient (--remain-projection)
-        # --lr-scale guidance: set from the first forget batch, before the first step moves the weights
+        # --lr-scale guidance: the guidance size of the first forget batch, before the first step moves the weights
         self.rate_scale = 1.0 if step.lr_scale == "none" else None
 
     def set_rate_scale(self, scale):
@@ -335,21 +351,6 @@ class Unlearner:
         for opt in {id(self.opt): self.opt, id(self.forget_opt): self.forget_opt}.values():
             for group in opt.param_groups:
                 group["lr"] = self.settings.step.lr * self.rate_scale
-
-    def guidance_size(self, batch):
-        """
-        The RMS over the forget batch (all processes) of the model's guidance direction for the forget label,
-        eps(x_t, c) - eps(x_t, null): how far its predictions must move for the class to be gone (ESD's target
-        lies (1 + eta) times this from them). Called before the first step, when the weights are the original's.
-        """
-        keep = torch.zeros_like(batch.drop)
-        with torch.no_grad(), torch.autocast(**self.amp):
-            eps = eps_prediction(self.raw_model, self.diffusion, concat_batches(batch, batch),
-                                 torch.cat([batch.y, batch.y]), torch.cat([keep, torch.ones_like(keep)]))
-        cond, null = eps.float().chunk(2)                                       # (b, C, H, W) each
-        sums = torch.stack([(cond - null).pow(2).sum(), torch.tensor(float(cond.numel()), device=cond.device)])
-        total, count = self.dist.all_reduce_sum_(sums).tolist()
-        return math.sqrt(total / count)
 
     def _make_optimizer(self, lr):
         """AdamW over the parameters: of the free entries only when the run is confined to the mask."""
@@ -495,7 +496,11 @@ class Unlearner:
         """
         s = self.settings
         if self.rate_scale is None:
-            self.set_rate_scale(self.guidance_size(forget_batch))
+            size = guidance_size(self.raw_model, self.diffusion, forget_batch, self.dist, self.amp)
+            if not size > 0 or not math.isfinite(size):
+                raise UserError(f"--lr-scale guidance: the model's guidance size on the first forget batch is {size} "
+                                f"(its label does not change its prediction), so it gives no rate; use --lr-scale none")
+            self.set_rate_scale(size)
         use_remain = s.remain.remain_alpha != 0
         f_losses = r_losses = None
         self._forget_grads = None  # a remain step projects off this step's forget gradient only

@@ -1,10 +1,11 @@
 """The benchmark scripts on a small model, so that they work when run on a GPU machine."""
 import json
 import os
+import re
 
 import pytest
 
-from helpers import run_script
+from helpers import make_tiny_run_folder, run_in_process, run_script
 
 
 def test_throughput_benchmark_fisher_equals_the_official_loop(tmp_path):
@@ -64,3 +65,19 @@ def test_memory_benchmark_counts_each_part_of_the_state(tmp_path):
         assert stored < run["checkpoint"] < stored + 1e-3
     ratio = runs[DEFAULT_RECIPE]["persistent"] / runs["official"]["persistent"]
     assert ratio < 0.5 and proc.stdout.strip().splitlines()[-1].endswith(f"ratio {ratio:.2f}")
+
+
+def test_guidance_size_prints_what_forget_py_scales_its_rates_by(tmp_path):
+    """bench/guidance_size.py takes forget.py's first forget batch: the size it prints for a class is the one a
+    forget.py --lr-scale guidance run logs and multiplies its rates by."""
+    make_tiny_run_folder(tmp_path)
+    model = ["--model", "DiT-T/2", "--ckpt", tmp_path / "tiny.pt", "--data-path", tmp_path / "data"]
+    run_in_process("forget.py", *model, "--batch-size", 2, "--n-iters", 1, "--snapshot-every", 0, "--forget-class", 1,
+                   "--lr", "0.5", "--lr-scale", "guidance", "--results-dir", tmp_path / "res", "--num-workers", 0,
+                   cwd=tmp_path, check=True)
+    (log,) = (tmp_path / "res").glob("*/log.txt")
+    size, lr = re.search(r"guidance size ([0-9.e-]+), so lr ([0-9.e-]+)", log.read_text()).groups()
+    assert float(size) > 0 and float(lr) == pytest.approx(0.5 * float(size), rel=2e-3)
+    printed = run_script("bench/guidance_size.py", *model, "--classes", 1, "--batch-size", 2, cwd=tmp_path).stdout
+    assert printed.startswith("class 1: guidance size ")
+    assert float(printed.split()[-1]) == pytest.approx(float(size), abs=6e-5)

@@ -283,6 +283,11 @@ def test_lr_scale_guidance_takes_the_rates_relative_to_the_class_guidance_size()
     assert unit == 1.0 and all(torch.equal(relative[name], value) for name, value in given.items())
     _, unscaled = weights_after_step("none", 0.5, 0.25)
     assert not all(torch.equal(relative[name], value) for name, value in unscaled.items())
+    blind = tiny_model()
+    torch.nn.init.zeros_(blind.y_embedder.embedding_table.weight)  # every label, the null one too, the same
+    settings = UnlearnSettings.from_fields({"forget_class": 0, "lr_scale": "guidance"})
+    with pytest.raises(UserError, match="guidance size on the first forget batch is 0.0 .*use --lr-scale none"):
+        Unlearner(blind, create_diffusion(""), settings, DIST).step(fb, rb, 1.0)
     with pytest.raises(UserError, match="--lr-scale must be one of none, guidance, got grad"):
         UnlearnSettings.from_fields({"forget_class": 0, "lr_scale": "grad"}).check()
 

@@ -1,0 +1,85 @@
+"""
+The guidance size of each class of a DiT: the RMS of eps(x_t, c) - eps(x_t, null) of the model over the first
+forget batch that `forget.py --seed S --batch-size B` takes for the class, the number `forget.py --lr-scale
+guidance` multiplies its rates by (and prints). Compares how strongly two models use their labels before a
+rate chosen on one is taken to the other.
+
+    python bench/guidance_size.py                     # the embedded digits DiT, every digit
+    python bench/guidance_size.py --dataset mnist
+    python bench/guidance_size.py --model DiT-XL/2 --data-path /data/imagenet --classes 207 --batch-size 32
+"""
+import argparse
+import os
+import statistics
+import sys
+
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import demo  # noqa: E402
+import prepare_digits  # noqa: E402
+from cli import run_main  # noqa: E402
+from diffusion import create_diffusion  # noqa: E402
+from models import DiT_models  # noqa: E402
+from sfron.build import ModelRequest, autocast_dtype, load_model_and_vae  # noqa: E402
+from sfron.data import DiffusionBatches, LatentEncoder, StreamConfig, class_folders, unlearn_datasets  # noqa: E402
+from sfron.dist import distributed  # noqa: E402
+from sfron.unlearn import guidance_size  # noqa: E402
+from sfron.utils import check_class_index  # noqa: E402
+
+
+def class_guidance_size(loaded, folders, forget_class, args, dist):
+    """The guidance size of forget_class on the first batch of forget.py's forget stream (seed args.seed)."""
+    model, vae, spec = loaded.model, loaded.vae, loaded.spec
+    diffusion = create_diffusion(timestep_respacing="")
+    forget_set, _ = unlearn_datasets(folders, forget_class, spec.image_size)
+    config = StreamConfig(stream="forget", seed=args.seed, global_batch=args.batch_size,
+                          num_timesteps=diffusion.num_timesteps, dropout_prob=model.y_embedder.dropout_prob,
+                          random_flip=spec.random_flip)
+    encoder = LatentEncoder(vae, autocast_dtype(args.precision)) if vae is not None else None
+    first = next(iter(DiffusionBatches(forget_set, config, dist, range(1), encoder)))
+    amp = dict(device_type=dist.device.type, dtype=autocast_dtype(args.precision), enabled=args.precision == "bf16")
+    return guidance_size(model, diffusion, first, dist, amp)
+
+
+def main(args):
+    """Prints the guidance size of each class asked for, and their median."""
+    with distributed() as dist:
+        loaded = load_model_and_vae(ModelRequest(model=args.model, ckpt=args.ckpt), dist.device)
+        loaded.model.eval()
+        folders = class_folders(args.data_path, loaded.spec.num_classes)
+        classes = args.classes if args.classes is not None else list(folders.indices)
+        sizes = []
+        for forget_class in classes:
+            check_class_index(forget_class, loaded.spec.num_classes, "--classes", "the model")
+            sizes.append(class_guidance_size(loaded, folders, forget_class, args, dist))
+            if dist.is_main:
+                print(f"class {forget_class}: guidance size {sizes[-1]:.4f}", flush=True)
+        if dist.is_main and len(sizes) > 1:
+            print(f"median {statistics.median(sizes):.4f}, range {min(sizes):.4f}-{max(sizes):.4f} "
+                  f"({len(sizes)} classes, seed {args.seed}, batch {args.batch_size})")
+
+
+def parse_args(argv=None):
+    """The command line; --dataset fills in the embedded case's model, checkpoint and images."""
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--dataset", type=str, choices=list(demo.CASES), default="digits",
+                        help="the embedded case whose DiT and images are the defaults")
+    parser.add_argument("--model", type=str, choices=list(DiT_models.keys()), default=None,
+                        help="the DiT (default: the case's)")
+    parser.add_argument("--ckpt", type=str, default=None, help="its checkpoint (default: the case's DiT)")
+    parser.add_argument("--data-path", type=str, default=None, help="the training images (default: the case's)")
+    parser.add_argument("--classes", type=int, nargs="+", default=None, help="the classes (default: every one)")
+    parser.add_argument("--seed", type=int, default=0, help="forget.py --seed")
+    parser.add_argument("--batch-size", type=int, default=128, help="forget.py --batch-size")
+    parser.add_argument("--precision", type=str, choices=["fp32", "bf16"], default="fp32")
+    args = parser.parse_args(argv)
+    case = demo.CASES[args.dataset]
+    args.model = args.model or case.model
+    args.ckpt = args.ckpt or (case.dit if args.model == case.model else None)
+    args.data_path = args.data_path or prepare_digits.data_folder(args.dataset)
+    return args
+
+
+if __name__ == "__main__":
+    run_main(main, parse_args())
