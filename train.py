@@ -2,7 +2,8 @@
 Trains a class-conditional DiT on an ImageNet-style folder, in the manner of the official train.py (AdamW, by
 default at a constant learning rate; an EMA of the weights; label dropout for guidance). --exclude-class leaves one
 class out: the model retrained without the forget class, the gold standard of unlearning. Used for the embedded
-digits and MNIST models; runs on one CPU or GPU, or under torchrun / srun (DDP).
+digits and MNIST models; runs on one CPU or GPU, or under torchrun / srun (DDP). SIGTERM or SIGUSR1 saves the run
+after the step in progress (exit status 75), and --resume auto continues it bit-identically.
 """
 import argparse
 import math
