@@ -32,13 +32,12 @@ from sfron.loss import check_finite_weights
 from sfron.mask import (MaskChoice, Provenance, check_mask_frees_some, check_provenance, kept_share,
                         resolve_mask_file, saliency_mask_for)
 from sfron.preemption import Preempted, StopSignals
-from sfron.resume import (RUN_RECORD, check_same_run, checkpoint_identity, find_matching_run, find_resume_checkpoint,
-                          newest_checkpoint, pinned_record, remove_leftovers)
+from sfron.resume import RUN_RECORD, RunLookup, check_same_run, checkpoint_identity, locate_run, pinned_record
 from sfron.recipes import RECIPES, flag, flag_text, get_recipe, official_differences, recipe_help
 from sfron.sampling import SnapshotGrid, SnapshotOptions, generate_replay, per_sample_noise, snapshot_classes
 from sfron.unlearn import (FORGET_LOSSES, LR_SCALES, METHODS, NON_FINITE_HINT, REMAIN_LOSSES, FrozenReference,
                            Unlearner, UnlearnSettings, exchange_class)
-from sfron.utils import UserError, check_class_index, create_logger, start_experiment
+from sfron.utils import UserError, check_class_index, create_logger
 
 
 @dataclass(frozen=True)
@@ -136,7 +135,9 @@ def main(args):
     check_mask_choice(args, settings, original, spec)
     with distributed() as dist, StopSignals() as stop:
         torch.manual_seed(settings.step.seed)
-        experiment_dir, resumed_path, resumed = experiment_of(args, settings, dist)
+        lookup = RunLookup(args.results_dir, args.resume, experiment_name(settings, args.model))
+        match = {**asdict(settings), "init": {"ckpt": checkpoint_identity(args.ckpt)}}  # what --resume auto continues
+        experiment_dir, resumed_path, resumed = locate_run(lookup, match, dist)
         logger = create_logger(experiment_dir, dist.rank)
         if resumed is None:
             logger.info(f"Experiment directory created at {experiment_dir}")
@@ -189,29 +190,6 @@ def log_recipe(args, settings, logger):
     note = official_differences(settings, masked=args.mask_path is not None)
     if note:
         logger.info(note)
-
-
-def experiment_of(args, settings, dist):
-    """
-    (experiment folder, checkpoint path, checkpoint) of the run: a new folder; the run --resume names; or with
-    --resume auto the newest run under --results-dir with the same settings and starting checkpoint (continued
-    from its last checkpoint, or from the start where it saved none), else a new folder.
-    """
-    if args.resume not in (None, "auto"):
-        path, checkpoint = find_resume_checkpoint(args.resume)
-        found = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-        remove_leftovers(found, dist)
-        return found, path, checkpoint
-    found = None
-    if args.resume == "auto" and dist.is_main:
-        found = find_matching_run(args.results_dir, {**asdict(settings),
-                                                     "init": {"ckpt": checkpoint_identity(args.ckpt)}})
-    found = dist.broadcast_object(found)
-    if found is None:
-        return start_experiment(dist, args.results_dir, experiment_name(settings, args.model))[0], None, None
-    remove_leftovers(found, dist)
-    path = newest_checkpoint(found)
-    return (found, None, None) if path is None else (found, *find_resume_checkpoint(path))
 
 
 def frozen_reference(settings, original, spec, dist, logger):

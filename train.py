@@ -28,9 +28,8 @@ from sfron.files import atomic_json_dump, atomic_torch_save
 from sfron.loss import check_finite, diffusion_loss
 from sfron.optim import update_ema
 from sfron.preemption import Preempted, StopSignals
-from sfron.resume import (RUN_RECORD, check_same_run, find_matching_run, find_resume_checkpoint, newest_checkpoint,
-                          pinned_record, remove_leftovers)
-from sfron.utils import UserError, check_class_index, create_logger, start_experiment
+from sfron.resume import RUN_RECORD, RunLookup, check_same_run, locate_run, pinned_record
+from sfron.utils import UserError, check_class_index, create_logger
 from sfron.vae import latent_channels, load_vae
 
 
@@ -90,28 +89,6 @@ def training_settings(args, steps):
                             args.warmup_steps, args.ema_decay, args.precision, args.exclude_class)
 
 
-def experiment_of(args, record, dist, suffix):
-    """(experiment folder, checkpoint path, checkpoint): a new folder; the run --resume names; or with --resume auto
-    the newest run under --results-dir with the same record (from its last checkpoint, else from the start)."""
-    if args.resume not in (None, "auto"):
-        path, checkpoint = find_resume_checkpoint(args.resume, RESUME_KEYS, "train.py")
-        found = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-    else:
-        found = find_matching_run(args.results_dir, record) if args.resume == "auto" and dist.is_main else None
-        found = dist.broadcast_object(found)
-        if found is None:
-            path = start_experiment(dist, args.results_dir, suffix)[0]
-            if dist.is_main:
-                atomic_json_dump(record, os.path.join(path, RUN_RECORD))
-            return path, None, None
-        path = newest_checkpoint(found)
-        path, checkpoint = find_resume_checkpoint(path, RESUME_KEYS, "train.py") if path else (None, None)
-    if checkpoint is not None:
-        check_same_run(checkpoint["run"], record)
-    remove_leftovers(found, dist)
-    return found, path, checkpoint
-
-
 def save_checkpoint(path, state, args, record, train_steps):
     """Rank 0 writes checkpoints/NNNNNNN.pt: the weights, the EMA, the optimizer and schedule, and the run record.
     state: (model, ema, opt, scheduler)."""
@@ -144,7 +121,12 @@ def main(args):
                          random_flip=args.random_flip)
         record = pinned_record({"model": spec, "training": training_settings(args, steps),
                                 "data": {"fingerprint": dataset_fingerprint(dataset)}})
-        experiment_dir, resumed_path, resumed = experiment_of(args, record, dist, suffix)
+        lookup = RunLookup(args.results_dir, args.resume, suffix, "train.py", RESUME_KEYS)
+        experiment_dir, resumed_path, resumed = locate_run(lookup, record, dist)
+        if resumed is not None:
+            check_same_run(resumed["run"], record)
+        elif dist.is_main:
+            atomic_json_dump(record, os.path.join(experiment_dir, RUN_RECORD))
         logger = create_logger(experiment_dir, dist.rank)
         start = 0 if resumed is None else resumed["train_steps"]
         logger.info(f"Experiment directory created at {experiment_dir}" if resumed is None else

@@ -6,14 +6,27 @@ of a settings dataclass is pinned by being there. `--resume auto` finds the run 
 """
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from glob import glob
+from typing import Optional
 
 from .files import as_read_back, remove_stale_temporaries, safe_torch_load
-from .utils import UserError
+from .utils import UserError, start_experiment
 
 CHECKPOINT_PATTERN = "[0-9]" * 7 + ".pt"
 RUN_RECORD = "run.json"  # an experiment folder's pinned settings, written when the run starts (--resume auto)
+FORGET_RESUME_KEYS = ("model", "opt", "run", "train_steps")  # what a forget.py checkpoint needs to be continued
+
+
+@dataclass(frozen=True)
+class RunLookup:
+    """Where a script's run lives: its --results-dir, its --resume (None, "auto", or a folder or checkpoint), the
+    suffix of a new experiment folder, and what a checkpoint of this script must hold to be continued."""
+    results_dir: str
+    resume: Optional[str]
+    new_name: str
+    script: str = "forget.py"
+    required: tuple = FORGET_RESUME_KEYS
 
 
 def pinned_record(sections):
@@ -59,7 +72,7 @@ def check_same_run(recorded, current):
                 raise UserError(_difference(section, key, saved[key], value))
 
 
-def find_resume_checkpoint(path, required=("model", "opt", "run", "train_steps"), script="forget.py"):
+def find_resume_checkpoint(path, required=FORGET_RESUME_KEYS, script="forget.py"):
     """(path, checkpoint) to resume: a checkpoint file, or the newest checkpoints/NNNNNNN.pt of an experiment folder."""
     if os.path.isdir(path):
         folder, path = path, newest_checkpoint(path)
@@ -105,3 +118,26 @@ def remove_leftovers(experiment_dir, dist):
         remove_stale_temporaries(experiment_dir)
         remove_stale_temporaries(os.path.join(experiment_dir, "checkpoints"))
     dist.barrier()
+
+
+def locate_run(lookup, match, dist):
+    """
+    (experiment folder, checkpoint path, checkpoint) of a run: the run `lookup.resume` names; with --resume auto the
+    newest run under the results folder whose run.json records `match` ({section: {field: value}}), continued from
+    its newest checkpoint or from the start where it saved none (path and checkpoint None); else a new folder. The
+    caller checks the checkpoint's record against its own and writes run.json for a run not continued.
+    """
+    if lookup.resume not in (None, "auto"):
+        path, checkpoint = find_resume_checkpoint(lookup.resume, lookup.required, lookup.script)
+        found = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+        remove_leftovers(found, dist)
+        return found, path, checkpoint
+    found = find_matching_run(lookup.results_dir, match) if lookup.resume == "auto" and dist.is_main else None
+    found = dist.broadcast_object(found)
+    if found is None:
+        return start_experiment(dist, lookup.results_dir, lookup.new_name)[0], None, None
+    remove_leftovers(found, dist)
+    path = newest_checkpoint(found)
+    if path is None:
+        return found, None, None
+    return (found, *find_resume_checkpoint(path, lookup.required, lookup.script))
