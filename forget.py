@@ -322,8 +322,7 @@ def run(args, settings, requests, dist, logger, stop, experiment_dir, resumed):
         train_steps = len(history)
         if step.lr_scale != "none" and train_steps == start + 1:
             logger.info(f"--lr-scale {step.lr_scale}: guidance size {unlearner.rate_scale:.4g}, so lr "
-                        f"{step.lr * unlearner.rate_scale:.3g} and remain lr "
-                        f"{(step.remain_lr or step.lr) * unlearner.rate_scale:.3g}")
+                        f"{step.lr * unlearner.rate_scale:.3g} and remain lr {unlearner.remain_rate():.3g}")
         running[0] += f_loss
         running[1] += r_loss
         log_steps += 1
@@ -386,8 +385,9 @@ def build_parser():
                         help="weight of the remain term (the official DiT script parses this flag and weights by 1)")
     update.add_argument("--lr-scale", type=str, choices=LR_SCALES, default="none",
                         help="guidance: --lr and --remain-lr are multiples of the forget class's guidance size, the "
-                             "RMS of eps(x_t, c) - eps(x_t, null) of the original model on the first forget batch "
-                             "(default: none, the rates as given)")
+                             "RMS of eps(x_t, c) - eps(x_t, null) of the original model on the first forget batch; "
+                             "guidance-forget: --lr alone is, --remain-lr is taken as given (default: none, the "
+                             "rates as given)")
     update.add_argument("--remain-lr", type=float, default=None,
                         help="ron: learning rate of the slow (remain) step (default: --lr)")
     update.add_argument("--grad-clip", type=float, default=1.0,

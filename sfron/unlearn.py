@@ -34,7 +34,8 @@ FORGET_LOSSES = ("ga", "adaga", "rl", "salun", "sa", "esd", "uno")
 ADVERSARIAL_LOSSES = ("ga", "adaga", "esd")  # the forget terms that also act under the adversarial label
 DESCENT_LOSSES = ("rl", "sa")            # minimise it under another label / on surrogate images
 METHODS = ("ron", "joint")
-LR_SCALES = ("none", "guidance")  # --lr-scale: the rates as given, or relative to the forget class's guidance size
+# --lr-scale: the rates as given, both relative to the forget class's guidance size, or the forget rate alone
+LR_SCALES = ("none", "guidance", "guidance-forget")
 REMAIN_LOSSES = ("diffusion", "distill")  # the remain term: the noise, or the frozen original's prediction
 ADAGA_EPS = 1e-15
 NON_FINITE_HINT = "lower --lr or --forget-alpha (the last good checkpoint is kept)"
@@ -52,7 +53,7 @@ class StepSettings:
     separate_forget_optimizer: bool = False  # ron: the forget step keeps its own AdamW moments
     mask_remain_step: bool = False           # ron: the remain step moves the weights of the saliency mask only
     remain_projection: bool = False          # ron: the remain gradient loses its component against the forget one
-    lr_scale: str = "none"                   # guidance: lr and remain_lr are multiples of the class's guidance size
+    lr_scale: str = "none"                   # guidance(-forget): lr (and remain_lr) are multiples of the guidance size
     seed: int = 0
     precision: str = "fp32"
 
@@ -352,6 +353,13 @@ class Unlearner:
             for group in opt.param_groups:
                 group["lr"] = self.settings.step.lr * self.rate_scale
 
+    def remain_rate(self):
+        """The remain step's learning rate: --remain-lr (default --lr), times the guidance scale unless only the
+        forget rate takes it (--lr-scale guidance-forget)."""
+        step = self.settings.step
+        rate = step.remain_lr if step.remain_lr is not None else step.lr
+        return rate if step.lr_scale == "guidance-forget" else rate * self.rate_scale
+
     def _make_optimizer(self, lr):
         """AdamW over the parameters: of the free entries only when the run is confined to the mask."""
         return MaskedAdamW(self.params, self.free, lr) if self.free is not None else make_optimizer(self.params, lr)
@@ -516,8 +524,7 @@ class Unlearner:
                 with torch.autocast(**self.amp):                                   # at the updated weights
                     r_losses = self.remain_losses(remain_batch, targets[1]) if use_remain else None
                     r_loss = self._remain_objective(r_losses)
-                remain_lr = s.step.remain_lr * self.rate_scale if s.step.remain_lr is not None else None
-                self._optimizer_step(r_loss, masked=False, lr=remain_lr)           # slow: remain
+                self._optimizer_step(r_loss, masked=False, lr=self.remain_rate())  # slow: remain
         elif s.step.method == "joint":  # one masked and clipped step on every term
             with torch.autocast(**self.amp):
                 loss, f_losses, r_losses = self._joint_loss(forget_batch, remain_batch, alpha, targets)

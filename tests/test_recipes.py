@@ -76,7 +76,9 @@ def test_the_official_recipe_computes_the_official_loop():
             a, b, s = (t[torch.arange(48) // 16 != 1] for t in (a, b, start[name]))
         else:
             s = start[name]
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+        # atol 5e-5: an entry whose gradient is near 0 takes Adam's near-sign first steps from rounding noise
+        # (1.7e-5 seen on one entry of the final layer on some CPUs); a different update moves entries by ~lr = 1e-2
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=5e-5)
         moved = max(moved, float((a - s).detach().abs().max()))
     assert moved > 1e-3  # the steps moved the weights: the equality is not of two unchanged models
 

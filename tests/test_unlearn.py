@@ -288,8 +288,14 @@ def test_lr_scale_guidance_takes_the_rates_relative_to_the_class_guidance_size()
     settings = UnlearnSettings.from_fields({"forget_class": 0, "lr_scale": "guidance"})
     with pytest.raises(UserError, match="guidance size on the first forget batch is 0.0 .*use --lr-scale none"):
         Unlearner(blind, create_diffusion(""), settings, DIST).step(fb, rb, 1.0)
-    with pytest.raises(UserError, match="--lr-scale must be one of none, guidance, got grad"):
+    with pytest.raises(UserError, match="--lr-scale must be one of none, guidance, guidance-forget, got grad"):
         UnlearnSettings.from_fields({"forget_class": 0, "lr_scale": "grad"}).check()
+    # guidance-forget: the forget rate alone is relative, the remain step keeps --remain-lr as given
+    scale, forget_only = weights_after_step("guidance-forget", 0.5, 0.25)
+    assert scale == pytest.approx(size, rel=1e-5)
+    _, given = weights_after_step("none", 0.5 * scale, 0.25)
+    assert all(torch.equal(forget_only[name], value) for name, value in given.items())
+    assert not all(torch.equal(forget_only[name], value) for name, value in relative.items())
 
 
 def test_a_resumed_run_keeps_the_guidance_scale_its_start_measured():
