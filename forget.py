@@ -386,7 +386,7 @@ def build_parser():
     update.add_argument("--lr-scale", type=str, choices=LR_SCALES, default="none",
                         help="guidance: --lr and --remain-lr are multiples of the forget class's guidance size, the "
                              "RMS of eps(x_t, c) - eps(x_t, null) of the original model on the first forget batch; "
-                             "guidance-forget: --lr alone is, --remain-lr is taken as given (default: none, the "
+                             "guidance-forget: --lr alone is such a multiple, --remain-lr is as given (default: none, the "
                              "rates as given)")
     update.add_argument("--remain-lr", type=float, default=None,
                         help="ron: learning rate of the slow (remain) step (default: --lr)")
