@@ -35,8 +35,8 @@ from sfron.preemption import Preempted, StopSignals
 from sfron.resume import RUN_RECORD, RunLookup, check_same_run, checkpoint_identity, locate_run, pinned_record
 from sfron.recipes import RECIPES, flag, flag_text, get_recipe, official_differences, recipe_help
 from sfron.sampling import SnapshotGrid, SnapshotOptions, generate_replay, per_sample_noise, snapshot_classes
-from sfron.unlearn import (FORGET_LOSSES, LR_SCALES, METHODS, NON_FINITE_HINT, REMAIN_LOSSES, FrozenReference,
-                           Unlearner, UnlearnSettings, exchange_class)
+from sfron.unlearn import (DRIFT_ACTIONS, FORGET_LOSSES, LR_SCALES, METHODS, NON_FINITE_HINT, REMAIN_LOSSES,
+                           FrozenReference, Unlearner, UnlearnSettings, exchange_class)
 from sfron.utils import UserError, check_class_index, create_logger
 
 
@@ -74,7 +74,9 @@ def checkpoint_state(unlearner):
     script saves there an EMA of decay 0.9999, which after 600 steps is still about 94% the original model.)
     """
     state = unlearner.raw_model.state_dict()
-    checkpoint = {"model": state, "ema": state, "opt": unlearner.opt.state_dict(), "rate_scale": unlearner.rate_scale}
+    checkpoint = {"model": state, "ema": state, "opt": unlearner.opt.state_dict(), "rate_scale": unlearner.rate_scale,
+                  "guidance_size": unlearner.guidance, "last_remain_loss": unlearner.last_remain_loss,
+                  "over_budget_steps": unlearner.over_budget_steps}
     if unlearner.forget_opt is not unlearner.opt:
         checkpoint["forget_opt"] = unlearner.forget_opt.state_dict()
     if unlearner.adversary is not None:
@@ -121,6 +123,10 @@ def restore(resumed, unlearner):
         unlearner.adversary.load_state_dict(resumed["adversary"])
     if resumed.get("rate_scale") is not None:  # --lr-scale guidance: the scale the run's start measured
         unlearner.set_rate_scale(resumed["rate_scale"])
+    # --remain-drift-budget: the start's guidance size and the last step's remain loss decide the next step
+    unlearner.guidance = resumed.get("guidance_size", unlearner.guidance)
+    unlearner.last_remain_loss = resumed.get("last_remain_loss")
+    unlearner.over_budget_steps = resumed.get("over_budget_steps", 0)
     return list(resumed.get("losses", []))
 
 
@@ -292,6 +298,21 @@ def batch_streams(args, unlearner, vae, spec, datasets, start, logger):
     return streams
 
 
+def drift_text(unlearner):
+    """', steps over the drift budget: N' with --remain-drift-budget, else ''."""
+    if unlearner.settings.remain.remain_drift_budget <= 0:
+        return ""
+    return f", steps over the drift budget: {unlearner.over_budget_steps}"
+
+
+def log_drift_budget(unlearner, logger):
+    """The log line of --remain-drift-budget: the guidance size measured and the remain loss it allows."""
+    remain = unlearner.settings.remain
+    action = "no forget step" if remain.remain_drift_action == "skip-forget" else "an unprojected remain step"
+    logger.info(f"--remain-drift-budget {remain.remain_drift_budget}: guidance size {unlearner.guidance:.4g}, so "
+                f"{action} while the remain loss exceeds {(remain.remain_drift_budget * unlearner.guidance) ** 2:.3g}")
+
+
 def run(args, settings, requests, dist, logger, stop, experiment_dir, resumed):
     """The unlearning loop of main(); requests: (the original model's ModelRequest, the one to load weights from);
     stop: the StopSignals that end the run after the step in progress."""
@@ -323,13 +344,16 @@ def run(args, settings, requests, dist, logger, stop, experiment_dir, resumed):
         if step.lr_scale != "none" and train_steps == start + 1:
             logger.info(f"--lr-scale {step.lr_scale}: guidance size {unlearner.rate_scale:.4g}, so lr "
                         f"{step.lr * unlearner.rate_scale:.3g} and remain lr {unlearner.remain_rate():.3g}")
+        if settings.remain.remain_drift_budget > 0 and train_steps == start + 1:
+            log_drift_budget(unlearner, logger)
         running[0] += f_loss
         running[1] += r_loss
         log_steps += 1
         if train_steps % args.log_every == 0 or train_steps == step.n_iters:
             elapsed = time.time() - start_time
             logger.info(f"(step={train_steps:07d}) Forget Loss: {running[0] / log_steps:.4f}, Remain Loss: "
-                        f"{running[1] / log_steps:.4f}, alpha: {alpha:.3g}, Train Steps/Sec: {log_steps / elapsed:.2f}")
+                        f"{running[1] / log_steps:.4f}, alpha: {alpha:.3g}, Train Steps/Sec: {log_steps / elapsed:.2f}"
+                        f"{drift_text(unlearner)}")
             running, log_steps, start_time = [0.0, 0.0], 0, time.time()
         if dist.is_main and snapshots.due(train_steps):
             snapshots.save(raw_model, checkpoint_dir, train_steps, logger)
@@ -390,6 +414,14 @@ def build_parser():
                              "rates as given)")
     update.add_argument("--remain-lr", type=float, default=None,
                         help="ron: learning rate of the slow (remain) step (default: --lr)")
+    update.add_argument("--remain-drift-budget", type=float, default=0.0,
+                        help="ron with --remain-loss distill: a step takes no forget step while the RMS distance of "
+                             "the remain predictions to the original's (the square root of the last remain loss) "
+                             "exceeds this multiple of the forget class's guidance size; the remain step repairs "
+                             "first (default: 0, never)")
+    update.add_argument("--remain-drift-action", type=str, choices=DRIFT_ACTIONS, default="skip-forget",
+                        help="--remain-drift-budget: what a step over the budget does. skip-forget: no forget step; "
+                             "unproject: the forget step, then a remain step without --remain-projection")
     update.add_argument("--grad-clip", type=float, default=1.0,
                         help="global-norm clip of the masked step's gradient (0: none)")
     update.add_argument("--separate-forget-optimizer", action=argparse.BooleanOptionalAction, default=False,

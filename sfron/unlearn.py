@@ -36,6 +36,7 @@ DESCENT_LOSSES = ("rl", "sa")            # minimise it under another label / on 
 METHODS = ("ron", "joint")
 # --lr-scale: the rates as given, both relative to the forget class's guidance size, or the forget rate alone
 LR_SCALES = ("none", "guidance", "guidance-forget")
+DRIFT_ACTIONS = ("skip-forget", "unproject")  # --remain-drift-action
 REMAIN_LOSSES = ("diffusion", "distill")  # the remain term: the noise, or the frozen original's prediction
 ADAGA_EPS = 1e-15
 NON_FINITE_HINT = "lower --lr or --forget-alpha (the last good checkpoint is kept)"
@@ -78,6 +79,8 @@ class RemainTerm:
     noise prediction, weighted by remain_alpha."""
     remain_loss: str = "diffusion"
     remain_alpha: float = 1.0
+    remain_drift_budget: float = 0.0         # ron, distill: the remain drift (x the guidance size) a step allows
+    remain_drift_action: str = "skip-forget"  # over the budget: no forget step, or (unproject) no remain projection
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,18 @@ class UnlearnSettings:
             raise UserError(f"--uno-weight must not be negative, got {forget.uno_weight}")
         if step.lr_scale not in LR_SCALES:
             raise UserError(f"--lr-scale must be one of {', '.join(LR_SCALES)}, got {step.lr_scale}")
+        if remain.remain_drift_budget < 0:
+            raise UserError(f"--remain-drift-budget must not be negative, got {remain.remain_drift_budget}")
+        if remain.remain_drift_budget > 0 and (step.method != "ron" or remain.remain_loss != "distill"):
+            raise UserError("--remain-drift-budget measures the drift with the distilled remain term: it needs "
+                            "--method ron and --remain-loss distill")
+        if remain.remain_drift_action not in DRIFT_ACTIONS:
+            raise UserError(f"--remain-drift-action must be one of {', '.join(DRIFT_ACTIONS)}, got "
+                            f"{remain.remain_drift_action}")
+        if remain.remain_drift_budget > 0 and remain.remain_drift_action == "unproject" and \
+                not step.remain_projection:
+            raise UserError("--remain-drift-action unproject lifts --remain-projection over the budget: give "
+                            "--remain-projection, or --remain-drift-action skip-forget")
         if step.remain_lr is not None and not step.remain_lr > 0:
             raise UserError(f"--remain-lr must be positive, got {step.remain_lr}")
         if (step.remain_lr is not None or step.separate_forget_optimizer or step.mask_remain_step or
@@ -343,8 +358,13 @@ class Unlearner:
         self.adversary = AdversarialLabel(self.raw_model, forget.adversarial_steps, dist) \
             if forget.adversarial_steps else None
         self._forget_grads = None  # the last forget step's gradient (--remain-projection)
-        # --lr-scale guidance: the guidance size of the first forget batch, before the first step moves the weights
+        # --lr-scale and --remain-drift-budget: the guidance size of the first forget batch, before the first step
+        # moves the weights (a resumed run restores the one its start measured)
+        self.guidance = None
         self.rate_scale = 1.0 if step.lr_scale == "none" else None
+        self.last_remain_loss = None  # --remain-drift-budget: the previous step's (global) remain loss
+        self.over_budget_steps = 0
+        self._full_repair = False  # this step's remain step is not projected (--remain-drift-action unproject)
 
     def set_rate_scale(self, scale):
         """Multiplies --lr and --remain-lr by scale from now on (a resumed run sets the scale its start measured)."""
@@ -352,6 +372,15 @@ class Unlearner:
         for opt in {id(self.opt): self.opt, id(self.forget_opt): self.forget_opt}.values():
             for group in opt.param_groups:
                 group["lr"] = self.settings.step.lr * self.rate_scale
+
+    def over_drift_budget(self):
+        """--remain-drift-budget k: whether the RMS distance of the remain predictions to the original's at the last
+        step (the square root of its distilled remain loss) exceeds k times the guidance size, so that this step
+        takes no forget step (--remain-drift-action skip-forget) or an unprojected remain step (unproject): the
+        remain step repairs first."""
+        budget = self.settings.remain.remain_drift_budget
+        return budget > 0 and self.last_remain_loss is not None and \
+            math.sqrt(self.last_remain_loss) > budget * self.guidance
 
     def remain_rate(self):
         """The remain step's learning rate: --remain-lr (default --lr), times the guidance scale unless only the
@@ -407,7 +436,7 @@ class Unlearner:
         if forget_step:
             self._forget_grads = [g.detach().clone() if g is not None else None for g in grads]
             return
-        project_off_(grads, self._forget_grads)
+        project_off_(grads, None if self._full_repair else self._forget_grads)
         self._forget_grads = None
         if self.free is not None:
             for p, g, i in zip(self.params, grads, self.free):
@@ -503,12 +532,13 @@ class Unlearner:
         all-reduced gradient and means non-finite on all; nothing has been saved from the bad weights).
         """
         s = self.settings
-        if self.rate_scale is None:
-            size = guidance_size(self.raw_model, self.diffusion, forget_batch, self.dist, self.amp)
-            if not size > 0 or not math.isfinite(size):
-                raise UserError(f"--lr-scale guidance: the model's guidance size on the first forget batch is {size} "
-                                f"(its label does not change its prediction), so it gives no rate; use --lr-scale none")
-            self.set_rate_scale(size)
+        if self.guidance is None and (self.rate_scale is None or s.remain.remain_drift_budget > 0):
+            self.measure_guidance(forget_batch)
+        over = self.over_drift_budget()
+        self.over_budget_steps += int(over)
+        self._full_repair = over and s.remain.remain_drift_action == "unproject"
+        if over and s.remain.remain_drift_action == "skip-forget":
+            alpha = 0  # this step: the remain step alone
         use_remain = s.remain.remain_alpha != 0
         f_losses = r_losses = None
         self._forget_grads = None  # a remain step projects off this step's forget gradient only
@@ -531,7 +561,20 @@ class Unlearner:
             self._optimizer_step(loss, masked=True)
         else:
             raise UserError(f"unknown --method {s.step.method}; choose from {', '.join(METHODS)}")
-        return self._global_means(f_losses, r_losses, forget_batch.step)
+        means = self._global_means(f_losses, r_losses, forget_batch.step)
+        self.last_remain_loss = means[1]
+        return means
+
+    def measure_guidance(self, forget_batch):
+        """Measures the guidance size on the first forget batch; with --lr-scale, takes it as the rates' scale."""
+        size = guidance_size(self.raw_model, self.diffusion, forget_batch, self.dist, self.amp)
+        if not size > 0 or not math.isfinite(size):
+            raise UserError(f"--lr-scale and --remain-drift-budget: the model's guidance size on the first forget "
+                            f"batch is {size} (its label does not change its prediction), so it gives no scale; use "
+                            f"--lr-scale none and --remain-drift-budget 0")
+        self.guidance = size
+        if self.rate_scale is None:
+            self.set_rate_scale(size)
 
     def _joint_loss(self, forget_batch, remain_batch, alpha, targets):
         """(alpha L_forget + remain_alpha L_remain + EWC, forget losses, remain losses) for the joint step; targets:

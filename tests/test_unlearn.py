@@ -311,3 +311,56 @@ def test_a_resumed_run_keeps_the_guidance_scale_its_start_measured():
     assert resumed.forget_opt.param_groups[0]["lr"] == 0.5 * started.rate_scale
     resumed.step(batch(3, 0, n=4), batch(4, 1, n=4), 1.0)
     assert resumed.rate_scale == started.rate_scale
+
+
+def test_remain_drift_budget_skips_the_forget_step_or_the_projection_while_the_remain_drift_is_over_it():
+    """--remain-drift-budget k: while the last step's remain loss exceeds (k x the guidance size)^2, a step takes no
+    forget step (its forget loss is 0), or with --remain-drift-action unproject a remain step without the projection;
+    k 0 never acts; a resumed run keeps the guidance size and last remain loss, so it decides its next step as the
+    uninterrupted run does."""
+    import copy
+
+    import forget
+    from sfron.unlearn import FrozenReference
+
+    def run(budget, steps=4, unlearner=None, start=0, **extra):
+        fields = {"forget_class": 0, "lr": 0.05, "remain_lr": 0.01, "unlearn_loss": "esd", "remain_loss": "distill",
+                  "separate_forget_optimizer": True, "remain_drift_budget": budget, **extra}
+        if unlearner is None:
+            settings = UnlearnSettings.from_fields(fields)
+            settings.check()
+            unlearner = Unlearner(tiny_model(), create_diffusion(""), settings, DIST,
+                                  reference=FrozenReference(model=tiny_model().eval()))
+        losses = [unlearner.step(batch(10 + k, 0, n=4), batch(20 + k, 1, n=4), 1.0) for k in range(start, steps)]
+        return unlearner, losses
+    free, free_losses = run(0.0)
+    loose, loose_losses = run(1e6)
+    assert free.over_budget_steps == loose.over_budget_steps == 0 and free.guidance is None
+    assert loose_losses == free_losses and all(f > 0 for f, _ in free_losses)
+    drift = math.sqrt(free_losses[0][1]) / loose.guidance  # the remain drift after the first step, in guidance sizes
+    assert drift > 0
+    tight, tight_losses = run(drift / 2)  # over the budget after the first step: the remain step alone
+    assert tight.over_budget_steps >= 1 and tight_losses[1][0] == 0.0 and tight_losses[0][0] > 0
+    # unproject: every step forgets; over the budget the remain step is not projected
+    projected = run(0.0, remain_projection=True)[1]
+    assert run(1e6, remain_projection=True, remain_drift_action="unproject")[1] == projected
+    repaired, repaired_losses = run(drift / 10, remain_projection=True, remain_drift_action="unproject")
+    assert repaired.over_budget_steps == 3 and all(f > 0 for f, _ in repaired_losses)
+    # the losses of a step come before its remain step: step 3's unprojected one (its two gradients conflict in this
+    # toy, step 2's do not) first shows at step 4
+    assert repaired_losses[:3] == projected[:3] and repaired_losses[3] != projected[3]
+    # resumed after two steps: the same decisions and losses as the uninterrupted run
+    half, _ = run(drift / 2, steps=2)
+    resumed = Unlearner(tiny_model(seed=1), create_diffusion(""), half.settings, DIST,
+                        reference=FrozenReference(model=tiny_model().eval()))
+    forget.restore(copy.deepcopy({**forget.checkpoint_state(half), "losses": [[1, 0.0, 0.0]] * 2}), resumed)
+    assert resumed.guidance == half.guidance and resumed.last_remain_loss == half.last_remain_loss
+    _, rest = run(drift / 2, unlearner=resumed, start=2)
+    assert rest == tight_losses[2:] and resumed.over_budget_steps == tight.over_budget_steps
+    with pytest.raises(UserError, match="--remain-drift-budget measures the drift with the distilled remain term"):
+        UnlearnSettings.from_fields({"forget_class": 0, "remain_drift_budget": 0.5}).check()
+    with pytest.raises(UserError, match="--remain-drift-budget must not be negative"):
+        UnlearnSettings.from_fields({"forget_class": 0, "remain_drift_budget": -1.0}).check()
+    with pytest.raises(UserError, match="--remain-drift-action unproject lifts --remain-projection"):
+        UnlearnSettings.from_fields({"forget_class": 0, "remain_loss": "distill", "remain_drift_budget": 0.5,
+                                     "remain_drift_action": "unproject"}).check()
