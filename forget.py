@@ -415,10 +415,10 @@ def build_parser():
     update.add_argument("--remain-lr", type=float, default=None,
                         help="ron: learning rate of the slow (remain) step (default: --lr)")
     update.add_argument("--remain-drift-budget", type=float, default=0.0,
-                        help="ron with --remain-loss distill: a step takes no forget step while the RMS distance of "
-                             "the remain predictions to the original's (the square root of the last remain loss) "
-                             "exceeds this multiple of the forget class's guidance size; the remain step repairs "
-                             "first (default: 0, never)")
+                        help="ron with --remain-loss distill: while the RMS distance of the remain predictions to the "
+                             "original's (the square root of the last remain loss) exceeds this multiple of the forget "
+                             "class's guidance size, a step does what --remain-drift-action says, so that the remain "
+                             "step repairs first (default: 0, never)")
     update.add_argument("--remain-drift-action", type=str, choices=DRIFT_ACTIONS, default="skip-forget",
                         help="--remain-drift-budget: what a step over the budget does. skip-forget: no forget step; "
                              "unproject: the forget step, then a remain step without --remain-projection")
