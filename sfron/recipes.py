@@ -15,9 +15,9 @@ from .utils import UserError
 
 # The flags every recipe sets (forget.py's argument names).
 RECIPE_FIELDS = ("method", "unlearn_loss", "forget_alpha", "decay_forget_alpha", "esd_eta", "forget_label_dropout",
-                 "adversarial_steps", "remain_loss", "remain_alpha", "lr", "remain_lr",
-                 "grad_clip", "separate_forget_optimizer", "mask_remain_step", "remain_projection", "lr_scale",
-                 "remain_drift_budget", "remain_drift_action", "threshold")
+                 "adversarial_steps", "remain_loss", "remain_alpha", "lr", "remain_lr", "grad_clip",
+                 "separate_forget_optimizer", "mask_remain_step", "remain_projection", "lr_scale", "threshold",
+                 "remain_drift_budget", "remain_drift_action")
 
 
 @dataclass(frozen=True)
@@ -55,10 +55,10 @@ def _recipe(name, summary, values):
 
 
 _OFFICIAL = dict(method="ron", unlearn_loss="ga", forget_alpha=1.0, decay_forget_alpha=False, esd_eta=1.0,
-                 forget_label_dropout=True, adversarial_steps=0, remain_loss="diffusion",
-                 remain_alpha=1.0, lr=1e-5, remain_lr=None, grad_clip=1.0, separate_forget_optimizer=False,
-                 mask_remain_step=False, remain_projection=False, lr_scale="none", remain_drift_budget=0.0,
-                 remain_drift_action="skip-forget", threshold=1.0)
+                 forget_label_dropout=True, adversarial_steps=0, remain_loss="diffusion", remain_alpha=1.0, lr=1e-5,
+                 remain_lr=None, grad_clip=1.0, separate_forget_optimizer=False, mask_remain_step=False,
+                 remain_projection=False, lr_scale="none", threshold=1.0, remain_drift_budget=0.0,
+                 remain_drift_action="skip-forget")
 _MASKED_ESD_DISTILL = {**_OFFICIAL, "unlearn_loss": "esd", "remain_loss": "distill", "lr": 4e-3, "remain_lr": 2e-3,
                        "separate_forget_optimizer": True, "mask_remain_step": True, "threshold": 5.0}
 
