@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cli import add_class_index_arg, add_model_args, add_sampling_args, model_request, run_main, sampler_config
+from cli import (add_class_index_arg, add_model_args, add_sampling_args, description, model_request, run_main,
+                sampler_config)
 from diffusion import create_diffusion
 from sfron.attack import ATTACKS, AttackImages, AttackSettings, label_inversion, relearning
 from sfron.build import load_model_and_vae
@@ -143,7 +144,7 @@ def main(args):
 
 def parse_args(argv=None):
     """The command line (argv: a list of arguments instead of sys.argv)."""
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     add_model_args(parser, several_ckpts=True)
     add_sampling_args(parser, cfg_scale=4.0, num_steps=50, sampler="ddim")
     parser.add_argument("--names", type=str, nargs="+", default=None, help="a name per --ckpt")

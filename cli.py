@@ -14,6 +14,11 @@ from sfron.sampling import SamplerConfig
 from sfron.utils import UserError, check_class_index
 
 
+def description(doc):
+    """A script's --help description: the first paragraph of its docstring (argparse re-wraps the lines)."""
+    return doc.strip().split("\n\n")[0]
+
+
 def run_main(main, args):
     """Runs main(args); a UserError becomes one 'error: ...' line on stderr and exit status 1; a run stopped by
     SIGTERM/SIGUSR1 after saving its state says so in one line and exits with status 75 (EXIT_PREEMPTED)."""

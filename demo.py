@@ -24,7 +24,7 @@ import prepare_digits
 import sample
 import sample_ddp
 import train
-from cli import run_main
+from cli import description, run_main
 from sfron.files import atomic_json_dump, atomic_save_figure
 from sfron.recipes import DEFAULT_RECIPE, RECIPES, recipe_help
 from sfron.utils import UserError, check_class_index
@@ -243,7 +243,7 @@ def main(args):
 
 def parse_args(argv=None):
     """The command line (argv: a list of arguments instead of sys.argv)."""
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--out", type=str, default="demo_results", help="output folder")
     parser.add_argument("--dataset", type=str, choices=list(CASES), default="digits",
                         help="the embedded case: digits (8x8, DiT-T/2) or mnist (28x28, DiT-T/4)")

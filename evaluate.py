@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-from cli import add_class_index_arg, run_main
+from cli import add_class_index_arg, description, run_main
 from sfron.classifier import SMALL_CNN_INPUT, load_classifier
 from sfron.data import ImageSet, class_folders
 from sfron.files import atomic_json_dump, atomic_write_text
@@ -143,7 +143,7 @@ def main(args):
 
 def parse_args(argv=None):
     """The command line (argv: a list of arguments instead of sys.argv)."""
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--samples", type=str, nargs="+", required=True,
                         help=".npz files of sample_ddp.py (arr_0: uint8 images NHWC, arr_1: class labels)")
     parser.add_argument("--names", type=str, nargs="+", default=None, help="a name per samples file")

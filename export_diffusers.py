@@ -8,7 +8,7 @@ import argparse
 
 import torch
 
-from cli import add_model_args, model_request, run_main
+from cli import add_model_args, description, model_request, run_main
 from sfron.build import load_model_and_vae
 from sfron.diffusers_io import export_pipeline, read_class_names
 
@@ -26,7 +26,7 @@ def main(args):
 
 def parse_args(argv=None):
     """The command line (argv: a list of arguments instead of sys.argv)."""
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     add_model_args(parser)
     parser.add_argument("--class-names", type=str, default=None,
                         help="class names: a JSON list or {index: name}, or one name per line (default: the class "

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from cli import (add_data_args, add_model_args, add_sampling_args, check_data, explicit_args,
+from cli import (add_data_args, add_model_args, add_sampling_args, check_data, description, explicit_args,
                  latent_cache_options, model_request, run_main, sampler_config)
 from diffusion import create_diffusion
 from sfron.build import autocast_dtype, default_checkpoint, load_model_and_vae
@@ -371,7 +371,7 @@ def run(args, settings, requests, dist, logger, stop, experiment_dir, resumed):
 def build_parser():
     """forget.py's flags, in groups: the model and data (shared with generate_fisher.py), the update (which a
     --recipe sets), the baselines' terms, and checkpoints, snapshots and resuming."""
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     add_model_args(parser)
     add_data_args(parser, n_iters_help="unlearning steps")
     update = parser.add_argument_group(

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from cli import add_data_args, add_model_args, check_data, latent_cache_options, model_request, run_main
+from cli import add_data_args, add_model_args, check_data, description, latent_cache_options, model_request, run_main
 from diffusion import create_diffusion
 from sfron.build import autocast_dtype, load_model_and_vae
 from sfron.checkpoint import checkpoint_sha256
@@ -147,7 +147,7 @@ class FisherPhases:
 
 def parse_args(argv=None):
     """The command line (argv: a list of arguments instead of sys.argv)."""
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     add_model_args(parser)
     add_data_args(parser, n_iters_help="iterations: --n-iters x --batch-size samples of each set (any batch size "
                                        "estimates the same quantity)")

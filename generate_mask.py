@@ -8,7 +8,7 @@ read too. --criterion gradient writes SalUn's masks instead (the baseline): grad
 import argparse
 import os
 
-from cli import run_main
+from cli import description, run_main
 from sfron.files import atomic_torch_save
 from sfron.mask import (check_sparsity, class_dir, gradient_mask, load_fisher, mask_filename, read_provenance,
                         saliency_mask, sparsity, write_provenance)
@@ -57,7 +57,7 @@ def main(args):
 
 def parse_args(argv=None):
     """The command line (argv: a list of arguments instead of sys.argv)."""
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--mask-path", type=str, default="mask", help="folder holding <class>/*_fisher.pt")
     parser.add_argument("--forget-class", nargs="+", type=int, required=True, help="class(es) to forget")
     parser.add_argument("--thresholds", nargs="+", type=float, default=[0.5, 1, 3, 5, 10],

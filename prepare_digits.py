@@ -12,7 +12,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from cli import run_main
+from cli import description, run_main
 from sfron.files import atomic_save_image
 from sfron.utils import UserError
 
@@ -65,7 +65,7 @@ def main(args):
 
 def parse_args(argv=None):
     """The command line (argv: a list of arguments instead of sys.argv)."""
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--dataset", type=str, choices=DATASETS, default="digits")
     parser.add_argument("--out", type=str, default=None, help="default: data/<dataset>")
     parser.add_argument("--val-every", type=int, default=5, help="every N-th image of a class is held out")

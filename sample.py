@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import torch
 
-from cli import add_model_args, add_sampling_args, model_request, run_main, sampler_config
+from cli import add_model_args, add_sampling_args, description, model_request, run_main, sampler_config
 from sfron.build import autocast_dtype, load_model_and_vae
 from sfron.files import atomic_save_image
 from sfron.sampling import (OFFICIAL_SAMPLE_CLASSES, StepNoise, generate, grid_image, per_sample_noise, side_by_side,
@@ -54,7 +54,7 @@ def main(args):
 
 def parse_args(argv=None):
     """The command line (argv: a list of arguments instead of sys.argv)."""
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     add_model_args(parser, several_ckpts=True)
     add_sampling_args(parser, cfg_scale=4.0)
     parser.add_argument("--seed", type=int, default=0)

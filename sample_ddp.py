@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from cli import add_model_args, add_sampling_args, model_request, run_main, sampler_config
+from cli import add_model_args, add_sampling_args, description, model_request, run_main, sampler_config
 from sfron.build import autocast_dtype, load_model_and_vae
 from sfron.dist import distributed
 from sfron.files import as_read_back, atomic_json_dump, atomic_save_image, atomic_write, remove_stale_temporaries
@@ -134,7 +134,7 @@ def main(args):
 
 def parse_args(argv=None):
     """The command line (argv: a list of arguments instead of sys.argv)."""
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     add_model_args(parser)
     parser.add_argument("--sample-dir", type=str, default="samples")
     parser.add_argument("--per-proc-batch-size", type=int, default=32)

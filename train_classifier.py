@@ -8,7 +8,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from cli import run_main
+from cli import description, run_main
 from prepare_digits import data_folder
 from sfron.classifier import SMALL_CNN_INPUT, DigitsClassifier
 from sfron.data import ImageSet, find_class_folders, list_images
@@ -65,7 +65,7 @@ def main(args):
 
 def parse_args(argv=None):
     """The command line (argv: a list of arguments instead of sys.argv)."""
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--classifier", type=str, choices=list(SMALL_CNN_INPUT), default="digits",
                         help="which embedded case: digits (8x8) or mnist (28x28)")
     parser.add_argument("--data-path", type=str, default=None, help="default: data/<classifier>")

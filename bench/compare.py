@@ -42,7 +42,7 @@ import forget  # noqa: E402
 import generate_fisher  # noqa: E402
 import generate_mask  # noqa: E402
 import prepare_digits  # noqa: E402
-from cli import run_main  # noqa: E402
+from cli import description, run_main  # noqa: E402
 from evaluate import real_image_batches  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
 from sfron.attack import AttackImages, AttackSettings, label_inversion, relearning  # noqa: E402
@@ -511,7 +511,7 @@ def main(args):
 
 def parse_args(argv=None):
     """The command line."""
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--out", type=str, default="bench_results/compare",
                         help="working folder: every run and evaluation, saved as it finishes (resumable)")
     parser.add_argument("--report-dir", type=str, default="docs/comparison",

@@ -18,7 +18,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from cli import run_main  # noqa: E402
+from cli import description, run_main  # noqa: E402
 from sfron.files import atomic_json_dump, atomic_write_text  # noqa: E402
 from sfron.utils import UserError  # noqa: E402
 
@@ -88,7 +88,7 @@ def main(args):
 
 def parse_args(argv=None):
     """The command line (argv: a list of arguments instead of sys.argv)."""
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--task", type=int, default=None, help="print the method, class and seed of this task")
     parser.add_argument("--methods", type=str, nargs="+", default=["sfron", "ga", "ft", "rl", "salun", "sa", "esd"])
     parser.add_argument("--classes", type=int, nargs="+", default=[207])

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import demo  # noqa: E402
 import prepare_digits  # noqa: E402
-from cli import run_main  # noqa: E402
+from cli import description, run_main  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
 from models import DiT_models  # noqa: E402
 from sfron.build import ModelRequest, autocast_dtype, load_model_and_vae  # noqa: E402
@@ -62,7 +62,7 @@ def main(args):
 
 def parse_args(argv=None):
     """The command line; --dataset fills in the embedded case's model, checkpoint and images."""
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--dataset", type=str, choices=list(demo.CASES), default="digits",
                         help="the embedded case whose DiT and images are the defaults")
     parser.add_argument("--model", type=str, choices=list(DiT_models.keys()), default=None,

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import demo  # noqa: E402
 import evaluate  # noqa: E402
-from cli import run_main  # noqa: E402
+from cli import description, run_main  # noqa: E402
 
 
 def main(args):
@@ -62,7 +62,7 @@ def main(args):
 
 def parse_args(argv=None):
     """The command line."""
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--out", type=str, default="bench_results/label_dropout", help="output folder")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="unlearning seeds of each setting")
     parser.add_argument("--samples-per-class", type=int, default=100, help="generated images per digit to evaluate")

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from cli import run_main  # noqa: E402
+from cli import description, run_main  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
 from forget import checkpoint_state  # noqa: E402
 from models import DiT_models  # noqa: E402
@@ -190,7 +190,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--model", type=str, choices=list(DiT_models), default="DiT-XL/2",
                         help="a registry DiT (1000 classes)")
     parser.add_argument("--image-size", type=int, default=256, help="image side; the inputs are latents of 1/8")

@@ -27,7 +27,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import compare  # noqa: E402
-from cli import run_main  # noqa: E402
+from cli import description, run_main  # noqa: E402
 from protocol import METHODS, Setting  # noqa: E402
 from sfron.files import atomic_json_dump, atomic_write_text  # noqa: E402
 from sfron.recipes import RECIPES  # noqa: E402
@@ -61,7 +61,7 @@ def main(args):
 
 def parse_args(argv=None):
     """The command line."""
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--name", type=str, required=True, help="the setting's name (its runs are kept under it)")
     parser.add_argument("--lr", type=float, required=True, help="forget.py --lr")
     parser.add_argument("--recipe", type=str, choices=list(RECIPES), default="official",

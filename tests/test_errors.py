@@ -141,3 +141,18 @@ def test_settings_that_would_change_nothing_stop_before_any_folder_is_made(setup
     assert_one_line_error(proc, "freezes every weight")
     assert "warning: " in proc.stderr and "records no provenance" in proc.stderr
     assert not results.exists()
+
+
+SCRIPTS = ("attack.py", "demo.py", "evaluate.py", "export_diffusers.py", "forget.py", "generate_fisher.py",
+           "generate_mask.py", "prepare_digits.py", "sample.py", "sample_ddp.py", "train.py", "train_classifier.py")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_describes_the_script_in_whole_sentences(script, tmp_path):
+    """--help opens with the first paragraph of the script's docstring, not its first line cut mid-sentence."""
+    import importlib
+    doc = importlib.import_module(script[:-3]).__doc__
+    first_paragraph = "".join(doc.strip().split("\n\n")[0].split())  # argparse re-wraps, also at hyphens
+    proc = run_in_process(script, "--help", cwd=tmp_path)
+    assert proc.returncode == 0
+    assert first_paragraph.endswith((".", ")")) and first_paragraph in "".join(proc.stdout.split())
