@@ -74,9 +74,8 @@ def checkpoint_state(unlearner):
     script saves there an EMA of decay 0.9999, which after 600 steps is still about 94% the original model.)
     """
     state = unlearner.raw_model.state_dict()
-    checkpoint = {"model": state, "ema": state, "opt": unlearner.opt.state_dict(), "rate_scale": unlearner.rate_scale,
-                  "guidance_size": unlearner.guidance, "last_remain_loss": unlearner.last_remain_loss,
-                  "over_budget_steps": unlearner.over_budget_steps}
+    checkpoint = {"model": state, "ema": state, "opt": unlearner.opt.state_dict(), "guidance_size": unlearner.guidance,
+                  "last_remain_loss": unlearner.last_remain_loss, "over_budget_steps": unlearner.over_budget_steps}
     if unlearner.forget_opt is not unlearner.opt:
         checkpoint["forget_opt"] = unlearner.forget_opt.state_dict()
     if unlearner.adversary is not None:
@@ -121,10 +120,13 @@ def restore(resumed, unlearner):
         unlearner.forget_opt.load_state_dict(resumed["forget_opt"])
     if unlearner.adversary is not None:
         unlearner.adversary.load_state_dict(resumed["adversary"])
-    if resumed.get("rate_scale") is not None:  # --lr-scale guidance: the scale the run's start measured
-        unlearner.set_rate_scale(resumed["rate_scale"])
-    # --remain-drift-budget: the start's guidance size and the last step's remain loss decide the next step
-    unlearner.guidance = resumed.get("guidance_size", unlearner.guidance)
+    # --lr-scale and --remain-drift-budget: the guidance size the run's start measured (a checkpoint written before
+    # it had its own entry holds it as the rate scale of --lr-scale), and the last step's remain loss
+    size = resumed.get("guidance_size")
+    if size is None and unlearner.settings.step.lr_scale != "none":
+        size = resumed.get("rate_scale")
+    if size is not None:
+        unlearner.set_guidance(size)
     unlearner.last_remain_loss = resumed.get("last_remain_loss")
     unlearner.over_budget_steps = resumed.get("over_budget_steps", 0)
     return list(resumed.get("losses", []))
@@ -342,7 +344,7 @@ def run(args, settings, requests, dist, logger, stop, experiment_dir, resumed):
         history.append([len(history) + 1, f_loss, r_loss])
         train_steps = len(history)
         if step.lr_scale != "none" and train_steps == start + 1:
-            logger.info(f"--lr-scale {step.lr_scale}: guidance size {unlearner.rate_scale:.4g}, so lr "
+            logger.info(f"--lr-scale {step.lr_scale}: guidance size {unlearner.guidance:.4g}, so lr "
                         f"{step.lr * unlearner.rate_scale:.3g} and remain lr {unlearner.remain_rate():.3g}")
         if settings.remain.remain_drift_budget > 0 and train_steps == start + 1:
             log_drift_budget(unlearner, logger)

@@ -361,14 +361,21 @@ class Unlearner:
         # --lr-scale and --remain-drift-budget: the guidance size of the first forget batch, before the first step
         # moves the weights (a resumed run restores the one its start measured)
         self.guidance = None
-        self.rate_scale = 1.0 if step.lr_scale == "none" else None
         self.last_remain_loss = None  # --remain-drift-budget: the previous step's (global) remain loss
         self.over_budget_steps = 0
         self._full_repair = False  # this step's remain step is not projected (--remain-drift-action unproject)
 
-    def set_rate_scale(self, scale):
-        """Multiplies --lr and --remain-lr by scale from now on (a resumed run sets the scale its start measured)."""
-        self.rate_scale = float(scale)
+    @property
+    def rate_scale(self):
+        """The factor of --lr and --remain-lr: 1, or with --lr-scale the guidance size (None until measured)."""
+        return 1.0 if self.settings.step.lr_scale == "none" else self.guidance
+
+    def set_guidance(self, size):
+        """Takes size as the guidance size from now on; with --lr-scale it multiplies --lr (and --remain-lr) by it (a
+        resumed run sets the size its start measured)."""
+        self.guidance = float(size)
+        if self.settings.step.lr_scale == "none":
+            return
         for opt in {id(self.opt): self.opt, id(self.forget_opt): self.forget_opt}.values():
             for group in opt.param_groups:
                 group["lr"] = self.settings.step.lr * self.rate_scale
@@ -532,7 +539,7 @@ class Unlearner:
         all-reduced gradient and means non-finite on all; nothing has been saved from the bad weights).
         """
         s = self.settings
-        if self.guidance is None and (self.rate_scale is None or s.remain.remain_drift_budget > 0):
+        if self.guidance is None and (s.step.lr_scale != "none" or s.remain.remain_drift_budget > 0):
             self.measure_guidance(forget_batch)
         over = self.over_drift_budget()
         self.over_budget_steps += int(over)
@@ -572,9 +579,7 @@ class Unlearner:
             raise UserError(f"--lr-scale and --remain-drift-budget: the model's guidance size on the first forget "
                             f"batch is {size} (its label does not change its prediction), so it gives no scale; use "
                             f"--lr-scale none and --remain-drift-budget 0")
-        self.guidance = size
-        if self.rate_scale is None:
-            self.set_rate_scale(size)
+        self.set_guidance(size)
 
     def _joint_loss(self, forget_batch, remain_batch, alpha, targets):
         """(alpha L_forget + remain_alpha L_remain + EWC, forget losses, remain losses) for the joint step; targets:

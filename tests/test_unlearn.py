@@ -1,5 +1,6 @@
 """The SFR-on step on cases small enough to check by hand."""
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -311,6 +312,17 @@ def test_a_resumed_run_keeps_the_guidance_scale_its_start_measured():
     assert resumed.forget_opt.param_groups[0]["lr"] == 0.5 * started.rate_scale
     resumed.step(batch(3, 0, n=4), batch(4, 1, n=4), 1.0)
     assert resumed.rate_scale == started.rate_scale
+    # a checkpoint written before the guidance size had its own entry holds it as "rate_scale"
+    old = {k: v for k, v in forget.checkpoint_state(started).items() if k != "guidance_size"}
+    again = Unlearner(tiny_model(seed=1), create_diffusion(""), settings, DIST)
+    forget.restore({**old, "rate_scale": started.rate_scale, "losses": [[1, 0.0, 0.0]]}, again)
+    assert again.guidance == again.rate_scale == started.rate_scale
+    assert again.forget_opt.param_groups[0]["lr"] == 0.5 * started.rate_scale
+    # ... and 1.0 without --lr-scale, which is no guidance size
+    unscaled = replace(settings, step=replace(settings.step, lr_scale="none"))
+    plain = Unlearner(tiny_model(seed=1), create_diffusion(""), unscaled, DIST)
+    forget.restore({**old, "rate_scale": 1.0, "losses": [[1, 0.0, 0.0]]}, plain)
+    assert plain.guidance is None and plain.rate_scale == 1.0
 
 
 def test_remain_drift_budget_skips_the_forget_step_or_the_projection_while_the_remain_drift_is_over_it():
