@@ -81,3 +81,37 @@ def test_guidance_size_prints_what_forget_py_scales_its_rates_by(tmp_path):
     printed = run_script("bench/guidance_size.py", *model, "--classes", 1, "--batch-size", 2, cwd=tmp_path).stdout
     assert printed.startswith("class 1: guidance size ")
     assert float(printed.split()[-1]) == pytest.approx(float(size), abs=6e-5)
+
+
+def test_mixed_guidance_takes_each_half_of_the_guided_prediction_from_its_own_model():
+    """bench/pathways.py: the guided prediction is uncond + s (cond - uncond) with cond from the first DiT and
+    uncond from the second; a DiT paired with itself gives its own forward_with_cfg."""
+    import sys
+    import torch
+    from helpers import tiny_dit
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    from pathways import MixedGuidance
+    a, b = tiny_dit(seed=0).eval(), tiny_dit(seed=1).eval()
+    z = torch.randn(3, 3, 8, 8)
+    x, t, y = torch.cat([z, z]), torch.tensor([5, 50, 500] * 2), torch.tensor([0, 1, 2, 4, 4, 4])
+    with torch.no_grad():
+        assert torch.allclose(MixedGuidance(a, a).forward_with_cfg(x, t, y, 2.0), a.forward_with_cfg(x, t, y, 2.0),
+                              atol=1e-6)
+        mixed = MixedGuidance(a, b).forward_with_cfg(x, t, y, 2.0)
+        cond, uncond = a(z, t[:3], y[:3])[:, :3], b(z, t[3:], y[3:])[:, :3]
+    expected = uncond + 2.0 * (cond - uncond)
+    assert torch.allclose(mixed[:3, :3], expected, atol=1e-6) and torch.allclose(mixed[3:, :3], expected, atol=1e-6)
+    assert not torch.allclose(mixed[:3, :3], a.forward_with_cfg(x, t, y, 2.0)[:3, :3], atol=1e-3)
+
+
+def test_pathways_prints_four_pairings_and_rejects_a_missing_checkpoint(tmp_path):
+    """bench/pathways.py on the embedded digits DiT paired with itself: the four pairings draw the same images."""
+    original = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "digits_dit.pt")
+    proc = run_script("bench/pathways.py", "--ckpt", original, "--forget-class", 3,
+                      "--samples-per-class", 2, "--sampling-steps", 2, cwd=tmp_path)
+    values = [float(line.split()[-1]) for line in proc.stdout.splitlines()[1:]]
+    assert len(values) == 4 and len(set(values)) == 1 and 0 <= values[0] <= 1
+    bad = run_script("bench/pathways.py", "--ckpt", tmp_path / "none.pt", "--forget-class", 3, cwd=tmp_path,
+                     check=False)
+    assert bad.returncode != 0
+    assert bad.stderr.strip().splitlines() == [f"error: --ckpt {tmp_path / 'none.pt'} is not a file"]
