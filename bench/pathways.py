@@ -21,13 +21,13 @@ import demo  # noqa: E402
 from cli import description, run_main  # noqa: E402
 from sfron.build import ModelRequest, load_model_and_vae  # noqa: E402
 from sfron.classifier import load_classifier  # noqa: E402
-from sfron.metrics import classify  # noqa: E402
+from sfron.metrics import classification_report, classify  # noqa: E402
 from sfron.sampling import SamplerConfig, generate, per_sample_noise, to_uint8_nhwc  # noqa: E402
 from sfron.utils import UserError, check_class_index  # noqa: E402
 
 
 class MixedGuidance(torch.nn.Module):
-    """A DiT for sample.generate whose guided prediction takes the conditional half from `cond` and the
+    """A DiT for sfron.sampling.generate whose guided prediction takes the conditional half from `cond` and the
     unconditional half from `uncond` (two DiTs of one architecture)."""
 
     def __init__(self, cond, uncond):
@@ -45,11 +45,12 @@ class MixedGuidance(torch.nn.Module):
         return torch.cat([torch.cat([guided, guided]), torch.cat([cond[:, n:], uncond[:, n:]])], dim=1)
 
 
-def remain_accuracy(model, classifier, labels, z, config):
-    """The share of the images model draws for labels (N,) from noise z that the classifier puts in their class."""
-    images = to_uint8_nhwc(generate(model, None, torch.from_numpy(labels), z, config))
-    predicted = classify(classifier, images, 500, z.device).argmax(1).numpy()
-    return float(np.mean(predicted == labels))
+def remain_accuracy(model, classifier, labels, z, config, forget_class):
+    """The comparison's remain accuracy of the images model draws for labels (N,) from noise z."""
+    labels = torch.from_numpy(labels)
+    images = to_uint8_nhwc(generate(model, None, labels, z, config))
+    logits = classify(classifier, images, 500, z.device)
+    return classification_report(logits, labels, forget_class)["remain_acc"]
 
 
 def main(args):
@@ -69,7 +70,8 @@ def main(args):
           f"forget class {args.forget_class}:")
     for cond in models:
         for uncond in models:
-            accuracy = remain_accuracy(MixedGuidance(models[cond], models[uncond]), classifier, labels, z, config)
+            mixed = MixedGuidance(models[cond], models[uncond])
+            accuracy = remain_accuracy(mixed, classifier, labels, z, config, args.forget_class)
             print(f"conditional {cond:9s} unconditional {uncond:9s} {accuracy:.3f}", flush=True)
 
 
