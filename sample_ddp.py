@@ -51,11 +51,16 @@ def output_folder(args, spec):
     return os.path.join(args.sample_dir, name)
 
 
+def npz_path(folder):
+    """The .npz beside the PNG folder, as the official sample_ddp.py names it."""
+    return f"{folder}.npz"
+
+
 def save_npz(folder, labels):
     """Collects the PNGs of the folder into <folder>.npz (arr_0 images, arr_1 labels)."""
     images = np.stack([np.asarray(Image.open(os.path.join(folder, f"{i:06d}.png")).convert("RGB"))
                        for i in tqdm(range(len(labels)), desc="Building .npz")])
-    path = f"{folder}.npz"
+    path = npz_path(folder)
     atomic_write(path, lambda f: np.savez(f, arr_0=images, arr_1=labels))
     print(f"Saved .npz file to {path} [shape={images.shape}]")
     return path
@@ -89,6 +94,8 @@ def check_folder(folder, record, dist):
             error = (f"{folder} holds samples drawn with other settings ({', '.join(changed)} differ): use another "
                      f"--sample-dir or remove that folder")
         remove_stale_temporaries(folder)
+        # the .npz lies beside the folder, among other runs' files: only its own temporaries are removed
+        remove_stale_temporaries(os.path.dirname(folder) or ".", of=os.path.basename(npz_path(folder)))
     error = dist.broadcast_object(error)
     if error:
         raise UserError(error)

@@ -64,12 +64,13 @@ class _WriteRecorder:
         return getattr(self._f, name)
 
 
-def remove_stale_temporaries(folder):
-    """Removes the temporary files atomic_write left in `folder` when its process was killed mid-write (call it
-    only where no other process is writing)."""
+def remove_stale_temporaries(folder, of=None):
+    """Removes the temporary files atomic_write left in `folder` when its process was killed mid-write: all of them,
+    or with `of` only those of the file of that name (call it only where no other process writes them)."""
+    prefix = f".{of}." if of is not None else "."
     if os.path.isdir(folder):
         for name in os.listdir(folder):
-            if name.startswith(".") and name.endswith(TEMP_SUFFIX):
+            if name.startswith(prefix) and name.endswith(TEMP_SUFFIX):
                 os.remove(os.path.join(folder, name))
 
 

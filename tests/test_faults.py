@@ -212,6 +212,21 @@ def sample_args(workdir, out):
             "--sample-dir", out, "--global-seed", 3]
 
 
+def test_sample_ddp_removes_its_npz_temporary_only(workdir, tmp_path):
+    """A writer killed inside save_npz leaves .<name>.npz.<random>.tmp beside the folder: the next run removes it,
+    and leaves another file's temporary in the same folder alone."""
+    out = tmp_path / "samples"
+    out.mkdir()
+    stale = out / ".DiT-T-2-tiny-size-8-vae-none-cfg-1.5-seed-3.npz.k1ll3d.tmp"
+    foreign = out / ".other-run.npz.w0rk1n.tmp"
+    stale.write_bytes(b"half")
+    foreign.write_bytes(b"busy")
+    proc = run_in_process("sample_ddp.py", *sample_args(workdir, out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert not stale.exists() and foreign.read_bytes() == b"busy"
+    assert len(glob.glob(str(out / "*.npz"))) == 1
+
+
 def test_sample_ddp_killed_ends_identical(workdir, tmp_path):
     reference, out, killed = reference_and_kills(sample_ddp, lambda out: sample_args(workdir, out), tmp_path, 2,
                                                  KILLS["sample_ddp"], 1 / 3)
