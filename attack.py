@@ -3,7 +3,9 @@ Attacks an unlearned DiT to see whether the forgotten class is really gone: labe
 learned on a few forget-class images, the DiT frozen) and relearning (a few fine-tuning steps on them), run with the
 same budgets and seeds on every --ckpt (the original, the unlearned models, the retrained one). After each budget
 the attacked model draws --samples images and the classifier says how many show the forget class. Writes
-report.json, report.md, attack.png (forget accuracy against budget) and the measured samples (.npz) to --out.
+report.json, report.md, attack.png (forget accuracy against budget; bars per model where each attack has one budget),
+samples.png (a row per model: what it draws under the label the inversion learned, the same noise for every model, as
+sample.py draws classes with the same --seed) and the measured samples (.npz) to --out.
 """
 import argparse
 import os
@@ -20,11 +22,15 @@ from sfron.attack import ATTACKS, AttackImages, AttackSettings, label_inversion,
 from sfron.build import load_model_and_vae
 from sfron.classifier import load_classifier
 from sfron.data import ImageSet, class_folders
-from sfron.files import atomic_json_dump, atomic_save_figure, atomic_write, atomic_write_text
+from sfron.files import atomic_json_dump, atomic_save_figure, atomic_save_image, atomic_write, atomic_write_text
 from sfron.metrics import classify
 from sfron.rng import generator
-from sfron.sampling import generate, per_sample_noise, to_uint8_nhwc
+from sfron.sampling import StepNoise, generate, grid_image, per_sample_noise, stacked, to_uint8_nhwc, upscale
 from sfron.utils import UserError, check_class_index
+
+ROW_SAMPLES = 10   # images per model in samples.png, from the noise of sample.py's first 10 images (same --seed)
+ROW_SIDE = 96      # samples.png's rows are enlarged (nearest neighbour) to at least this height
+PLOT_DPI = 120
 
 
 def attacker_images(folders, forget_class, image_size, count, seed):
@@ -61,16 +67,34 @@ class ForgetRate:
         atomic_write(path, lambda f: np.savez(f, arr_0=uint8, arr_1=labels))
         return {"forget_acc": hits / len(uint8), "n": len(uint8), "n_forget": hits, "samples": path}
 
+    def row(self, model, label):
+        """A PIL row of what `model` draws for `label` from the noise of sample.py's first ROW_SAMPLES images."""
+        device = next(model.parameters()).device
+        shape, indices = (model.in_channels, model.input_size, model.input_size), range(ROW_SAMPLES)
+        z = per_sample_noise(self.args.seed, indices, shape, device)
+        with torch.no_grad():
+            images = generate(model, self.vae, torch.full((ROW_SAMPLES,), label, device=device), z, self.config,
+                              noise_fn=StepNoise(self.args.seed, indices))
+        return upscale(grid_image(images, nrow=ROW_SAMPLES), ROW_SIDE)
+
 
 def attack_model(loaded, images, settings, forget_rate, name, attacks):
-    """{attack: {budget: report}} of one model, for the attacks asked for (in the order of ATTACKS)."""
+    """({attack: {budget: report}}, its row under the label of the last inversion budget or None) of one model."""
     diffusion = create_diffusion(timestep_respacing="")
     runs = {"inversion": label_inversion, "relearning": relearning}
-    out = {}
+    out, row = {}, {}
+    last = max(settings.inversion_steps)
+
+    def measure(attack):
+        """The forget_rate callback of one attack; at the last inversion budget it also draws the row."""
+        def rate(model, label, step):
+            if attack == "inversion" and step == last:
+                row["image"] = forget_rate.row(model, label)
+            return forget_rate(model, label, f"{name}-{attack}-{step}")
+        return rate
     for attack in [a for a in ATTACKS if a in attacks]:
-        out[attack] = runs[attack](loaded.model, diffusion, images, settings,
-                                   lambda model, label, step: forget_rate(model, label, f"{name}-{attack}-{step}"))
-    return out
+        out[attack] = runs[attack](loaded.model, diffusion, images, settings, measure(attack))
+    return out, row.get("image")
 
 
 def markdown(reports, settings):
@@ -89,20 +113,62 @@ def markdown(reports, settings):
     return "\n".join(lines)
 
 
+def curves(ax, reports, attack):
+    """Forget accuracy against the budgets of one attack, a line per model."""
+    for name, r in reports.items():
+        if attack in r:
+            steps = sorted(r[attack], key=int)
+            ax.plot([int(s) for s in steps], [r[attack][s]["forget_acc"] for s in steps], marker="o", label=name)
+    ax.set(xlabel=f"{attack} steps", ylabel="forget accuracy", ylim=(-0.03, 1.03))
+
+
+def bars(ax, reports, attacks):
+    """Forget accuracy after the one budget of each attack: a group of bars per attack, a bar per model."""
+    names = list(reports)
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        values = [next(iter(reports[name][a].values()))["forget_acc"] for a in attacks]
+        drawn = ax.bar([k + (i - (len(names) - 1) / 2) * width for k in range(len(attacks))], values, width,
+                       label=name)
+        ax.bar_label(drawn, fmt="%.2f", fontsize=7)
+    budgets = [next(iter(reports[names[0]][a])) for a in attacks]
+    ax.set_xticks(range(len(attacks)), [f"after {b} {a} steps" for a, b in zip(attacks, budgets)])
+    ax.set(ylabel="forget accuracy", ylim=(0, 1.1))
+
+
+def one_budget(reports, attack):
+    """Whether every model was measured after one budget of `attack`."""
+    return all(len(r[attack]) == 1 for r in reports.values() if attack in r)
+
+
+def plot_size(reports):
+    """(the attacks of each panel, (width, height) in inches) of attack.png."""
+    attacks = [a for a in ATTACKS if any(a in r for r in reports.values())]
+    if all(one_budget(reports, a) for a in attacks):
+        return [attacks], (3.0 + 2.0 * len(attacks), 3.6)
+    return [[a] for a in attacks], (5.0 * len(attacks), 3.6)
+
+
 def plot(reports, path):
-    """Forget accuracy against attack budget, one panel per attack, one line per model."""
+    """attack.png: bars per model grouped per attack where each has one budget, else a panel of lines per attack."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    attacks = [a for a in ATTACKS if any(a in r for r in reports.values())]
-    fig, axes = plt.subplots(1, len(attacks), figsize=(5 * len(attacks), 3.6), dpi=120, squeeze=False)
-    for ax, attack in zip(axes[0], attacks):
-        for name, r in reports.items():
-            steps = sorted(r[attack])
-            ax.plot(steps, [r[attack][s]["forget_acc"] for s in steps], marker="o", label=name)
-        ax.set(xlabel=f"{attack} steps", ylabel="forget accuracy", ylim=(-0.03, 1.03))
-    axes[0][-1].legend(fontsize=8)
+    panels, size = plot_size(reports)
+    fig, axes = plt.subplots(1, len(panels), figsize=size, dpi=PLOT_DPI, squeeze=False)
+    for ax, attacks in zip(axes[0], panels):
+        if all(one_budget(reports, a) for a in attacks):
+            bars(ax, reports, attacks)
+        else:
+            curves(ax, reports, attacks[0])
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     atomic_save_figure(fig, path)
+
+
+def save_rows(rows, last, path):
+    """samples.png: each model's row (ForgetRate.row) under its name."""
+    titles = [f"{name}: under the label learned in {last} inversion steps" for name in rows]
+    atomic_save_image(stacked(list(rows.values()), titles=titles), path)
 
 
 def main(args):
@@ -127,11 +193,11 @@ def main(args):
     forget_rate = ForgetRate(args, classifier, first.vae, args.out)
     same = replace(model_request(args), image_size=first.spec.image_size, num_classes=first.spec.num_classes,
                    vae=first.spec.vae)
-    reports = {}
+    reports, rows = {}, {}
     for name, ckpt in tqdm(list(zip(names, checkpoints)), desc="models", disable=len(checkpoints) < 2):
         loaded = first if ckpt == checkpoints[0] else load_model_and_vae(replace(same, ckpt=ckpt), device,
                                                                          with_vae=False)
-        reports[name] = attack_model(loaded, images, settings, forget_rate, name, args.attacks)
+        reports[name], rows[name] = attack_model(loaded, images, settings, forget_rate, name, args.attacks)
         summary = ", ".join(f"{a} {max(r)} steps: {r[max(r)]['forget_acc']:.3f}" for a, r in reports[name].items())
         print(f"{name}: forget accuracy after {summary}", flush=True)
     about = {"forget_class": args.forget_class, "images": len(images), "settings": vars(args) | {"ckpt": checkpoints}}
@@ -139,7 +205,11 @@ def main(args):
     atomic_write_text(markdown(reports, settings), os.path.join(args.out, "report.md"))
     plot(reports, os.path.join(args.out, "attack.png"))
     print(markdown(reports, settings), end="")
-    print(f"Saved {args.out}/report.json, report.md and attack.png")
+    if "inversion" in args.attacks:
+        save_rows(rows, max(settings.inversion_steps), os.path.join(args.out, "samples.png"))
+        print(f"Saved {args.out}/report.json, report.md, attack.png and samples.png")
+    else:
+        print(f"Saved {args.out}/report.json, report.md and attack.png (no samples.png: no label inversion)")
 
 
 def parse_args(argv=None):

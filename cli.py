@@ -105,10 +105,9 @@ def add_data_args(parser, n_iters_help):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-workers", type=int, default=4, help="data loading processes")
     parser.add_argument("--log-every", type=int, default=100)
-    parser.add_argument("--cache-latents", action="store_true",
-                        help="encode the forget images (both flips) with the VAE once instead of at every draw")
-    parser.add_argument("--latent-cache-dir", type=str, default=None,
-                        help="keep the --cache-latents moments in this folder for the next script")
+    parser.add_argument("--cache-latents", type=str, nargs="?", const="", default=None, metavar="DIR",
+                        help="encode the forget images (both flips) with the VAE once instead of at every draw; "
+                             "with DIR, keep them in that folder for the next script")
 
 
 def add_class_index_arg(parser):
@@ -119,19 +118,21 @@ def add_class_index_arg(parser):
 
 
 def latent_cache_options(args):
-    """The LatentCacheOptions of --cache-latents, --latent-cache-dir and --num-workers."""
-    return LatentCacheOptions(enabled=args.cache_latents, cache_dir=args.latent_cache_dir,
+    """The LatentCacheOptions of --cache-latents [DIR] and --num-workers."""
+    return LatentCacheOptions(enabled=args.cache_latents is not None, cache_dir=args.cache_latents or None,
                               num_workers=args.num_workers)
 
 
-def add_sampling_args(parser, cfg_scale, num_steps=250, sampler="ddpm", what=None):
+def add_sampling_args(parser, cfg_scale, num_steps=250, sampler="ddpm", what=None, all_channels=True):
     """The official sampling flags (--cfg-scale with the script's official default) and the sampler choice;
-    what: the samples they draw, for the help (default: the script's)."""
+    what: the samples they draw, for the help (default: the script's); all_channels: offer --cfg-all-channels
+    (without it, guidance acts on the first three channels, as the official code's)."""
     of = f" of {what}" if what else ""
     parser.add_argument("--cfg-scale", type=float, default=cfg_scale,
                         help=f"classifier-free guidance scale{of} (1: none)")
-    parser.add_argument("--cfg-all-channels", action="store_true",
-                        help="guide every noise channel (the official code guides the first three)")
+    if all_channels:
+        parser.add_argument("--cfg-all-channels", action="store_true",
+                            help="guide every noise channel (the official code guides the first three)")
     parser.add_argument("--num-sampling-steps", type=int, default=num_steps, help=f"sampling steps{of}")
     parser.add_argument("--sampler", type=str, choices=["ddpm", "ddim"], default=sampler, help=f"the sampler{of}")
 
@@ -139,4 +140,4 @@ def add_sampling_args(parser, cfg_scale, num_steps=250, sampler="ddpm", what=Non
 def sampler_config(args):
     """The SamplerConfig of the sampling flags."""
     return SamplerConfig(sampler=args.sampler, num_steps=args.num_sampling_steps, cfg_scale=args.cfg_scale,
-                         cfg_all_channels=args.cfg_all_channels)
+                         cfg_all_channels=getattr(args, "cfg_all_channels", False))

@@ -6,7 +6,8 @@ The shipped DiT of --dataset (digits: scikit-learn's 8x8 digits; mnist: 5,000 re
 adversarial-esd-distill), then the original, the unlearned and the retrained-without-that-digit models are sampled
 and evaluated with the case's shipped classifier.
 Writes <out>/report.json, <out>/report.md, <out>/samples.png (original | unlearned | retrained, from the same noise)
-and <out>/losses.png; with --attacks also <out>/attacks/.
+and <out>/losses.png; with --attacks also <out>/attacks/, and samples.png gains a row per model: what it draws under
+the label the inversion attack learned, from the noise of digits 0-9 above.
 """
 import argparse
 import json
@@ -25,8 +26,9 @@ import sample
 import sample_ddp
 import train
 from cli import description, run_main
-from sfron.files import atomic_json_dump, atomic_save_figure
+from sfron.files import atomic_json_dump, atomic_save_figure, atomic_save_image
 from sfron.recipes import DEFAULT_RECIPE, RECIPES, recipe_help
+from sfron.sampling import stacked
 from sfron.utils import UserError, check_class_index
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
@@ -207,6 +209,14 @@ def attack_models(args, models, report):
                                   "report": os.path.join(out, "report.json")}
 
 
+def add_inversion_rows(args):
+    """Adds attack.py's rows (each model under its learned label, the noise of digits 0-9) below samples.png."""
+    from PIL import Image
+    path = os.path.join(args.out, "samples.png")
+    with Image.open(path) as grids, Image.open(os.path.join(args.out, "attacks", "samples.png")) as rows:
+        atomic_save_image(stacked([grids.convert("RGB"), rows.convert("RGB")]), path)
+
+
 def main(args):
     """Runs the pipeline and writes the report."""
     start, case, data_path = time.time(), case_of(args), args.data_path
@@ -231,11 +241,14 @@ def main(args):
     plot_losses(os.path.join(run, "losses.json"), os.path.join(args.out, "losses.png"), args.forget_class)
 
     report = json.load(open(report_path))
+    figure = f"samples.png: {' | '.join(models)}, digits 0-9, same noise"
     if args.attacks:
         attack_models(args, models, report)
+        add_inversion_rows(args)
+        figure += f"; below, each model under the label learned in {args.inversion_steps} inversion steps"
     report["about"].update(forget_run=run, seconds=round(time.time() - start, 1), retrained=retrained or
                            f"absent: no {case.reference_name(args.forget_class)} in assets/ or {args.reference_dir}",
-                           figure=f"samples.png: {' | '.join(models)}, digits 0-9, same noise")
+                           figure=figure)
     atomic_json_dump(report, report_path)
     print(f"\nDigit {args.forget_class} forgotten in {report['about']['seconds']} s; FID in the {case.name} "
           f"classifier's feature space. Results in {args.out}/")

@@ -22,7 +22,7 @@ from cli import (add_data_args, add_model_args, add_sampling_args, check_data, d
                  latent_cache_options, model_request, run_main, sampler_config)
 from diffusion import create_diffusion
 from sfron.build import autocast_dtype, default_checkpoint, load_model_and_vae
-from sfron.checkpoint import checkpoint_sha256, save_safetensors_weights
+from sfron.checkpoint import checkpoint_sha256
 from sfron.data import (DiffusionBatches, LatentEncoder, NoiseImages, StreamConfig, TensorImages, class_folders,
                         dataset_fingerprint, forget_latent_cache, unlearn_datasets)
 from sfron.dist import distributed
@@ -35,8 +35,9 @@ from sfron.preemption import Preempted, StopSignals
 from sfron.resume import RUN_RECORD, RunLookup, check_same_run, checkpoint_identity, locate_run, pinned_record
 from sfron.recipes import RECIPES, flag, flag_text, get_recipe, official_differences, recipe_help
 from sfron.sampling import SnapshotGrid, SnapshotOptions, generate_replay, per_sample_noise, snapshot_classes
-from sfron.unlearn import (DRIFT_ACTIONS, FORGET_LOSSES, LR_SCALES, METHODS, NON_FINITE_HINT, REMAIN_LOSSES,
-                           FrozenReference, Unlearner, UnlearnSettings, exchange_class)
+from sfron.terms import FORGET_LOSSES, REMAIN_LOSSES, forget_term
+from sfron.unlearn import (METHODS, NON_FINITE_HINT, FrozenReference, Unlearner, UnlearnSettings,
+                           without_removed_fields)
 from sfron.utils import UserError, check_class_index, create_logger
 
 
@@ -74,8 +75,7 @@ def checkpoint_state(unlearner):
     script saves there an EMA of decay 0.9999, which after 600 steps is still about 94% the original model.)
     """
     state = unlearner.raw_model.state_dict()
-    checkpoint = {"model": state, "ema": state, "opt": unlearner.opt.state_dict(), "guidance_size": unlearner.guidance,
-                  "last_remain_loss": unlearner.last_remain_loss, "over_budget_steps": unlearner.over_budget_steps}
+    checkpoint = {"model": state, "ema": state, "opt": unlearner.opt.state_dict()}
     if unlearner.forget_opt is not unlearner.opt:
         checkpoint["forget_opt"] = unlearner.forget_opt.state_dict()
     if unlearner.adversary is not None:
@@ -93,18 +93,15 @@ def save_checkpoint(path, unlearner, run, history):
 
 
 def save_state(args, state, experiment_dir, dist, logger):
-    """Checks the weights on every process, then rank 0 writes checkpoints/NNNNNNN.pt (and the final
-    .safetensors) and losses.json; returns the checkpoint's path. state: (unlearner, run record, history)."""
+    """Checks the weights on every process, then rank 0 writes checkpoints/NNNNNNN.pt and losses.json; returns the
+    checkpoint's path. state: (unlearner, run record, history)."""
     unlearner, record, history = state
-    train_steps, n_iters = len(history), unlearner.settings.step.n_iters
+    train_steps = len(history)
     raw_model = unlearner.raw_model
     check_finite_weights(raw_model, train_steps, NON_FINITE_HINT)  # every process: all stop together
     path = os.path.join(experiment_dir, "checkpoints", f"{train_steps:07d}.pt")
     if dist.is_main:
         save_checkpoint(path, unlearner, record, history)
-        if args.save_safetensors and train_steps == n_iters:
-            save_safetensors_weights(raw_model.state_dict(), path[:-len(".pt")] + ".safetensors", record["model"])
-            logger.info(f"Saved the final weights to {path[:-len('.pt')]}.safetensors")
         atomic_json_dump({"columns": ["step", "forget_loss", "remain_loss"], "losses": history},
                          os.path.join(experiment_dir, "losses.json"))
         logger.info(f"Saved checkpoint to {path}")
@@ -120,15 +117,6 @@ def restore(resumed, unlearner):
         unlearner.forget_opt.load_state_dict(resumed["forget_opt"])
     if unlearner.adversary is not None:
         unlearner.adversary.load_state_dict(resumed["adversary"])
-    # --lr-scale and --remain-drift-budget: the guidance size the run's start measured (a checkpoint written before
-    # it had its own entry holds it as the rate scale of --lr-scale), and the last step's remain loss
-    size = resumed.get("guidance_size")
-    if size is None and unlearner.settings.step.lr_scale != "none":
-        size = resumed.get("rate_scale")
-    if size is not None:
-        unlearner.set_guidance(size)
-    unlearner.last_remain_loss = resumed.get("last_remain_loss")
-    unlearner.over_budget_steps = resumed.get("over_budget_steps", 0)
     return list(resumed.get("losses", []))
 
 
@@ -143,7 +131,8 @@ def main(args):
     check_mask_choice(args, settings, original, spec)
     with distributed() as dist, StopSignals() as stop:
         torch.manual_seed(settings.step.seed)
-        lookup = RunLookup(args.results_dir, args.resume, experiment_name(settings, args.model))
+        lookup = RunLookup(args.results_dir, args.resume, experiment_name(settings, args.model),
+                           upgrade=without_removed_fields)
         match = {**asdict(settings), "init": {"ckpt": checkpoint_identity(args.ckpt)}}  # what --resume auto continues
         experiment_dir, resumed_path, resumed = locate_run(lookup, match, dist)
         logger = create_logger(experiment_dir, dist.rank)
@@ -231,16 +220,13 @@ def frozen_reference(settings, original, spec, dist, logger):
 
 
 def unlearning_data(settings, spec, data_sets, replay):
-    """The datasets the forget and the remain terms draw from: the forget images, or SA's uniform-noise surrogate;
-    the remain images, or the replay samples, or (UNO, whose retain set is its exchange classes) the images of the
-    exchange class alone."""
+    """The datasets the forget and the remain terms draw from: the forget term's (the forget images, or SA's
+    uniform-noise surrogate), and the replay samples or the remain term's (the remain images, or UNO's exchange
+    class alone)."""
     forget_set, remain_set = data_sets
-    forget = settings.forget
-    if forget.unlearn_loss == "sa":
-        forget_set = NoiseImages(len(forget_set), spec.image_size, forget.forget_class, settings.step.seed)
-    if forget.unlearn_loss == "uno":
-        remain_set = remain_set.only_class(exchange_class(forget.forget_class, spec.num_classes))
-    return forget_set, replay if replay is not None else remain_set
+    term = forget_term(settings.forget, spec.num_classes)
+    forget_set = term.forget_data(forget_set, spec.image_size, settings.step.seed)
+    return forget_set, replay if replay is not None else term.remain_data(remain_set)
 
 
 def prepare_run(args, settings, requests, dist, logger, experiment_dir, resumed):
@@ -261,7 +247,7 @@ def prepare_run(args, settings, requests, dist, logger, experiment_dir, resumed)
     record = pinned_record({**settings_sections(settings), "model": spec, "mask": mask_record, "data": data,
                             "init": {"ckpt": checkpoint_identity(original.ckpt)}})
     if resumed is not None:
-        check_same_run(resumed["run"], record)
+        check_same_run(without_removed_fields(resumed["run"]), record)
     record = {**record, "recipe": recipe_record(args)}  # how the settings were given: not pinned
     if resumed is None and dist.is_main:
         atomic_json_dump(record, os.path.join(experiment_dir, RUN_RECORD))
@@ -271,11 +257,8 @@ def prepare_run(args, settings, requests, dist, logger, experiment_dir, resumed)
     model = DDP(raw_model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None) \
         if dist.enabled else raw_model
     unlearner = Unlearner(model, create_diffusion(timestep_respacing=""), settings, dist, mask, reference)
-    if settings.forget.unlearn_loss == "uno":
-        logger.info(f"uno: the exchange class is {unlearner.relabel}: its images are the remain set, learnt under "
-                    f"their own label and under the forget label")
-    elif unlearner.relabel is not None:
-        logger.info(f"{settings.forget.unlearn_loss}: the forget images' other class is {unlearner.relabel}")
+    if unlearner.forget_term.describe() is not None:
+        logger.info(unlearner.forget_term.describe())
     history = restore(resumed, unlearner) if resumed is not None else []
     raw_model.train()  # label dropout on, as in the official script
     datasets = unlearning_data(settings, spec, (forget_set, remain_set), replay)
@@ -298,21 +281,6 @@ def batch_streams(args, unlearner, vae, spec, datasets, start, logger):
         streams[name] = DiffusionBatches(dataset, config, dist, range(start, settings.step.n_iters), encoder,
                                          args.num_workers)
     return streams
-
-
-def drift_text(unlearner):
-    """', steps over the drift budget: N' with --remain-drift-budget, else ''."""
-    if unlearner.settings.remain.remain_drift_budget <= 0:
-        return ""
-    return f", steps over the drift budget: {unlearner.over_budget_steps}"
-
-
-def log_drift_budget(unlearner, logger):
-    """The log line of --remain-drift-budget: the guidance size measured and the remain loss it allows."""
-    remain = unlearner.settings.remain
-    action = "no forget step" if remain.remain_drift_action == "skip-forget" else "an unprojected remain step"
-    logger.info(f"--remain-drift-budget {remain.remain_drift_budget}: guidance size {unlearner.guidance:.4g}, so "
-                f"{action} while the remain loss exceeds {(remain.remain_drift_budget * unlearner.guidance) ** 2:.3g}")
 
 
 def run(args, settings, requests, dist, logger, stop, experiment_dir, resumed):
@@ -343,19 +311,13 @@ def run(args, settings, requests, dist, logger, stop, experiment_dir, resumed):
         f_loss, r_loss = unlearner.step(forget_batch, remain_batch, alpha)
         history.append([len(history) + 1, f_loss, r_loss])
         train_steps = len(history)
-        if step.lr_scale != "none" and train_steps == start + 1:
-            logger.info(f"--lr-scale {step.lr_scale}: guidance size {unlearner.guidance:.4g}, so lr "
-                        f"{step.lr * unlearner.rate_scale:.3g} and remain lr {unlearner.remain_rate():.3g}")
-        if settings.remain.remain_drift_budget > 0 and train_steps == start + 1:
-            log_drift_budget(unlearner, logger)
         running[0] += f_loss
         running[1] += r_loss
         log_steps += 1
         if train_steps % args.log_every == 0 or train_steps == step.n_iters:
             elapsed = time.time() - start_time
             logger.info(f"(step={train_steps:07d}) Forget Loss: {running[0] / log_steps:.4f}, Remain Loss: "
-                        f"{running[1] / log_steps:.4f}, alpha: {alpha:.3g}, Train Steps/Sec: {log_steps / elapsed:.2f}"
-                        f"{drift_text(unlearner)}")
+                        f"{running[1] / log_steps:.4f}, alpha: {alpha:.3g}, Train Steps/Sec: {log_steps / elapsed:.2f}")
             running, log_steps, start_time = [0.0, 0.0], 0, time.time()
         if dist.is_main and snapshots.due(train_steps):
             snapshots.save(raw_model, checkpoint_dir, train_steps, logger)
@@ -385,7 +347,8 @@ def build_parser():
     update.add_argument("--method", type=str, choices=METHODS, default="ron",
                         help="ron: fast forget step then slow remain step (SFR-on); joint: one step on both losses")
     update.add_argument("--unlearn-loss", type=str, choices=FORGET_LOSSES, default="ga",
-                        help="the forget term. ga: gradient ascent; adaga: adaptive gradient ascent (--lambd); rl: "
+                        help="the forget term (sfron/terms/). ga: gradient ascent; adaga: adaptive gradient ascent "
+                             "(the paper's lambda 0.5); rl: "
                              "relabelling to (cls+100) mod K, or (cls+1) mod K where that is cls itself; esd: "
                              "negative guidance from the frozen original (--esd-eta); salun, sa: the baselines'")
     update.add_argument("--forget-alpha", type=float, default=1.0, help="weight alpha of the forget loss")
@@ -393,37 +356,20 @@ def build_parser():
                         help="cosine decay of the forget weight, alpha (1 + cos(pi k / K)) / 2, as in the authors' "
                              "DDPM code (the official DiT script parses this flag and ignores it)")
     update.add_argument("--esd-eta", type=float, default=1.0, help="esd: the negative guidance scale eta")
-    update.add_argument("--lambd", type=float, default=0.5, help="adaga: lambda of the weights 1 / loss^lambda")
     update.add_argument("--adversarial-steps", type=int, default=0,
                         help="ga, adaga, esd: the forget term also acts under an adversarial label embedding that "
                              "takes this many of attack.py's label-inversion steps per step (0: none)")
     update.add_argument("--uno-weight", type=float, default=0.02,
                         help="uno: weight of the squared cosine between the forget images' gradient and the step's "
                              "(UNO's DiT run: 0.02; its MNIST VAE runs: 1000)")
-    update.add_argument("--forget-label-dropout", action=argparse.BooleanOptionalAction, default=True,
-                        help="DiT's 10%% label dropout on the forget step too, as training mode gives it in the "
-                             "official script; --no-forget-label-dropout drops labels on the remain step only")
     update.add_argument("--remain-loss", type=str, choices=REMAIN_LOSSES, default="diffusion",
                         help="the remain term: the diffusion loss on the remain images (the paper's), or distill: "
                              "the distance of the noise prediction to the frozen original's, 0 until the forget steps "
                              "move the remain classes")
     update.add_argument("--remain-alpha", type=float, default=1.0,
                         help="weight of the remain term (the official DiT script parses this flag and weights by 1)")
-    update.add_argument("--lr-scale", type=str, choices=LR_SCALES, default="none",
-                        help="guidance: --lr and --remain-lr are multiples of the forget class's guidance size, the "
-                             "RMS of eps(x_t, c) - eps(x_t, null) of the original model on the first forget batch; "
-                             "guidance-forget: --lr alone is such a multiple, --remain-lr is as given (default: none, the "
-                             "rates as given)")
     update.add_argument("--remain-lr", type=float, default=None,
                         help="ron: learning rate of the slow (remain) step (default: --lr)")
-    update.add_argument("--remain-drift-budget", type=float, default=0.0,
-                        help="ron with --remain-loss distill: while the RMS distance of the remain predictions to the "
-                             "original's (the square root of the last remain loss) exceeds this multiple of the forget "
-                             "class's guidance size, a step does what --remain-drift-action says, so that the remain "
-                             "step repairs first (default: 0, never)")
-    update.add_argument("--remain-drift-action", type=str, choices=DRIFT_ACTIONS, default="skip-forget",
-                        help="--remain-drift-budget: what a step over the budget does. skip-forget: no forget step; "
-                             "unproject: the forget step, then a remain step without --remain-projection")
     update.add_argument("--grad-clip", type=float, default=1.0,
                         help="global-norm clip of the masked step's gradient (0: none)")
     update.add_argument("--separate-forget-optimizer", action=argparse.BooleanOptionalAction, default=False,
@@ -458,11 +404,9 @@ def build_parser():
                            help="also save checkpoints after these steps (e.g. 10 25 50 for a comparison)")
     run_group.add_argument("--snapshot-every", type=int, default=50, help="sample-grid interval (0: none)")
     add_sampling_args(run_group, cfg_scale=4.0, num_steps=50, sampler="ddim",
-                      what="the snapshot grids and SA's replay samples")
+                      what="the snapshot grids and SA's replay samples", all_channels=False)
     run_group.add_argument("--grad-checkpointing", action="store_true",
                            help="recompute activations to save memory")
-    run_group.add_argument("--save-safetensors", action="store_true",
-                           help="also write the final weights as one .safetensors file beside the last checkpoint")
     run_group.add_argument("--resume", type=str, default=None,
                            help="an experiment folder or checkpoint of an interrupted run to continue (its settings, "
                                 "data and mask must be those it started with); auto: continue the newest run under "

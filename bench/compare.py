@@ -14,8 +14,10 @@ the remain-class samples to the real images (and as a ratio to the original mode
 retrained model's samples, and the forget run's wall time; per run, the first evaluated step whose forget accuracy
 is within 3 points of the retrained model's; and on each final model and the references, forget accuracy after
 attack.py's label inversion and relearning attacks (README: "Is the class really gone?"). Writes comparison.json,
-comparison.md, curves.png and tradeoff.png to --report-dir. Every run and evaluation is saved under --out as it
-finishes: started again, the benchmark continues where it stopped.
+comparison.md, curves.png and tradeoff.png (remain accuracy lost against forget accuracy after label inversion above
+the retrained model's, a point per method) to --report-dir; --report-only writes them again from the comparison.json
+there, running nothing. Every run and evaluation is saved under --out as it finishes: started again, the benchmark
+continues where it stopped.
 """
 import argparse
 import contextlib
@@ -53,15 +55,15 @@ from sfron.files import as_read_back, atomic_json_dump, atomic_write_text  # noq
 from sfron.loss import NonFinite  # noqa: E402
 from sfron.mask import mask_filename  # noqa: E402
 from sfron.recipes import RECIPES  # noqa: E402
-from sfron.unlearn import UnlearnSettings  # noqa: E402
+from sfron.unlearn import UnlearnSettings, without_removed_fields  # noqa: E402
 from sfron.metrics import (classification_report, classify, embed, feature_space, frechet_distance,  # noqa: E402
                            frechet_statistics, nhwc_batches, reference_set)
 from sfron.sampling import SamplerConfig, generate, per_sample_noise, to_uint8_nhwc  # noqa: E402
 from sfron.utils import UserError  # noqa: E402
 from protocol import (ABLATIONS, CONFIGURATIONS, EVAL_STEPS, HELD_OUT_DIGITS, MAIN_METHODS, METHODS,  # noqa: E402
                       TUNING_DIGITS, UNO_OWN_STEPS, Setting, score)
-from report import (ATTACK_KEYS, judged_targets, summarise, targets_missed, targets_table,  # noqa: E402
-                    write_report, write_tuning)
+from report import (ATTACK_KEYS, judged_targets, load_result, summarise, targets_missed,  # noqa: E402
+                    targets_table, with_summary, write_report, write_tuning)
 
 COMPARISON_DEFAULTS = dict(classes=list(HELD_OUT_DIGITS), steps=max(EVAL_STEPS), eval_steps=list(EVAL_STEPS),
                            batch_size=64, samples_per_class=100, sampling_steps=10, inversion_steps=100,
@@ -322,6 +324,7 @@ def same_settings(saved, resolved):
     if saved is None:
         return False
     defaults = as_read_back(asdict(UnlearnSettings.from_fields({"forget_class": 0})))  # its class is in both
+    saved = without_removed_fields(saved)  # a field removed since: at the value it had then, or one error line
     return all({**defaults[section], **saved.get(section, {})} == values for section, values in resolved.items())
 
 
@@ -464,6 +467,8 @@ def sampling_spread(bench, args):
 
 def main(args):
     """Runs (or continues) the comparison and writes its report."""
+    if args.report_only:
+        return write_report(with_summary(load_result(args.report_dir)), args)
     overlap = sorted(set(args.tuning_classes) & set(args.classes))
     if overlap and not args.all_digits:
         raise UserError(f"--tuning-classes {' '.join(map(str, overlap))} must not be among the evaluated --classes")
@@ -499,7 +504,8 @@ def main(args):
         return
     rank = {row: i for i, (row, *_) in enumerate(plan(by_protocol, args))}
     runs.sort(key=lambda r: rank[r["row"]])  # stable: digits and seeds keep their order within a row
-    result = {"protocol": {k: v for k, v in vars(args).items() if k not in ("out", "report_dir")},
+    result = {"protocol": {k: v for k, v in vars(args).items()
+                              if k not in ("out", "report_dir", "report_only", "trade_panels")},
               "configurations_per_method": CONFIGURATIONS,
               "grids": {name: [asdict(c) for c in METHODS[name].configurations()] for name in order},
               "chosen": {name: asdict(setting) for name, setting in by_protocol.items()},
@@ -516,6 +522,11 @@ def parse_args(argv=None):
                         help="working folder: every run and evaluation, saved as it finishes (resumable)")
     parser.add_argument("--report-dir", type=str, default="docs/comparison",
                         help="where comparison.json, comparison.md and the plots go")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: write comparison.md, curves.png and tradeoff.png again from the "
+                             "comparison.json in --report-dir")
+    parser.add_argument("--trade-panels", type=str, nargs="+", default=[], metavar="REPORT_DIR",
+                        help="report folders of comparisons on other datasets: each adds its panel to tradeoff.png")
     parser.add_argument("--dataset", type=str, choices=list(demo.CASES), default="digits",
                         help="the embedded case: digits (8x8, DiT-T/2) or mnist (28x28, DiT-T/4)")
     parser.add_argument("--data-path", type=str, default=None,

@@ -1,17 +1,20 @@
 """
 The guidance size of each class of a DiT: the RMS of eps(x_t, c) - eps(x_t, null) of the model over the first
-forget batch that `forget.py --seed S --batch-size B` takes for the class, the number `forget.py --lr-scale
-guidance` multiplies its rates by (and prints). Compares how strongly two models use their labels before a
-rate chosen on one is taken to the other.
+forget batch that `forget.py --seed S --batch-size B` takes for the class: how far the forget label's predictions
+must move for the class to be gone. Compares how strongly two models use their labels before a rate chosen on one
+is taken to the other (docs/mnist.md).
 
     python bench/guidance_size.py                     # the embedded digits DiT, every digit
     python bench/guidance_size.py --dataset mnist
     python bench/guidance_size.py --model DiT-XL/2 --data-path /data/imagenet --classes 207 --batch-size 32
 """
 import argparse
+import math
 import os
 import statistics
 import sys
+
+import torch
 
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -24,8 +27,24 @@ from models import DiT_models  # noqa: E402
 from sfron.build import ModelRequest, autocast_dtype, load_model_and_vae  # noqa: E402
 from sfron.data import DiffusionBatches, LatentEncoder, StreamConfig, class_folders, unlearn_datasets  # noqa: E402
 from sfron.dist import distributed  # noqa: E402
-from sfron.unlearn import guidance_size  # noqa: E402
+from sfron.terms.base import concat_batches, eps_prediction  # noqa: E402
 from sfron.utils import check_class_index  # noqa: E402
+
+
+def guidance_size(model, diffusion, batch, dist, amp):
+    """
+    The RMS over the batch (all processes) of the model's guidance direction for the batch's labels,
+    eps(x_t, c) - eps(x_t, null): how far the forget label's predictions must move for the class to be gone (ESD's
+    target lies (1 + eta) times this from them). amp: torch.autocast's arguments.
+    """
+    keep = torch.zeros_like(batch.drop)
+    with torch.no_grad(), torch.autocast(**amp):
+        eps = eps_prediction(model, diffusion, concat_batches(batch, batch), torch.cat([batch.y, batch.y]),
+                             torch.cat([keep, torch.ones_like(keep)]))
+    cond, null = eps.float().chunk(2)                                           # (b, C, H, W) each
+    sums = torch.stack([(cond - null).pow(2).sum(), torch.tensor(float(cond.numel()), device=cond.device)])
+    total, count = dist.all_reduce_sum_(sums).tolist()
+    return math.sqrt(total / count)
 
 
 def class_guidance_size(loaded, folders, forget_class, args, dist):

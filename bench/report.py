@@ -2,11 +2,13 @@
 The comparison's targets and its report: which of the embedded case's targets a checkpoint misses, the tables of
 bench/compare.py and bench/sfron_variants.py, the summary over runs and the plots.
 """
+import json
 import os
 import statistics
 
 from protocol import UNO_OWN_STEPS, score
 from sfron.files import atomic_json_dump, atomic_save_figure, atomic_write_text
+from sfron.utils import UserError
 
 FORGOTTEN_MARGIN = 0.03          # "forgotten": forget accuracy at most 3 points above the retrained model's
 ATTACK_MARGIN = 0.10             # and after each attack at most 10 points above the retrained model's
@@ -144,8 +146,17 @@ def reference_cell(report):
     return text
 
 
-def plot(summary, path_curves, path_tradeoff):
-    """Forget accuracy and remain FD ratio against steps for every row; and forget vs remain at the last step."""
+TRADE_TARGETS = (0.01, ATTACK_MARGIN)  # the R target (remain accuracy lost) and the I target (inversion excess)
+TRADE_DPI = 120
+
+
+def trade_size(count):
+    """The trade plot's size in inches for `count` panels (in pixels: times TRADE_DPI)."""
+    return 6.0 * count + 3.0, 5.0
+
+
+def plot_curves(summary, path):
+    """Forget accuracy and remain FD ratio against steps for every row."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -160,25 +171,148 @@ def plot(summary, path_curves, path_tradeoff):
     axes[0].set(xlabel="unlearning step", ylabel="forget accuracy (lower: forgotten)")
     axes[1].set(xlabel="unlearning step", ylabel="remain FD / original's (lower: preserved)", yscale="log")
     axes[1].legend(fontsize=6)
-    atomic_save_figure(fig, path_curves)
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
-    ax.set_prop_cycle(color=colors)
-    for row, s in summary.items():
-        last = max(s["steps"])
-        fa, fd = s["steps"][last]["forget_acc"], s["steps"][last]["fd_ratio"]
-        ax.errorbar(fa[0], fd[0], xerr=fa[1], yerr=fd[1], marker="o", capsize=3, label=row)
-    ax.set(xlabel="forget accuracy at the last step", ylabel="remain FD / original's", yscale="log")
-    ax.legend(fontsize=6)
-    atomic_save_figure(fig, path_tradeoff)
+    atomic_save_figure(fig, path)
+
+
+def spread(values):
+    """[mean, min, max] of a list of numbers."""
+    return [statistics.mean(values), min(values), max(values)]
+
+
+def trade_summary(result):
+    """{step, inversion_steps, rows: {row: {remain_lost, excess, runs, diverged}}} of a comparison's last step."""
+    # remain_lost: the original's remain accuracy minus the run's; excess: the run's forget accuracy after label
+    # inversion minus the retrained model's at the same budget (without the attacks, inversion_steps None: its forget
+    # accuracy minus the retrained model's); each [mean, min, max] over the row's runs that reached the last step
+    step, references = str(result["protocol"]["steps"]), {str(k): v for k, v in result["references"].items()}
+    finals = [(r, r["steps"][step]) for r in result["runs"] if step in r["steps"]]
+    key = "inversion_fa" if finals and all("inversion_fa" in f for _, f in finals) else "forget_acc"
+    rows = {}
+    for row in dict.fromkeys(r["row"] for r in result["runs"]):
+        mine = [(r, f) for r, f in finals if r["row"] == row]
+        if not mine:  # every run diverged: no point to draw
+            continue
+        ref = [references[str(r["forget_class"])] for r, _ in mine]
+        rows[row] = {"remain_lost": spread([x["original"]["remain_acc"] - f["remain_acc"] for x, (_, f) in
+                                            zip(ref, mine)]),
+                     "excess": spread([f[key] - x["retrained"][key] for x, (_, f) in zip(ref, mine)]),
+                     "runs": len(mine), "diverged": sum(1 for r in result["runs"] if r["row"] == row) - len(mine)}
+    budget = result["protocol"].get("inversion_steps") if key == "inversion_fa" else None
+    return {"step": int(step), "inversion_steps": budget, "rows": rows}
+
+
+ABLATION_MARKERS = "^v<>DPX*d"
+
+
+def trade_styles(rows):
+    """{row: (marker, colour)}: methods circles, distilled baselines squares, ablations other shapes."""
+    # a colour per method; a distilled baseline takes its base method's, the ablation of the default recipe
+    # sfron-default's
+    import matplotlib.pyplot as plt
+    colors = plt.cm.tab10.colors
+    methods = [r for r in rows if not r.startswith("default, ") and not r.endswith("+distill")]
+    styles = {row: ("o", colors[i % 10]) for i, row in enumerate(methods)}
+    spare = len(methods)
+    for row in rows:
+        if row.endswith("+distill"):
+            base = styles.get(row[:-len("+distill")])
+            if base is None:
+                base, spare = ("o", colors[spare % 10]), spare + 1
+            styles[row] = ("s", base[1])
+    default = styles.get("sfron-default", ("o", "0.3"))[1]
+    ablated = [r for r in rows if r.startswith("default, ")]
+    styles.update({row: (ABLATION_MARKERS[i % len(ABLATION_MARKERS)], default) for i, row in enumerate(ablated)})
+    return styles
+
+
+def trade_points(ax, trade, styles):
+    """A point per row at the mean of its runs, bars from their min to their max."""
+    for row, t in trade["rows"].items():
+        (x, x_lo, x_hi), (y, y_lo, y_hi) = t["remain_lost"], t["excess"]
+        marker, color = styles[row]
+        label = row + (f" ({t['diverged']} diverged)" if t["diverged"] else "")
+        ax.errorbar(x, y, xerr=[[x - x_lo], [x_hi - x]], yerr=[[y - y_lo], [y_hi - y]], marker=marker, color=color,
+                    markersize=7, capsize=2, elinewidth=0.8, alpha=0.85, linestyle="none", label=label)
+
+
+def trade_frame(ax, dataset, trade):
+    """A trade panel's axes: symmetric log x (linear up to the R target), the targets' region shaded, the labels."""
+    import matplotlib.ticker
+    rows, attacked = trade["rows"].values(), trade["inversion_steps"] is not None
+    x_target, y_target = TRADE_TARGETS[0], TRADE_TARGETS[1] if attacked else FORGOTTEN_MARGIN
+    ax.set_xscale("symlog", linthresh=x_target, linscale=1.0)
+    ax.set_xlim(-x_target, max([5 * x_target] + [1.2 * t["remain_lost"][2] for t in rows]))
+    ax.set_ylim(min([-0.1] + [t["excess"][1] - 0.05 for t in rows]), max([0.2] + [t["excess"][2] + 0.05 for t in rows]))
+    (left, right), (bottom, _) = ax.get_xlim(), ax.get_ylim()
+    ticks = [t for t in (-0.01, 0, 0.01, 0.03, 0.1, 0.3, 1) if left <= t <= right]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.fill_between([left, x_target], bottom, y_target, color="tab:green", alpha=0.15, linewidth=0,
+                    label=f"targets R and {'I' if attacked else 'F'}: x \u2264 {x_target:g}, y \u2264 {y_target:g}")
+    ax.axhline(0, color="0.6", linewidth=0.6, zorder=0)
+    ax.axvline(0, color="0.6", linewidth=0.6, zorder=0)
+    what = (f"forget acc after {trade['inversion_steps']} label-inversion steps" if attacked else
+            "forget acc under its label (no attacks ran)")
+    ax.set_xlabel("remain accuracy lost against the original\n(symmetric log scale, linear below 0.01)")
+    ax.set_ylabel(f"{what}\nabove the retrained model's")
+    ax.set_title(f"{dataset}, step {trade['step']}: mean over runs, bars min to max", fontsize=9)
+
+
+def plot_trade(panels, path):
+    """The trade plot, one panel per (dataset, trade_summary) in `panels`, one legend outside the panels."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    if not panels:
+        raise ValueError("plot_trade needs at least one (dataset, trade) panel")
+    order = list(dict.fromkeys(row for _, trade in panels for row in trade["rows"]))
+    styles = trade_styles(order)
+    fig, axes = plt.subplots(1, len(panels), figsize=trade_size(len(panels)), dpi=TRADE_DPI, squeeze=False)
+    for ax, (dataset, trade) in zip(axes[0], panels):
+        trade_points(ax, trade, styles)
+        trade_frame(ax, dataset, trade)
+    handles = {}
+    for ax in axes[0]:
+        handles.update(zip(*reversed(ax.get_legend_handles_labels())))
+    axes[0][-1].legend(list(handles.values()), list(handles), fontsize=7, loc="upper left",
+                       bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    atomic_save_figure(fig, path)
+
+
+def load_result(report_dir):
+    """The comparison.json of a report folder, or one clear error."""
+    path = os.path.join(report_dir, "comparison.json")
+    if not os.path.isfile(path):
+        raise UserError(f"no comparison.json in {report_dir}: run bench/compare.py with --report-dir {report_dir} "
+                        "first")
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not JSON ({e})")
+    if not isinstance(result, dict) or not all(k in result for k in ("protocol", "references", "runs", "spread")) \
+            or "steps" not in result["protocol"]:
+        raise UserError(f"{path} is not a comparison of bench/compare.py (it needs protocol.steps, references, runs "
+                        "and spread)")
+    return result
+
+
+def with_summary(result):
+    """A comparison read back from JSON, its references keyed by digit again, its summary gathered from its runs."""
+    references = {int(k): v for k, v in result["references"].items()}
+    return {**result, "references": references, "summary": summarise(result["runs"], references)}
 
 
 def write_report(result, args):
-    """comparison.json, comparison.md, curves.png and tradeoff.png to --report-dir."""
+    """comparison.json, comparison.md, curves.png and tradeoff.png (and a panel per --trade-panels) to --report-dir."""
+    others = [load_result(folder) for folder in getattr(args, "trade_panels", None) or []]
     os.makedirs(args.report_dir, exist_ok=True)
     atomic_json_dump(result, os.path.join(args.report_dir, "comparison.json"))
-    table = markdown(result["summary"], result["references"], args.steps, result["spread"])
+    table = markdown(result["summary"], result["references"], result["protocol"]["steps"], result["spread"])
     atomic_write_text(table, os.path.join(args.report_dir, "comparison.md"))
-    plot(result["summary"], os.path.join(args.report_dir, "curves.png"), os.path.join(args.report_dir, "tradeoff.png"))
+    plot_curves(result["summary"], os.path.join(args.report_dir, "curves.png"))
+    plot_trade([(r["protocol"].get("dataset", "digits"), trade_summary(r)) for r in [result] + others],
+               os.path.join(args.report_dir, "tradeoff.png"))
     print(table)
     print(f"Saved comparison.json, comparison.md, curves.png and tradeoff.png to {args.report_dir}")
 

@@ -11,8 +11,8 @@ steps at most 0.10 above the retrained model's.
     python bench/sfron_variants.py --name official --lr 1.5e-4 --digits 2 5
     python bench/sfron_variants.py --name own-moments --lr 2e-3 --digits 2 5 \
         --flags="--mask-remain-step --threshold 5 --separate-forget-optimizer"
-    python bench/sfron_variants.py --name relative --recipe adversarial-esd-distill --lr 0.05 --dataset mnist \
-        --digits 0 --flags="--lr-scale guidance --remain-lr 0.05"
+    python bench/sfron_variants.py --name gamma3 --recipe adversarial-esd-distill --lr 4e-3 --dataset mnist \
+        --digits 0 --flags="--threshold 3 --remain-lr 1.2e-2"
 
 Writes <out>/variants-<name>.md (every row measured so far) and keeps each run under <out> (a repeated command reads
 its runs back). Uses bench/compare.py's units: the retrained references come from assets/ or --cache-dir.

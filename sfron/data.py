@@ -434,7 +434,7 @@ class DiffusionBatches:
 
 @dataclass(frozen=True)
 class LatentCacheOptions:
-    """--cache-latents and --latent-cache-dir: encode the forget images once, and keep them for the next script."""
+    """--cache-latents [DIR]: encode the forget images once, and keep them (in DIR) for the next script."""
     enabled: bool = False
     cache_dir: Optional[str] = None
     num_workers: int = 0

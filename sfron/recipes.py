@@ -14,10 +14,9 @@ from .unlearn import UnlearnSettings
 from .utils import UserError
 
 # The flags every recipe sets (forget.py's argument names).
-RECIPE_FIELDS = ("method", "unlearn_loss", "forget_alpha", "decay_forget_alpha", "esd_eta", "forget_label_dropout",
-                 "adversarial_steps", "remain_loss", "remain_alpha", "lr", "remain_lr", "grad_clip",
-                 "separate_forget_optimizer", "mask_remain_step", "remain_projection", "lr_scale", "threshold",
-                 "remain_drift_budget", "remain_drift_action")
+RECIPE_FIELDS = ("method", "unlearn_loss", "forget_alpha", "decay_forget_alpha", "esd_eta", "adversarial_steps",
+                 "remain_loss", "remain_alpha", "lr", "remain_lr", "grad_clip", "separate_forget_optimizer",
+                 "mask_remain_step", "remain_projection", "threshold")
 
 
 @dataclass(frozen=True)
@@ -55,10 +54,9 @@ def _recipe(name, summary, values):
 
 
 _OFFICIAL = dict(method="ron", unlearn_loss="ga", forget_alpha=1.0, decay_forget_alpha=False, esd_eta=1.0,
-                 forget_label_dropout=True, adversarial_steps=0, remain_loss="diffusion", remain_alpha=1.0, lr=1e-5,
-                 remain_lr=None, grad_clip=1.0, separate_forget_optimizer=False, mask_remain_step=False,
-                 remain_projection=False, lr_scale="none", threshold=1.0, remain_drift_budget=0.0,
-                 remain_drift_action="skip-forget")
+                 adversarial_steps=0, remain_loss="diffusion", remain_alpha=1.0, lr=1e-5, remain_lr=None,
+                 grad_clip=1.0, separate_forget_optimizer=False, mask_remain_step=False, remain_projection=False,
+                 threshold=1.0)
 _MASKED_ESD_DISTILL = {**_OFFICIAL, "unlearn_loss": "esd", "remain_loss": "distill", "lr": 4e-3, "remain_lr": 2e-3,
                        "separate_forget_optimizer": True, "mask_remain_step": True, "threshold": 5.0}
 
@@ -124,4 +122,4 @@ def official_differences(settings, masked):
     if not parts:
         return None
     return ("Differs from the official DiT forget.py: " + "; ".join(parts) +
-            ". --recipe official without these flags reproduces the official run.")
+            ". --recipe official without these flags computes the official update.")

@@ -8,7 +8,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from glob import glob
-from typing import Optional
+from typing import Callable, Optional
 
 from .files import as_read_back, remove_stale_temporaries, safe_torch_load
 from .utils import UserError, start_experiment
@@ -27,6 +27,7 @@ class RunLookup:
     new_name: str
     script: str = "forget.py"
     required: tuple = FORGET_RESUME_KEYS
+    upgrade: Optional[Callable] = None  # an older run.json's sections as they read now (a UserError: not this run)
 
 
 def pinned_record(sections):
@@ -96,17 +97,19 @@ def newest_checkpoint(experiment_dir):
     return found[-1] if found else None
 
 
-def find_matching_run(results_dir, sections):
+def find_matching_run(results_dir, sections, upgrade=None):
     """
     The newest experiment folder under results_dir whose run.json records the same values for each of `sections`
-    ({section: {field: value}}, as JSON reads them back), or None: what `--resume auto` continues.
+    ({section: {field: value}}, as JSON reads them back), or None: what `--resume auto` continues. upgrade: turns
+    a record into what it reads as now (a UserError: not a run these sections continue).
     """
     matches = []
     for path in sorted(glob(os.path.join(results_dir, "*", RUN_RECORD))):
         try:
             recorded = json.load(open(path))
-        except (OSError, ValueError):
-            continue  # not a run of this script
+            recorded = upgrade(recorded) if upgrade is not None else recorded
+        except (OSError, ValueError, UserError):
+            continue  # not a run of this script, or one these settings cannot continue
         if all(recorded.get(name) == as_read_back(value) for name, value in sections.items()):
             matches.append(os.path.dirname(path))
     return matches[-1] if matches else None
@@ -132,7 +135,7 @@ def locate_run(lookup, match, dist):
         found = os.path.dirname(os.path.dirname(os.path.abspath(path)))
         remove_leftovers(found, dist)
         return found, path, checkpoint
-    found = find_matching_run(lookup.results_dir, match) if lookup.resume == "auto" and dist.is_main else None
+    found = find_matching_run(lookup.results_dir, match, lookup.upgrade) if lookup.resume == "auto" and dist.is_main else None
     found = dist.broadcast_object(found)
     if found is None:
         return start_experiment(dist, lookup.results_dir, lookup.new_name)[0], None, None

@@ -162,6 +162,21 @@ def side_by_side(images, gap=6, titles=None):
     return canvas
 
 
+def stacked(images, gap=6, titles=None):
+    """One PIL image holding the given ones one under the other, with white gaps, and a title above each if given."""
+    band = 14 if titles else 0
+    size = (max(im.width for im in images), sum(im.height + band for im in images) + gap * (len(images) - 1))
+    canvas = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    y = 0
+    for i, im in enumerate(images):
+        if titles:
+            draw.text((2, y + 1), titles[i], fill=(0, 0, 0))
+        canvas.paste(im.convert("RGB"), (0, y + band))
+        y += band + im.height + gap
+    return canvas
+
+
 def upscale(image, min_side=256):
     """Nearest-neighbour enlargement of a small grid so that it can be looked at."""
     factor = max(1, int(np.ceil(min_side / min(image.size))))

@@ -19,26 +19,18 @@ from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .adversary import AdversarialLabel
 from .build import autocast_dtype
-from .data import Batch
 from .loss import check_finite, diffusion_loss
 from .optim import make_optimizer
 from .sampling import SamplerConfig
 from .sparse import MaskedAdamW, MaskedOriginal, free_entries, gather, scatter_
+from .terms import ADVERSARIAL_LOSSES, forget_term, remain_term
+from .terms.base import concat_batches, eps_prediction
 from .utils import UserError
 
-FORGET_LOSSES = ("ga", "adaga", "rl", "salun", "sa", "esd", "uno")
-ADVERSARIAL_LOSSES = ("ga", "adaga", "esd")  # the forget terms that also act under the adversarial label
-DESCENT_LOSSES = ("rl", "sa")            # minimise it under another label / on surrogate images
 METHODS = ("ron", "joint")
-# --lr-scale: the rates as given, both relative to the forget class's guidance size, or the forget rate alone
-LR_SCALES = ("none", "guidance", "guidance-forget")
-DRIFT_ACTIONS = ("skip-forget", "unproject")  # --remain-drift-action
-REMAIN_LOSSES = ("diffusion", "distill")  # the remain term: the noise, or the frozen original's prediction
-ADAGA_EPS = 1e-15
 NON_FINITE_HINT = "lower --lr or --forget-alpha (the last good checkpoint is kept)"
 
 
@@ -54,33 +46,28 @@ class StepSettings:
     separate_forget_optimizer: bool = False  # ron: the forget step keeps its own AdamW moments
     mask_remain_step: bool = False           # ron: the remain step moves the weights of the saliency mask only
     remain_projection: bool = False          # ron: the remain gradient loses its component against the forget one
-    lr_scale: str = "none"                   # guidance(-forget): lr (and remain_lr) are multiples of the guidance size
     seed: int = 0
     precision: str = "fp32"
 
 
 @dataclass(frozen=True)
 class ForgetTerm:
-    """What the forget step minimises, and on which class."""
+    """What the forget step minimises (a term of sfron/terms/), and on which class."""
     forget_class: int
     unlearn_loss: str = "ga"
     forget_alpha: float = 1.0
     decay_forget_alpha: bool = False  # the cosine decay of the authors' DDPM code (the DiT code keeps it constant)
-    lambd: float = 0.5                # adaga: weights 1 / loss^lambda
     esd_eta: float = 1.0              # esd: the negative guidance scale
-    forget_label_dropout: bool = True  # DiT's label dropout on the forget step too, as training mode does officially
     adversarial_steps: int = 0        # ga, adaga, esd: inversion steps of the adversarial label per step (0: none)
     uno_weight: float = 0.02          # uno: weight of the squared cosine of the forget and the step's gradients
 
 
 @dataclass(frozen=True)
 class RemainTerm:
-    """What the remain step minimises: the diffusion loss, or (distill) the distance to the frozen original's
-    noise prediction, weighted by remain_alpha."""
+    """What the remain step minimises (a term of sfron/terms/): the diffusion loss, or (distill) the distance to the
+    frozen original's noise prediction, weighted by remain_alpha."""
     remain_loss: str = "diffusion"
     remain_alpha: float = 1.0
-    remain_drift_budget: float = 0.0         # ron, distill: the remain drift (x the guidance size) a step allows
-    remain_drift_action: str = "skip-forget"  # over the budget: no forget step, or (unproject) no remain projection
 
 
 @dataclass(frozen=True)
@@ -93,6 +80,25 @@ class ReplaySettings:
 
 
 SETTINGS_PARTS = {"step": StepSettings, "forget": ForgetTerm, "remain": RemainTerm, "replay": ReplaySettings}
+# Settings fields that were removed, measured and not adopted (docs/mnist.md, docs/digits.md), with the value at which
+# a run computed what a run without them computes: a record holding one at that value reads back, another cannot.
+REMOVED_FIELDS = {"step": {"lr_scale": "none"}, "forget": {"lambd": 0.5, "forget_label_dropout": True},
+                  "remain": {"remain_drift_budget": 0.0, "remain_drift_action": "skip-forget"}}
+
+
+def without_removed_fields(sections):
+    """A recorded run's {section: {field: value}} without the removed fields; a UserError names one recorded at
+    another value than the one that left the update as it is now."""
+    current = {}
+    for name, values in sections.items():
+        removed = REMOVED_FIELDS.get(name, {}) if isinstance(values, dict) else {}
+        for key in removed.keys() & values.keys():
+            if values[key] != removed[key]:
+                raise UserError(f"the run was recorded with --{key.replace('_', '-')} {values[key]}, a setting "
+                                f"removed since (it now always computes {removed[key]}): continue or read it with "
+                                f"the version that wrote it")
+        current[name] = {k: v for k, v in values.items() if k not in removed} if removed else values
+    return current
 
 
 @dataclass(frozen=True)
@@ -123,8 +129,7 @@ class UnlearnSettings:
         step, forget, remain, replay = self.step, self.forget, self.remain, self.replay
         if step.method not in METHODS:
             raise UserError(f"--method must be one of {', '.join(METHODS)}, got {step.method}")
-        if forget.unlearn_loss not in FORGET_LOSSES:
-            raise UserError(f"--unlearn-loss must be one of {', '.join(FORGET_LOSSES)}, got {forget.unlearn_loss}")
+        term = forget_term(forget, num_classes=None)
         if step.n_iters < 1 or step.batch_size < 1:
             raise UserError("--n-iters and --batch-size must be positive")
         if not step.lr > 0:
@@ -133,8 +138,7 @@ class UnlearnSettings:
             raise UserError("--forget-alpha, --remain-alpha and --ewc-lambda must not be negative")
         if forget.forget_alpha == 0 and remain.remain_alpha == 0 and replay.ewc_lambda == 0:
             raise UserError("--forget-alpha, --remain-alpha and --ewc-lambda are all 0: nothing to optimise")
-        if remain.remain_loss not in REMAIN_LOSSES:
-            raise UserError(f"--remain-loss must be one of {', '.join(REMAIN_LOSSES)}, got {remain.remain_loss}")
+        remain_term(remain)
         if replay.replay_samples < 0:
             raise UserError(f"--replay-samples must not be negative, got {replay.replay_samples}")
         if replay.ewc_lambda > 0 and replay.replay_samples < 1:
@@ -142,27 +146,10 @@ class UnlearnSettings:
                             "Fisher the EWC penalty uses)")
         if forget.adversarial_steps < 0:
             raise UserError(f"--adversarial-steps must not be negative, got {forget.adversarial_steps}")
-        if forget.adversarial_steps and forget.unlearn_loss not in ADVERSARIAL_LOSSES:
+        if forget.adversarial_steps and not term.adversarial:
             raise UserError(f"--adversarial-steps applies to --unlearn-loss {', '.join(ADVERSARIAL_LOSSES)}, not "
                             f"{forget.unlearn_loss}")
-        if forget.unlearn_loss == "uno" and step.method != "joint":
-            raise UserError("--unlearn-loss uno is one step on UNO's whole objective: use --method joint")
-        if forget.uno_weight < 0:
-            raise UserError(f"--uno-weight must not be negative, got {forget.uno_weight}")
-        if step.lr_scale not in LR_SCALES:
-            raise UserError(f"--lr-scale must be one of {', '.join(LR_SCALES)}, got {step.lr_scale}")
-        if remain.remain_drift_budget < 0:
-            raise UserError(f"--remain-drift-budget must not be negative, got {remain.remain_drift_budget}")
-        if remain.remain_drift_budget > 0 and (step.method != "ron" or remain.remain_loss != "distill"):
-            raise UserError("--remain-drift-budget measures the drift with the distilled remain term: it needs "
-                            "--method ron and --remain-loss distill")
-        if remain.remain_drift_action not in DRIFT_ACTIONS:
-            raise UserError(f"--remain-drift-action must be one of {', '.join(DRIFT_ACTIONS)}, got "
-                            f"{remain.remain_drift_action}")
-        if remain.remain_drift_budget > 0 and remain.remain_drift_action == "unproject" and \
-                not step.remain_projection:
-            raise UserError("--remain-drift-action unproject lifts --remain-projection over the budget: give "
-                            "--remain-projection, or --remain-drift-action skip-forget")
+        term.check(step)
         if step.remain_lr is not None and not step.remain_lr > 0:
             raise UserError(f"--remain-lr must be positive, got {step.remain_lr}")
         if (step.remain_lr is not None or step.separate_forget_optimizer or step.mask_remain_step or
@@ -176,8 +163,9 @@ class UnlearnSettings:
 
     @property
     def needs_frozen_model(self):
-        """ESD's target, the distilled remain term and SA's replay and EWC penalty need the original model, frozen."""
-        return (self.forget.unlearn_loss == "esd" or self.remain.remain_loss == "distill"
+        """A term with a target of the original model (ESD's, the distilled remain term) and SA's replay and EWC
+        penalty need the original model, frozen."""
+        return (forget_term(self.forget, num_classes=None).needs_original or remain_term(self.remain).needs_original
                 or self.replay.replay_samples > 0)
 
 
@@ -196,94 +184,10 @@ def forget_alpha_at(step, n_iters, forget_alpha, decay):
     return forget_alpha * (1 + math.cos(math.pi * step / n_iters)) / 2
 
 
-def relabel_class(forget_class, num_classes):
-    """
-    The label `rl` trains forget images under: the official (cls + 100) % num_classes, except where that is the
-    forget class itself (every class of a model with 100 classes or a divisor of 100), then (cls + 1) % num_classes.
-    """
-    target = (forget_class + 100) % num_classes
-    return target if target != forget_class else (forget_class + 1) % num_classes
-
-
-def exchange_class(forget_class, num_classes):
-    """The other class SalUn's target and UNO's forget label take: the next one, (cls + 1) mod num_classes (UNO's
-    ImageNet run exchanges 207 for 208)."""
-    return (forget_class + 1) % num_classes
-
-
-def forget_conditioning(batch, unlearn_loss, drop_labels=True, relabel=None):
-    """
-    (labels, label-drop ids) of the forget step: `rl` trains under the relabel class; drop_labels=False keeps
-    every forget label (no null-label dropout on the forget step).
-    """
-    labels = torch.full_like(batch.y, relabel) if unlearn_loss == "rl" else batch.y
-    drop = batch.drop if drop_labels else torch.zeros_like(batch.drop)
-    return labels, drop
-
-
-def forget_objective(losses, unlearn_loss, dist, lambd=0.5):
-    """L_forget to minimise from the per-sample losses of the forget batch."""
-    if unlearn_loss in DESCENT_LOSSES or unlearn_loss in ("salun", "esd"):
-        return losses.mean()
-    if unlearn_loss == "ga":
-        return -losses.mean()
-    if unlearn_loss == "adaga":
-        # c_i = 1 / (l_i^lambda + eps): samples with a small loss (not yet forgotten) weigh more; w_i = n c_i / sum c
-        coef = 1.0 / (losses.detach().float().pow(lambd) + ADAGA_EPS)
-        count = torch.tensor(float(coef.numel()), device=coef.device)
-        totals = dist.all_reduce_sum_(torch.stack([coef.sum(), count]))  # over the global batch
-        weights = totals[1] * coef / totals[0]
-        return -(weights * losses).mean()
-    raise UserError(f"unknown --unlearn-loss {unlearn_loss}; choose from {', '.join(FORGET_LOSSES)}")
-
-
-def eps_prediction(model, diffusion, batch, labels, drop):
-    """The model's noise prediction (b, C, H, W) at x_t = q_sample(batch.x, batch.t, batch.noise)."""
-    x_t = diffusion.q_sample(batch.x, batch.t, noise=batch.noise)
-    return model(x_t, batch.t, labels, force_drop_ids=drop)[:, :batch.x.shape[1]]
-
-
-def guidance_size(model, diffusion, batch, dist, amp):
-    """
-    The RMS over the batch (all processes) of the model's guidance direction for the batch's labels,
-    eps(x_t, c) - eps(x_t, null): how far the forget label's predictions must move for the class to be gone (ESD's
-    target lies (1 + eta) times this from them). amp: torch.autocast's arguments.
-    """
-    keep = torch.zeros_like(batch.drop)
-    with torch.no_grad(), torch.autocast(**amp):
-        eps = eps_prediction(model, diffusion, concat_batches(batch, batch), torch.cat([batch.y, batch.y]),
-                             torch.cat([keep, torch.ones_like(keep)]))
-    cond, null = eps.float().chunk(2)                                           # (b, C, H, W) each
-    sums = torch.stack([(cond - null).pow(2).sum(), torch.tensor(float(cond.numel()), device=cond.device)])
-    total, count = dist.all_reduce_sum_(sums).tolist()
-    return math.sqrt(total / count)
-
-
-def mean_flat_square(x):
-    """Per-sample mean of squares (b,)."""
-    return x.float().square().flatten(1).mean(1)
-
-
-def squared_cosine(a, b):
-    """(a . b)^2 / (|a|^2 |b|^2), in float32, of two gradients given as a tensor (or None) per parameter."""
-    pairs = [(x.float(), y.float()) for x, y in zip(a, b) if x is not None and y is not None]
-    if not pairs:  # neither term reaches a weight
-        return 0.0
-    dot = sum((x * y).sum() for x, y in pairs)
-    norms = sum(x.square().sum() for x, _ in pairs) * sum(y.square().sum() for _, y in pairs)
-    return dot.square() / (norms + 1e-12)
-
-
 def ewc_penalty(named_params, reference):
     """sum_i F_i (theta_i - theta*_i)^2 over the trainable weights (the EWC term of Selective Amnesia)."""
     anchor = dict(reference.model.named_parameters())
     return sum((reference.fisher[n] * (p - anchor[n]).square()).sum() for n, p in named_params)
-
-
-def concat_batches(a, b):
-    """One batch holding the samples of a, then those of b (one forward pass for both)."""
-    return Batch(x=torch.cat([a.x, b.x]), y=torch.cat([a.y, b.y]), t=torch.cat([a.t, b.t]),
-                 noise=torch.cat([a.noise, b.noise]), drop=torch.cat([a.drop, b.drop]), step=a.step)
 
 
 def project_off_(grads, directions):
@@ -346,55 +250,19 @@ class Unlearner:
         # Own moments keep the forget step inside its mask: AdamW moves a weight whose masked gradient is 0 by the
         # momentum the shared moments carry from the remain steps, so a shared optimizer frees every weight.
         self.forget_opt = self._make_optimizer(step.lr) if step.separate_forget_optimizer else self.opt
-        num_classes, forget = self.raw_model.num_classes, settings.forget
-        self.relabel = {"rl": relabel_class(forget.forget_class, num_classes),
-                        "salun": exchange_class(forget.forget_class, num_classes),
-                        "uno": exchange_class(forget.forget_class, num_classes)}.get(forget.unlearn_loss)
-        if forget.unlearn_loss == "uno" and dist.world_size > 1:
-            raise UserError("--unlearn-loss uno differentiates its gradients (a double backward pass), which DDP "
-                            "does not support: run it on one process")
+        forget = settings.forget
+        self.forget_term = forget_term(forget, self.raw_model.num_classes)  # sfron/terms/
+        self.remain_term = remain_term(settings.remain)
         self.amp = dict(device_type=dist.device.type, dtype=autocast_dtype(step.precision),
                         enabled=step.precision == "bf16")
         self.adversary = AdversarialLabel(self.raw_model, forget.adversarial_steps, dist) \
             if forget.adversarial_steps else None
         self._forget_grads = None  # the last forget step's gradient (--remain-projection)
-        # --lr-scale and --remain-drift-budget: the guidance size of the first forget batch, before the first step
-        # moves the weights (a resumed run restores the one its start measured)
-        self.guidance = None
-        self.last_remain_loss = None  # --remain-drift-budget: the previous step's (global) remain loss
-        self.over_budget_steps = 0
-        self._full_repair = False  # this step's remain step is not projected (--remain-drift-action unproject)
-
-    @property
-    def rate_scale(self):
-        """The factor of --lr and --remain-lr: 1, or with --lr-scale the guidance size (None until measured)."""
-        return 1.0 if self.settings.step.lr_scale == "none" else self.guidance
-
-    def set_guidance(self, size):
-        """Takes size as the guidance size from now on; with --lr-scale it multiplies --lr (and --remain-lr) by it (a
-        resumed run sets the size its start measured)."""
-        self.guidance = float(size)
-        if self.settings.step.lr_scale == "none":
-            return
-        for opt in {id(self.opt): self.opt, id(self.forget_opt): self.forget_opt}.values():
-            for group in opt.param_groups:
-                group["lr"] = self.settings.step.lr * self.rate_scale
-
-    def over_drift_budget(self):
-        """--remain-drift-budget k: whether the RMS distance of the remain predictions to the original's at the last
-        step (the square root of its distilled remain loss) exceeds k times the guidance size, so that this step
-        takes no forget step (--remain-drift-action skip-forget) or an unprojected remain step (unproject): the
-        remain step repairs first."""
-        budget = self.settings.remain.remain_drift_budget
-        return budget > 0 and self.last_remain_loss is not None and \
-            math.sqrt(self.last_remain_loss) > budget * self.guidance
 
     def remain_rate(self):
-        """The remain step's learning rate: --remain-lr (default --lr), times the guidance scale unless only the
-        forget rate takes it (--lr-scale guidance-forget)."""
+        """The remain step's learning rate: --remain-lr, default --lr."""
         step = self.settings.step
-        rate = step.remain_lr if step.remain_lr is not None else step.lr
-        return rate if step.lr_scale == "guidance-forget" else rate * self.rate_scale
+        return step.remain_lr if step.remain_lr is not None else step.lr
 
     def _make_optimizer(self, lr):
         """AdamW over the parameters: of the free entries only when the run is confined to the mask."""
@@ -443,7 +311,7 @@ class Unlearner:
         if forget_step:
             self._forget_grads = [g.detach().clone() if g is not None else None for g in grads]
             return
-        project_off_(grads, None if self._full_repair else self._forget_grads)
+        project_off_(grads, self._forget_grads)
         self._forget_grads = None
         if self.free is not None:
             for p, g, i in zip(self.params, grads, self.free):
@@ -452,72 +320,40 @@ class Unlearner:
 
     def frozen_targets(self, forget_batch, remain_batch):
         """
-        (ESD's target on forget_batch, the distilled remain term's target on remain_batch), each None where the
-        settings need none or the batch is None, from one forward pass of the frozen original over the batches
-        stacked (b forget samples under their label, the same b under the null label, then the remain samples):
-        the original's free entries are swapped in once per step, and a small batch fills the device better.
+        (the forget term's target on forget_batch, the remain term's on remain_batch), each None where the term needs
+        none or the batch is None, from one forward pass of the frozen original over the batches the terms name,
+        stacked: the original's free entries are swapped in once per step, and a small batch fills the device better.
         """
-        esd = forget_batch is not None and self.settings.forget.unlearn_loss == "esd"
-        distill = remain_batch is not None and self.settings.remain.remain_loss == "distill"
-        parts = []  # (batch, labels, label-drop ids)
-        if esd:  # eps*(x, c) and eps*(x, null): the forget label never dropped, then always
-            keep = torch.zeros_like(forget_batch.drop)
-            parts += [(forget_batch, forget_batch.y, keep), (forget_batch, forget_batch.y, torch.ones_like(keep))]
-        if distill:  # the remain batch with its own label dropout
-            parts.append((remain_batch, remain_batch.y, remain_batch.drop))
+        forget_parts = self.forget_term.frozen_parts(forget_batch) if forget_batch is not None else []
+        remain_parts = self.remain_term.frozen_parts(remain_batch) if remain_batch is not None else []
+        parts = forget_parts + remain_parts  # (batch, labels, label-drop ids)
         if not parts:
             return None, None
         stacked = functools.reduce(concat_batches, [b for b, _, _ in parts])
         with torch.no_grad(), self.frozen_model() as frozen:
             eps = eps_prediction(frozen, self.diffusion, stacked, torch.cat([y for _, y, _ in parts]),
-                                 torch.cat([d for _, _, d in parts]))            # (2b + b_r, C, H, W)
+                                 torch.cat([d for _, _, d in parts]))            # (sum of b, C, H, W)
         chunks = eps.split([b.y.shape[0] for b, _, _ in parts])
-        esd_target = chunks[1] - self.settings.forget.esd_eta * (chunks[0] - chunks[1]) if esd else None
-        return esd_target, chunks[-1] if distill else None
+        n = len(forget_parts)
+        return (self.forget_term.target(chunks[:n]) if forget_parts else None,
+                self.remain_term.target(chunks[n:]) if remain_parts else None)
 
-    def forget_losses(self, batch, esd_target=None):
-        """Per-sample losses of the forget term (b,): diffusion losses (ga, adaga, rl, sa) or the distance of the
-        noise prediction to SalUn's or ESD's target (esd_target: frozen_targets()'s, computed here when None); with
-        an adversarial label, the same term under it is added."""
-        f = self.settings.forget
+    def forget_losses(self, batch, target=None):
+        """Per-sample losses of the forget term (b,) (target: frozen_targets()'s, computed here when None and the
+        term has one); the adversarial label, if any, first takes its inversion steps."""
         if self.adversary is not None:
             self.adversary.update(self.model, self.diffusion, batch)
-        if f.unlearn_loss in ("ga", "adaga", "rl"):
-            labels, drop = forget_conditioning(batch, f.unlearn_loss, f.forget_label_dropout, self.relabel)
-            if self.adversary is None:
-                return diffusion_loss(self.model, self.diffusion, batch, labels=labels, force_drop_ids=drop)
-            with self.adversary.label(self.raw_model) as adversarial:  # both labels in one forward pass
-                both = diffusion_loss(self.model, self.diffusion, concat_batches(batch, batch),
-                                      labels=torch.cat([labels, torch.full_like(labels, adversarial)]),
-                                      force_drop_ids=torch.cat([drop, torch.zeros_like(drop)]))
-            return sum(both.chunk(2))
-        keep = torch.zeros_like(batch.drop)  # the forget label itself, never dropped
-        if f.unlearn_loss == "sa":  # the batch holds surrogate images under the forget label
-            return diffusion_loss(self.model, self.diffusion, batch, force_drop_ids=keep)
-        if f.unlearn_loss == "salun":  # the same model's prediction under another class, without gradient
-            with torch.no_grad():
-                target = eps_prediction(self.model, self.diffusion, batch, torch.full_like(batch.y, self.relabel), keep)
-        else:  # esd: eps*(x, null) - eta (eps*(x, c) - eps*(x, null)) of the frozen original
-            target = esd_target if esd_target is not None else self.frozen_targets(batch, None)[0]
-        if self.adversary is None:
-            return mean_flat_square(eps_prediction(self.model, self.diffusion, batch, batch.y, keep) - target)
-        with self.adversary.label(self.raw_model) as adversarial:  # the same target under the adversarial label
-            both = eps_prediction(self.model, self.diffusion, concat_batches(batch, batch),
-                                  torch.cat([batch.y, torch.full_like(batch.y, adversarial)]), torch.cat([keep, keep]))
-        return sum(mean_flat_square(eps - target) for eps in both.chunk(2))
+        if target is None and self.forget_term.frozen_parts(batch):
+            target = self.frozen_targets(batch, None)[0]
+        return self.forget_term.losses(self, batch, target)
 
-    def remain_losses(self, batch, distill_target=None):
-        """Per-sample losses of the remain batch (b,), with its label dropout: the diffusion loss, or (distill) the
-        distance of the noise prediction to the frozen original's at the same x_t, t and label (distill_target:
-        frozen_targets()'s, computed here when None)."""
-        if self.settings.remain.remain_loss == "diffusion":
-            return diffusion_loss(self.model, self.diffusion, batch, force_drop_ids=batch.drop)
-        # first: the swap of the original's entries must precede the pass whose gradient is taken
-        target = distill_target if distill_target is not None else self.frozen_targets(None, batch)[1]
-        eps = eps_prediction(self.model, self.diffusion, batch, batch.y, batch.drop)
-        # 0 at the original weights: it pulls back only what the forget steps moved, without the noise of fitting
-        # the data again (the original already fits it)
-        return mean_flat_square(eps - target)
+    def remain_losses(self, batch, target=None):
+        """Per-sample losses of the remain term (b,), with its label dropout (target: frozen_targets()'s, computed
+        here when None and the term has one)."""
+        if target is None and self.remain_term.frozen_parts(batch):
+            # first: the swap of the original's entries must precede the pass whose gradient is taken
+            target = self.frozen_targets(None, batch)[1]
+        return self.remain_term.losses(self, batch, target)
 
     def _remain_objective(self, r_losses):
         """remain_alpha * L_remain (+ the EWC penalty)."""
@@ -528,8 +364,7 @@ class Unlearner:
 
     def _forget_objective(self, f_losses):
         """L_forget of the forget term's per-sample losses."""
-        f = self.settings.forget
-        return forget_objective(f_losses, f.unlearn_loss, self.dist, f.lambd)
+        return self.forget_term.objective(f_losses, self.dist)
 
     def step(self, forget_batch, remain_batch, alpha):
         """
@@ -539,13 +374,6 @@ class Unlearner:
         all-reduced gradient and means non-finite on all; nothing has been saved from the bad weights).
         """
         s = self.settings
-        if self.guidance is None and (s.step.lr_scale != "none" or s.remain.remain_drift_budget > 0):
-            self.measure_guidance(forget_batch)
-        over = self.over_drift_budget()
-        self.over_budget_steps += int(over)
-        self._full_repair = over and s.remain.remain_drift_action == "unproject"
-        if over and s.remain.remain_drift_action == "skip-forget":
-            alpha = 0  # this step: the remain step alone
         use_remain = s.remain.remain_alpha != 0
         f_losses = r_losses = None
         self._forget_grads = None  # a remain step projects off this step's forget gradient only
@@ -568,72 +396,33 @@ class Unlearner:
             self._optimizer_step(loss, masked=True)
         else:
             raise UserError(f"unknown --method {s.step.method}; choose from {', '.join(METHODS)}")
-        means = self._global_means(f_losses, r_losses, forget_batch.step)
-        self.last_remain_loss = means[1]
-        return means
-
-    def measure_guidance(self, forget_batch):
-        """Measures the guidance size on the first forget batch; with --lr-scale, takes it as the rates' scale."""
-        size = guidance_size(self.raw_model, self.diffusion, forget_batch, self.dist, self.amp)
-        if not size > 0 or not math.isfinite(size):
-            raise UserError(f"--lr-scale and --remain-drift-budget: the model's guidance size on the first forget "
-                            f"batch is {size} (its label does not change its prediction), so it gives no scale; use "
-                            f"--lr-scale none and --remain-drift-budget 0")
-        self.set_guidance(size)
+        return self._global_means(f_losses, r_losses, forget_batch.step)
 
     def _joint_loss(self, forget_batch, remain_batch, alpha, targets):
         """(alpha L_forget + remain_alpha L_remain + EWC, forget losses, remain losses) for the joint step; targets:
         frozen_targets()'s."""
-        s, f = self.settings, self.settings.forget
-        if f.unlearn_loss == "uno":
-            return self._uno_loss(forget_batch, remain_batch, alpha)
+        own = self.forget_term.joint_loss(self, forget_batch, remain_batch, alpha)
+        if own is not None:  # a term that is the whole objective (UNO)
+            return own
         f_losses = r_losses = None
         loss = 0.0
-        if alpha != 0 and s.remain.remain_alpha != 0 and f.unlearn_loss in ("ga", "adaga", "rl") and \
-                s.remain.remain_loss == "diffusion":
-            # both diffusion losses from one forward pass
-            labels, drop = forget_conditioning(forget_batch, f.unlearn_loss, f.forget_label_dropout, self.relabel)
+        conditions = self.forget_term.conditioning(forget_batch), self.remain_term.conditioning(remain_batch)
+        if alpha != 0 and self.settings.remain.remain_alpha != 0 and None not in conditions:
+            # both are diffusion losses: one forward pass
+            (labels, drop), (r_labels, r_drop) = conditions
             both = concat_batches(forget_batch, remain_batch)
-            losses = diffusion_loss(self.model, self.diffusion, both, labels=torch.cat([labels, remain_batch.y]),
-                                    force_drop_ids=torch.cat([drop, remain_batch.drop]))
+            losses = diffusion_loss(self.model, self.diffusion, both, labels=torch.cat([labels, r_labels]),
+                                    force_drop_ids=torch.cat([drop, r_drop]))
             n = forget_batch.y.shape[0]
             f_losses, r_losses = losses[:n], losses[n:]
         else:
             if alpha != 0:
                 f_losses = self.forget_losses(forget_batch, targets[0])
-            if s.remain.remain_alpha != 0:
+            if self.settings.remain.remain_alpha != 0:
                 r_losses = self.remain_losses(remain_batch, targets[1])
         if f_losses is not None:
             loss = alpha * self._forget_objective(f_losses)
         return loss + self._remain_objective(r_losses), f_losses, r_losses
-
-    def _uno_loss(self, forget_batch, remain_batch, alpha):
-        """
-        UNO's objective and its (forget, remain) per-sample losses: the remain batch (the exchange class's images,
-        forget.py's remain set under uno) under the forget label, weighted by alpha, plus the same images under
-        their own label, weighted by remain_alpha, plus uno_weight times the squared cosine between the gradient of
-        the forget images' diffusion loss and the gradient of those two terms. The cosine is differentiated through
-        (a double backward pass), as in UNO's code; no label is dropped. Both labels of the exchange images share
-        one x_t and t (one forward pass).
-        """
-        with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no second derivative
-            return self._uno_terms(forget_batch, remain_batch, alpha)
-
-    def _uno_terms(self, forget_batch, remain_batch, alpha):
-        """_uno_loss()'s value, under an attention that can be differentiated twice."""
-        s, keep = self.settings, torch.zeros_like(remain_batch.drop)
-        forget_label = torch.full_like(remain_batch.y, s.forget.forget_class)
-        both = diffusion_loss(self.model, self.diffusion, concat_batches(remain_batch, remain_batch),
-                              labels=torch.cat([forget_label, remain_batch.y]), force_drop_ids=torch.cat([keep, keep]))
-        f_losses, r_losses = both.chunk(2)
-        step_loss = alpha * f_losses.mean() + s.remain.remain_alpha * r_losses.mean()
-        if s.forget.uno_weight == 0:
-            return step_loss, f_losses, r_losses
-        forget_loss = diffusion_loss(self.model, self.diffusion, forget_batch,
-                                     force_drop_ids=torch.zeros_like(forget_batch.drop)).mean()
-        forget_grads = torch.autograd.grad(forget_loss, self.params, create_graph=True, allow_unused=True)
-        step_grads = torch.autograd.grad(step_loss, self.params, create_graph=True, allow_unused=True)
-        return step_loss + s.forget.uno_weight * squared_cosine(forget_grads, step_grads), f_losses, r_losses
 
     def _global_means(self, f_losses, r_losses, step):
         """The mean forget and remain losses over the global batch (0 for a skipped term), checked for finiteness."""

@@ -160,7 +160,7 @@ def test_uno_step_is_its_objective_with_the_squared_cosine_differentiated_throug
         torch.testing.assert_close(got[n], expected[n], rtol=1e-4, atol=1e-6)
     assert max(float((expected[n] - without[n]).abs().max()) for n in expected) > 1e-3  # the cosine term acts
     unlearner = Unlearner(model, DIFFUSION, s, DIST)
-    assert unlearner.relabel == 1
+    assert unlearner.forget_term.other_class == 1
     with pytest.raises(UserError, match="use --method joint"):
         UnlearnSettings.from_fields({"forget_class": 0, "unlearn_loss": "uno"}).check()
 

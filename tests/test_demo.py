@@ -142,8 +142,8 @@ def test_a_case_without_its_shipped_dit_is_one_clear_error(tmp_path, monkeypatch
 
 def test_the_data_folder_defaults_to_the_case(monkeypatch):
     """demo.py and bench/compare.py resolve --data-path from --dataset in their parse_args, so scripts that build on
-    their arguments (bench/label_dropout.py, bench/sfron_variants.py) get a folder, not None; so does
-    bench/sfron_variants.py's own --dataset."""
+    their arguments (bench/sfron_variants.py) get a folder, not None; so does bench/sfron_variants.py's own
+    --dataset."""
     monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
     import compare
     import demo
@@ -190,5 +190,19 @@ def test_shortened_demo_meets_the_three_targets_on_digit_3_and_reports_the_attac
     assert unlearned["forget_acc"] <= retrained["forget_acc"] + 0.03 + 1e-6          # F
     assert unlearned["remain_acc"] >= original["remain_acc"] - 0.01 - 1e-6           # R
     assert unlearned["fid_remain"] <= 1.2 * original["fid_remain"]                   # D
-    for name in ("samples.png", "losses.png", "report.md"):
-        assert os.path.getsize(tmp_path / "out" / name) > 0
+    assert os.path.getsize(tmp_path / "out" / "report.md") > 0
+    from PIL import Image
+    sizes = {}
+    for name in ("samples.png", "losses.png", "attacks/attack.png", "attacks/samples.png"):
+        with Image.open(tmp_path / "out" / name) as image:
+            image.load()
+            sizes[name] = (image.format, *image.size)
+    # samples.png: the three models' 5x2 grids of digits 0-9 (8 px images, 2 px padding: 52 x 22, enlarged 5x to
+    # reach 96 px) side by side under 14 px titles, 6 px apart; under them, 6 px below, attack.py's samples.png: a
+    # row per model (10 images: 102 x 12, enlarged 8x) under a 14 px title, 6 px apart
+    grids, rows = (3 * 5 * 52 + 2 * 6, 5 * 22 + 14), (8 * 102, 3 * (8 * 12 + 14) + 2 * 6)
+    assert sizes["attacks/samples.png"] == ("PNG", *rows)
+    assert sizes["samples.png"] == ("PNG", max(grids[0], rows[0]), grids[1] + 6 + rows[1])
+    assert sizes["attacks/attack.png"] == ("PNG", 840, 432)  # one budget of each attack: bars, 7 x 3.6 in at 120 dpi
+    assert sizes["losses.png"] == ("PNG", 720, 420)  # 6 x 3.5 in at 120 dpi
+    assert "under the label learned in 5 inversion steps" in report["about"]["figure"]

@@ -45,6 +45,17 @@ def test_perfect_noise_prediction_has_zero_mse_and_learned_variance_range():
     assert terms["mse"].abs().max() < 1e-10
     torch.testing.assert_close(terms["loss"], terms["mse"] + terms["vb"])
     assert (terms["vb"][1:] >= 0).all()  # KL terms are non-negative
+    # the learned range, by hand from the linear betas: v = -1 gives the clipped posterior log-variance (at t = 0
+    # that of t = 1), v = +1 log(beta_t), v = 0 halfway between them
+    betas = [0.0001 + (0.02 - 0.0001) * i / 999 for i in range(1000)]
+    alpha_bar = np.cumprod([1 - b for b in betas])
+    posterior = lambda i: betas[i] * (1 - alpha_bar[i - 1]) / (1 - alpha_bar[i])  # noqa: E731 (i >= 1)
+    min_log = torch.tensor([np.log(posterior(max(i, 1))) for i in t.tolist()]).view(3, 1, 1, 1)
+    max_log = torch.tensor([np.log(betas[i]) for i in t.tolist()]).view(3, 1, 1, 1)
+    for v, expected in ((-1.0, min_log), (1.0, max_log), (0.0, (min_log + max_log) / 2)):
+        model = lambda x, ts, **kw: torch.cat([noise, torch.full_like(noise, v)], 1)  # noqa: E731
+        log_variance = d.p_mean_variance(model, x0, t, clip_denoised=False)["log_variance"]
+        torch.testing.assert_close(log_variance, expected.float().expand_as(log_variance), rtol=1e-5, atol=0)
 
 
 def test_ddim_is_deterministic_and_ddpm_uses_noise_fn():

@@ -93,6 +93,14 @@ def test_seed_commands_on_dit_s8_with_a_local_vae_and_an_imagenet_subset(tmp_pat
     assert "256x256, 1000 classes, latent space" in log and "Forget set: 3 images, remain set: 6 images" in log
     assert "classes by ImageNet synset indices" in log
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["0000000_sample.png", "0000002.pt"]
+    # the saved weights are not the starting ones: the entries the mask frees and the forget gradient reaches moved
+    start, saved = load(tmp_path / "s8.pt"), load(os.path.join(run, "checkpoints", "0000002.pt"))["model"]
+    mask, forget_fisher = load(tmp_path / "mask" / "207" / "fisher_1.0.pt"), load(tmp_path / "mask" / "207" /
+                                                                                  "forget_fisher.pt")
+    reached = {k: m.bool() & (forget_fisher[k] > 0) for k, m in mask.items()}
+    moved = sum(int((saved[k] != start[k])[r].sum()) for k, r in reached.items())
+    total = sum(int(r.sum()) for r in reached.values())
+    assert total > 1000 and moved > 0.9 * total, (moved, total)
     # the position of the golden retriever's folder is no class of this root
     wrong = run_in_process("forget.py", *common, "--n-iters", 1, "--forget-class", 1, "--results-dir", tmp_path / "w",
                            cwd=tmp_path)
@@ -275,11 +283,11 @@ def test_cached_latents_give_the_same_fisher(tmp_path):
               "--results-dir", tmp_path / "results")
     run_in_process("generate_fisher.py", *common, "--mask-path", tmp_path / "plain", cwd=tmp_path, check=True)
     proc = run_in_process("generate_fisher.py", *common, "--mask-path", tmp_path / "cached", "--cache-latents",
-                          "--latent-cache-dir", tmp_path / "latents", cwd=tmp_path, check=True)
+                          tmp_path / "latents", cwd=tmp_path, check=True)
     assert "Cached the VAE latents of 3 forget images x 2 flips" in proc.stdout
     assert os.listdir(tmp_path / "latents") == ["forget-1-64-vae.pt"]
     proc = run_in_process("generate_fisher.py", *common, "--mask-path", tmp_path / "reused", "--cache-latents",
-                          "--latent-cache-dir", tmp_path / "latents", cwd=tmp_path, check=True)
+                          tmp_path / "latents", cwd=tmp_path, check=True)
     assert "Loaded the VAE latents of 3 forget images x 2 flips" in proc.stdout  # the next script encodes nothing
     plain, cached, reused = (load(tmp_path / name / "1" / "forget_fisher.pt") for name in ("plain", "cached", "reused"))
     for k in plain:
@@ -300,8 +308,7 @@ def test_bf16_vae_encode_is_close_to_float32(tmp_path):
 
 def test_official_unlearned_checkpoints_are_read_from_model_and_ours_from_ema(workdir, tmp_path):
     """The official forget.py saves a stale EMA (decay 0.9999) as "ema" and the unlearned weights, DataParallel's
-    'module.' keys, as "model": --ckpt reads "model". Ours keep the unlearned weights in both; --save-safetensors
-    writes them."""
+    'module.' keys, as "model": --ckpt reads "model". Ours keep the unlearned weights in both."""
     import argparse
     original = load(workdir / "tiny.pt")
     unlearned = {k: v + 0.5 for k, v in original.items()}
@@ -314,11 +321,11 @@ def test_official_unlearned_checkpoints_are_read_from_model_and_ours_from_ema(wo
     assert all(torch.equal(find_checkpoint(str(tmp_path / "train.pt"))[0][k], original[k]) for k in original)
     args = ("--model", "DiT-T/2", "--data-path", workdir / "data", "--batch-size", 2, "--ckpt", workdir / "tiny.pt",
             "--n-iters", 4, "--snapshot-every", 0, "--forget-class", 1, "--lr", "1e-3", "--results-dir",
-            workdir / "ours", "--num-workers", 0, "--save-safetensors")
+            workdir / "ours", "--num-workers", 0)
     run_in_process("forget.py", *args, cwd=workdir, check=True)
     (run,) = experiment_dirs(workdir / "ours")
     ckpt = load(os.path.join(run, "checkpoints", "0000004.pt"))
     assert all(torch.equal(ckpt["ema"][k], ckpt["model"][k]) for k in ckpt["model"])
     assert max(float((ckpt["model"][k] - original[k]).abs().max()) for k in original) > 1e-4
-    final = find_model(os.path.join(run, "checkpoints", "0000004.safetensors"))
+    final = find_model(os.path.join(run, "checkpoints", "0000004.pt"))  # the official loader's choice: "ema"
     assert all(torch.equal(final[k], v) for k, v in ckpt["model"].items())

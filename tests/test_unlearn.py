@@ -1,6 +1,5 @@
 """The SFR-on step on cases small enough to check by hand."""
 import math
-from dataclasses import replace
 
 import pytest
 import torch
@@ -12,8 +11,9 @@ from helpers import toy_batch
 from sfron.dist import Dist
 from sfron.mask import load_mask
 from sfron.optim import make_optimizer
-from sfron.unlearn import (Unlearner, UnlearnSettings, forget_alpha_at, forget_conditioning, forget_objective,
-                           relabel_class)
+from sfron.terms import forget_term
+from sfron.terms.rl import relabel_class
+from sfron.unlearn import ForgetTerm, Unlearner, UnlearnSettings, forget_alpha_at
 from sfron.utils import UserError
 
 DIST = Dist()
@@ -131,31 +131,32 @@ def test_cosine_decay_of_the_forget_alpha():
 
 
 def test_adaga_weights_samples_not_yet_forgotten_more():
+    adaga = forget_term(ForgetTerm(forget_class=0, unlearn_loss="adaga"), num_classes=3)
+    assert adaga.lambd == 0.5  # the paper's
     losses = torch.tensor([0.25, 1.0, 4.0], requires_grad=True)
-    forget_objective(losses, "adaga", DIST, lambd=0.5).backward()
+    adaga.objective(losses, DIST).backward()
     c = torch.tensor([1 / 0.5, 1 / 1.0, 1 / 2.0])              # 1 / l^0.5
     w = 3 * c / c.sum()
     torch.testing.assert_close(losses.grad, -w / 3)           # d(-mean(w l))/dl = -w / n
     assert losses.grad[0] < losses.grad[1] < losses.grad[2] < 0
     ga = torch.tensor([0.25, 1.0, 4.0], requires_grad=True)
-    forget_objective(ga, "adaga", DIST, lambd=0.0).backward()  # lambda = 0: plain gradient ascent
+    adaga.lambd = 0.0
+    adaga.objective(ga, DIST).backward()  # lambda = 0: plain gradient ascent
     torch.testing.assert_close(ga.grad, torch.full((3,), -1 / 3))
 
 
 def test_forget_conditioning_and_relabel():
     b = batch(3, 2, n=4)
-    labels, drop = forget_conditioning(b, "ga", drop_labels=True)
+    labels, drop = forget_term(ForgetTerm(forget_class=2, unlearn_loss="ga"), 10).conditioning(b)
     assert labels.tolist() == [2, 2, 2, 2] and drop.tolist() == [0, 1, 0, 1]
-    _, drop = forget_conditioning(b, "ga", drop_labels=False)
-    assert drop.tolist() == [0, 0, 0, 0]
-    labels, _ = forget_conditioning(b, "rl", relabel=7)
-    assert labels.tolist() == [7, 7, 7, 7]
+    labels, drop = forget_term(ForgetTerm(forget_class=207, unlearn_loss="rl"), 1000).conditioning(b)
+    assert labels.tolist() == [307, 307, 307, 307] and drop.tolist() == [0, 1, 0, 1]
     assert relabel_class(207, 1000) == 307 and relabel_class(3, 10) == 4 and relabel_class(5, 7) == 0
 
 
-def test_forget_label_dropout_switch_decides_which_forget_labels_are_dropped(monkeypatch):
-    """With the switch (the official behaviour) the forget step's gradient is that of the batch's label drops (here
-    the second sample under the null label); without it, of every sample under its own label."""
+def test_the_forget_step_drops_the_labels_the_batch_drops(monkeypatch):
+    """As training mode does in the official script, the forget step's gradient is that of the batch's label drops
+    (here the second sample under the null label), not of every sample under its own label."""
     seen = capture_gradients(monkeypatch)
     fb, rb = batch(1, 0), batch(2, 1)
     assert fb.drop.tolist() == [0, 1]
@@ -163,15 +164,14 @@ def test_forget_label_dropout_switch_decides_which_forget_labels_are_dropped(mon
     theta = {n: p.detach().clone() for n, p in reference.named_parameters() if p.requires_grad}
     frozen = {"pos_embed": reference.pos_embed}
     expected = {}
-    for switch, drop in ((True, fb.drop), (False, torch.zeros_like(fb.drop))):
-        expected[switch] = grad(lambda th: 0.5 * -per_sample_loss(reference, {**th, **frozen}, fb, drop=drop).mean())(
+    for dropped, drop in ((True, fb.drop), (False, torch.zeros_like(fb.drop))):
+        expected[dropped] = grad(lambda th: 0.5 * -per_sample_loss(reference, {**th, **frozen}, fb, drop=drop).mean())(
             theta)
-        model = tiny_model()
-        seen.clear()
-        run_step(model, fb, rb, forget_label_dropout=switch)
-        got = {n: seen[0][id(p)] for n, p in model.named_parameters() if p.requires_grad}  # the forget step's
-        for n in theta:
-            torch.testing.assert_close(got[n], expected[switch][n], rtol=1e-4, atol=1e-7)
+    model = tiny_model()
+    run_step(model, fb, rb)
+    got = {n: seen[0][id(p)] for n, p in model.named_parameters() if p.requires_grad}  # the forget step's
+    for n in theta:
+        torch.testing.assert_close(got[n], expected[True][n], rtol=1e-4, atol=1e-7)
     assert max(float((expected[True][n] - expected[False][n]).abs().max()) for n in theta) > 1e-3
 
 
@@ -255,124 +255,3 @@ def test_remain_projection_removes_only_the_conflicting_component():
     project_off_(grads, forget)
     project_off_(grads, None)
     assert grads[0].tolist() == [1.0, 3.0] and grads[1].tolist() == [1.0, 2.0, 4.0]
-
-
-def test_lr_scale_guidance_takes_the_rates_relative_to_the_class_guidance_size():
-    """--lr-scale guidance: the first step measures the RMS of eps(x_t, c) - eps(x_t, null) of the model as it
-    starts, and steps as a run with --lr and --remain-lr multiplied by it would."""
-    fb, rb = batch(1, 0, n=4), batch(2, 1, n=4)
-    model = tiny_model()
-    x_t = create_diffusion("").q_sample(fb.x, fb.t, noise=fb.noise)
-    with torch.no_grad():
-        cond = model(x_t, fb.t, fb.y, force_drop_ids=torch.zeros(4, dtype=torch.long))[:, :3]
-        null = model(x_t, fb.t, fb.y, force_drop_ids=torch.ones(4, dtype=torch.long))[:, :3]
-    size = (cond - null).pow(2).mean().sqrt().item()
-    assert size > 1e-3  # the toy model's labels matter: a scale of 1 would pass the check below
-
-    def weights_after_step(lr_scale, lr, remain_lr):
-        model = tiny_model()
-        settings = UnlearnSettings.from_fields({"forget_class": 0, "lr": lr, "remain_lr": remain_lr,
-                                                "lr_scale": lr_scale, "separate_forget_optimizer": True})
-        unlearner = Unlearner(model, create_diffusion(""), settings, DIST)
-        unlearner.step(fb, rb, 1.0)
-        return unlearner.rate_scale, {n: p.detach().clone() for n, p in model.named_parameters()}
-    scale, relative = weights_after_step("guidance", 0.5, 0.25)
-    assert scale == pytest.approx(size, rel=1e-5)
-    # the same float rates given outright (Adam's first steps are near sign steps: a rate 1e-7 off flips the
-    # step of weights whose gradient is near 0, so the comparison takes the measured scale itself)
-    unit, given = weights_after_step("none", 0.5 * scale, 0.25 * scale)
-    assert unit == 1.0 and all(torch.equal(relative[name], value) for name, value in given.items())
-    _, unscaled = weights_after_step("none", 0.5, 0.25)
-    assert not all(torch.equal(relative[name], value) for name, value in unscaled.items())
-    blind = tiny_model()
-    torch.nn.init.zeros_(blind.y_embedder.embedding_table.weight)  # every label, the null one too, the same
-    settings = UnlearnSettings.from_fields({"forget_class": 0, "lr_scale": "guidance"})
-    with pytest.raises(UserError, match="guidance size on the first forget batch is 0.0 .*use --lr-scale none"):
-        Unlearner(blind, create_diffusion(""), settings, DIST).step(fb, rb, 1.0)
-    with pytest.raises(UserError, match="--lr-scale must be one of none, guidance, guidance-forget, got grad"):
-        UnlearnSettings.from_fields({"forget_class": 0, "lr_scale": "grad"}).check()
-    # guidance-forget: the forget rate alone is relative, the remain step keeps --remain-lr as given
-    scale, forget_only = weights_after_step("guidance-forget", 0.5, 0.25)
-    assert scale == pytest.approx(size, rel=1e-5)
-    _, given = weights_after_step("none", 0.5 * scale, 0.25)
-    assert all(torch.equal(forget_only[name], value) for name, value in given.items())
-    assert not all(torch.equal(forget_only[name], value) for name, value in relative.items())
-
-
-def test_a_resumed_run_keeps_the_guidance_scale_its_start_measured():
-    """The checkpoint holds the scale; a resumed run's model has moved, so it must not measure the scale again."""
-    import forget
-    settings = UnlearnSettings.from_fields({"forget_class": 0, "lr": 0.5, "remain_lr": 0.25, "lr_scale": "guidance",
-                                            "separate_forget_optimizer": True})
-    started = Unlearner(tiny_model(), create_diffusion(""), settings, DIST)
-    started.step(batch(1, 0, n=4), batch(2, 1, n=4), 1.0)
-    resumed = Unlearner(tiny_model(seed=1), create_diffusion(""), settings, DIST)
-    forget.restore({**forget.checkpoint_state(started), "losses": [[1, 0.0, 0.0]]}, resumed)
-    assert resumed.rate_scale == started.rate_scale and started.rate_scale not in (None, 1.0)
-    assert resumed.forget_opt.param_groups[0]["lr"] == 0.5 * started.rate_scale
-    resumed.step(batch(3, 0, n=4), batch(4, 1, n=4), 1.0)
-    assert resumed.rate_scale == started.rate_scale
-    # a checkpoint written before the guidance size had its own entry holds it as "rate_scale"
-    old = {k: v for k, v in forget.checkpoint_state(started).items() if k != "guidance_size"}
-    again = Unlearner(tiny_model(seed=1), create_diffusion(""), settings, DIST)
-    forget.restore({**old, "rate_scale": started.rate_scale, "losses": [[1, 0.0, 0.0]]}, again)
-    assert again.guidance == again.rate_scale == started.rate_scale
-    assert again.forget_opt.param_groups[0]["lr"] == 0.5 * started.rate_scale
-    # ... and 1.0 without --lr-scale, which is no guidance size
-    unscaled = replace(settings, step=replace(settings.step, lr_scale="none"))
-    plain = Unlearner(tiny_model(seed=1), create_diffusion(""), unscaled, DIST)
-    forget.restore({**old, "rate_scale": 1.0, "losses": [[1, 0.0, 0.0]]}, plain)
-    assert plain.guidance is None and plain.rate_scale == 1.0
-
-
-def test_remain_drift_budget_skips_the_forget_step_or_the_projection_while_the_remain_drift_is_over_it():
-    """--remain-drift-budget k: while the last step's remain loss exceeds (k x the guidance size)^2, a step takes no
-    forget step (its forget loss is 0), or with --remain-drift-action unproject a remain step without the projection;
-    k 0 never acts; a resumed run keeps the guidance size and last remain loss, so it decides its next step as the
-    uninterrupted run does."""
-    import copy
-
-    import forget
-    from sfron.unlearn import FrozenReference
-
-    def run(budget, steps=4, unlearner=None, start=0, **extra):
-        fields = {"forget_class": 0, "lr": 0.05, "remain_lr": 0.01, "unlearn_loss": "esd", "remain_loss": "distill",
-                  "separate_forget_optimizer": True, "remain_drift_budget": budget, **extra}
-        if unlearner is None:
-            settings = UnlearnSettings.from_fields(fields)
-            settings.check()
-            unlearner = Unlearner(tiny_model(), create_diffusion(""), settings, DIST,
-                                  reference=FrozenReference(model=tiny_model().eval()))
-        losses = [unlearner.step(batch(10 + k, 0, n=4), batch(20 + k, 1, n=4), 1.0) for k in range(start, steps)]
-        return unlearner, losses
-    free, free_losses = run(0.0)
-    loose, loose_losses = run(1e6)
-    assert free.over_budget_steps == loose.over_budget_steps == 0 and free.guidance is None
-    assert loose_losses == free_losses and all(f > 0 for f, _ in free_losses)
-    drift = math.sqrt(free_losses[0][1]) / loose.guidance  # the remain drift after the first step, in guidance sizes
-    assert drift > 0
-    tight, tight_losses = run(drift / 2)  # over the budget after the first step: the remain step alone
-    assert tight.over_budget_steps >= 1 and tight_losses[1][0] == 0.0 and tight_losses[0][0] > 0
-    # unproject: every step forgets; over the budget the remain step is not projected
-    projected = run(0.0, remain_projection=True)[1]
-    assert run(1e6, remain_projection=True, remain_drift_action="unproject")[1] == projected
-    repaired, repaired_losses = run(drift / 10, remain_projection=True, remain_drift_action="unproject")
-    assert repaired.over_budget_steps == 3 and all(f > 0 for f, _ in repaired_losses)
-    # the losses of a step come before its remain step: step 3's unprojected one (its two gradients conflict in this
-    # toy, step 2's do not) first shows at step 4
-    assert repaired_losses[:3] == projected[:3] and repaired_losses[3] != projected[3]
-    # resumed after two steps: the same decisions and losses as the uninterrupted run
-    half, _ = run(drift / 2, steps=2)
-    resumed = Unlearner(tiny_model(seed=1), create_diffusion(""), half.settings, DIST,
-                        reference=FrozenReference(model=tiny_model().eval()))
-    forget.restore(copy.deepcopy({**forget.checkpoint_state(half), "losses": [[1, 0.0, 0.0]] * 2}), resumed)
-    assert resumed.guidance == half.guidance and resumed.last_remain_loss == half.last_remain_loss
-    _, rest = run(drift / 2, unlearner=resumed, start=2)
-    assert rest == tight_losses[2:] and resumed.over_budget_steps == tight.over_budget_steps
-    with pytest.raises(UserError, match="--remain-drift-budget measures the drift with the distilled remain term"):
-        UnlearnSettings.from_fields({"forget_class": 0, "remain_drift_budget": 0.5}).check()
-    with pytest.raises(UserError, match="--remain-drift-budget must not be negative"):
-        UnlearnSettings.from_fields({"forget_class": 0, "remain_drift_budget": -1.0}).check()
-    with pytest.raises(UserError, match="--remain-drift-action unproject lifts --remain-projection"):
-        UnlearnSettings.from_fields({"forget_class": 0, "remain_loss": "distill", "remain_drift_budget": 0.5,
-                                     "remain_drift_action": "unproject"}).check()
