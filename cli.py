@@ -41,23 +41,25 @@ def run_main(main, args):
         end_worker_processes()
 
 
-def add_model_args(parser, default_model="DiT-XL/2", several_ckpts=False):
+def add_model_args(parser, default_model="DiT-XL/2", several_ckpts=False, size_flags=True):
     """
     The official model flags. --image-size, --num-classes and --vae default to what the checkpoint implies.
-    several_ckpts: --ckpt takes one or more checkpoints (drawn side by side by sample.py).
+    several_ckpts: --ckpt takes one or more checkpoints (drawn side by side by sample.py); size_flags=False: no
+    --image-size and --num-classes, for a script that always starts from weights, which imply both.
     """
     parser.add_argument("--model", type=str, choices=list(DiT_models.keys()), default=default_model)
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="image side in pixels (default: implied by the checkpoint, else 256)")
-    parser.add_argument("--num-classes", type=int, default=None,
-                        help="classes of the model (default: implied by the checkpoint, else 1000)")
+    if size_flags:
+        parser.add_argument("--image-size", type=int, default=None,
+                            help="image side in pixels (default: implied by the checkpoint, else 256)")
+        parser.add_argument("--num-classes", type=int, default=None,
+                            help="classes of the model (default: implied by the checkpoint, else 1000)")
     parser.add_argument("--vae", type=str, default=None,
                         help="ema | mse (stabilityai/sd-vae-ft-*), a local diffusers VAE folder, or none for a "
                              "pixel-space model (default: none for 3-channel checkpoints, else ema)")
     parser.add_argument("--ckpt", type=str, default=None, nargs="+" if several_ckpts else None,
                         help="a DiT checkpoint: a released name (DiT-XL-2-256x256.pt, downloaded when online), a "
                              "local .pt or .safetensors file, or a diffusers DiT folder (default: the released "
-                             "checkpoint of --model at --image-size)"
+                             f"checkpoint of --model at {'--image-size' if size_flags else '256x256'})"
                              + ("; several are drawn side by side from the same noise" if several_ckpts else ""))
     parser.add_argument("--random-flip", action=argparse.BooleanOptionalAction, default=None,
                         help="random horizontal flips of the data (default: as the checkpoint was trained, else on)")
@@ -87,8 +89,9 @@ def explicit_args(build_parser, argv):
 
 def model_request(args, ckpt=None):
     """The ModelRequest of the model flags (ckpt: this checkpoint instead of --ckpt)."""
-    return ModelRequest(model=args.model, ckpt=ckpt if ckpt is not None else args.ckpt, image_size=args.image_size,
-                        num_classes=args.num_classes, vae=args.vae, random_flip=args.random_flip)
+    return ModelRequest(model=args.model, ckpt=ckpt if ckpt is not None else args.ckpt,
+                        image_size=getattr(args, "image_size", None), num_classes=getattr(args, "num_classes", None),
+                        vae=args.vae, random_flip=args.random_flip)
 
 
 def add_data_args(parser, n_iters_help):

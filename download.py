@@ -2,6 +2,8 @@
 The official find_model: a DiT state dict from a released name (downloaded into pretrained_models/ on first use)
 or a local checkpoint in any form DiT users have. `python download.py` downloads every released checkpoint.
 """
+import argparse
+
 from sfron.checkpoint import PRETRAINED_MODELS as pretrained_models
 from sfron.checkpoint import download_model, find_checkpoint, load_model_weights  # noqa: F401 (official names)
 
@@ -16,8 +18,19 @@ def find_model(model_name):
     return find_checkpoint(model_name)[0]
 
 
-if __name__ == "__main__":
-    # Download all released DiT checkpoints.
+def main(args):
+    """Downloads every released DiT checkpoint into pretrained_models/ (offline: one error line, nothing left)."""
     for name in sorted(pretrained_models):
         download_model(name)
     print("Done.")
+
+
+def parse_args(argv=None):
+    """The command line (no flags but --help)."""
+    from cli import description
+    return argparse.ArgumentParser(description=description(__doc__)).parse_args(argv)
+
+
+if __name__ == "__main__":
+    from cli import run_main
+    run_main(main, parse_args())

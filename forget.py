@@ -336,7 +336,7 @@ def build_parser():
     """forget.py's flags, in groups: the model and data (shared with generate_fisher.py), the update (which a
     --recipe sets), the baselines' terms, and checkpoints, snapshots and resuming."""
     parser = argparse.ArgumentParser(description=description(__doc__))
-    add_model_args(parser)
+    add_model_args(parser, size_flags=False)  # the weights it starts from imply the image size and the classes
     add_data_args(parser, n_iters_help="unlearning steps")
     update = parser.add_argument_group(
         "the update", "--recipe sets every flag of this group but --mask-path; a flag given on the command line "

@@ -44,7 +44,7 @@ def stage(name, script, *flags):
 def run_ours(args, work):
     """The three scripts of the README on the synthetic data; {stage: seconds}."""
     common = ["--model", args.model, "--data-path", f"{work}/data", "--ckpt", f"{work}/dit.pt", "--vae",
-              f"{work}/vae", "--num-classes", 1000, "--forget-class", 0, "--precision", args.precision,
+              f"{work}/vae", "--forget-class", 0, "--precision", args.precision,
               "--num-workers", args.num_workers, "--cache-latents", f"{work}/latents"]
     times = {}
     times["fisher"] = stage("fisher", "generate_fisher.py", *common, "--batch-size", args.fisher_batch_size,

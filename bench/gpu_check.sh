@@ -21,7 +21,7 @@ $py bench/throughput.py --model "$model" --image-size "$size" --batch-size 1 --f
 $py bench/throughput.py --model "$model" --image-size "$size" --batch-size 8 --fisher-samples 64 --forget-steps 8 \
     --mfu-batch-sizes 8 32 64
 $py bench/synthetic.py --out "$work" --model "$model" --image-size "$size" --classes 4 --images-per-class 16
-data=(--model "$model" --data-path "$work/data" --ckpt "$work/dit.pt" --vae "$work/vae" --num-classes 1000
+data=(--model "$model" --data-path "$work/data" --ckpt "$work/dit.pt" --vae "$work/vae"
       --forget-class 0 --precision bf16 --results-dir "$work/results" --num-workers 4)
 $py generate_fisher.py "${data[@]}" --batch-size 8 --n-iters 2 --mask-path "$work/mask" > /dev/null
 $py generate_mask.py --mask-path "$work/mask" --forget-class 0 --thresholds 1

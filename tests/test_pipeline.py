@@ -95,8 +95,7 @@ def test_seed_commands_on_dit_s8_with_a_local_vae_and_an_imagenet_subset(tmp_pat
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["0000000_sample.png", "0000002.pt"]
     # the saved weights are not the starting ones: the entries the mask frees and the forget gradient reaches moved
     start, saved = load(tmp_path / "s8.pt"), load(os.path.join(run, "checkpoints", "0000002.pt"))["model"]
-    mask, forget_fisher = load(tmp_path / "mask" / "207" / "fisher_1.0.pt"), load(tmp_path / "mask" / "207" /
-                                                                                  "forget_fisher.pt")
+    mask, forget_fisher = (load(tmp_path / "mask" / "207" / name) for name in ("fisher_1.0.pt", "forget_fisher.pt"))
     reached = {k: m.bool() & (forget_fisher[k] > 0) for k, m in mask.items()}
     moved = sum(int((saved[k] != start[k])[r].sum()) for k, r in reached.items())
     total = sum(int(r.sum()) for r in reached.values())

@@ -129,9 +129,9 @@ def test_forget_py_keeps_its_flags_few_and_grouped():
     assert len(own) <= 26  # --lr-scale, --remain-drift-budget and -action, --lambd, --forget-label-dropout and
     # --save-safetensors were removed, measured and not adopted (docs/mnist.md, docs/digits.md)
     every = [a for a in parser._actions if a.option_strings and a.dest != "help"]
-    assert len(every) <= 46
+    assert len(every) <= 45
     removed = {"--lr-scale", "--remain-drift-budget", "--remain-drift-action", "--lambd", "--forget-label-dropout",
-               "--cfg-all-channels", "--latent-cache-dir", "--save-safetensors"}
+               "--cfg-all-channels", "--latent-cache-dir", "--save-safetensors", "--image-size", "--num-classes"}
     assert not removed & {s for a in every for s in a.option_strings}
     grouped = {id(a) for g in parser._action_groups[2:] for a in g._group_actions}  # past positionals/options
     assert all(id(a) in grouped for a in own if a.dest != "help")

@@ -38,16 +38,36 @@ def kept_labels(batch):
     return torch.zeros_like(batch.drop)
 
 
-class ForgetLoss:
+class Term:
+    """What a forget and a remain term have in common: the frozen original's targets, the per-sample losses."""
+    name = ""
+    needs_original = False  # the frozen original model (its targets)
+
+    def conditioning(self, batch):
+        """(labels, label-drop ids) under which the term is the diffusion loss of the batch, or None for a term
+        that is not (a forget and a remain term that both are share one forward pass in a joint step)."""
+        return None
+
+    def frozen_parts(self, batch):
+        """[(batch, labels, label-drop ids)] the frozen original must predict for this term's target."""
+        return []
+
+    def target(self, predictions):
+        """The target of the term from the frozen original's predictions of frozen_parts(), in order."""
+        return None
+
+    def losses(self, run, batch, target):
+        """Per-sample losses of the batch (b,); run: the Unlearner (model, diffusion, adversary, settings)."""
+        raise NotImplementedError
+
+
+class ForgetLoss(Term):
     """
     One forget term. `settings` is the run's ForgetTerm settings (sfron/unlearn.py). Subclasses set what they need
     (needs_original: the frozen original model; adversarial: the term may also act under the adversarial label of
-    --adversarial-steps; joint_only: one step on the whole objective) and override what differs.
+    --adversarial-steps) and override what differs.
     """
-    name = ""
-    needs_original = False
     adversarial = False
-    joint_only = False
 
     def __init__(self, settings, num_classes):
         self.settings, self.num_classes = settings, num_classes
@@ -74,23 +94,6 @@ class ForgetLoss:
     def remain_data(self, images):
         """The images the remain batches are drawn from (every other class's, by default)."""
         return images
-
-    def conditioning(self, batch):
-        """(labels, label-drop ids) under which the term is the diffusion loss of the batch, or None for a term
-        that is not (then it cannot share a forward pass with a diffusion remain term)."""
-        return None
-
-    def frozen_parts(self, batch):
-        """[(batch, labels, label-drop ids)] the frozen original must predict for this term's target."""
-        return []
-
-    def target(self, predictions):
-        """The target of the term from the frozen original's predictions of frozen_parts(), in order."""
-        return None
-
-    def losses(self, run, batch, target):
-        """Per-sample losses of the forget batch (b,); run: the Unlearner (model, diffusion, adversary)."""
-        raise NotImplementedError
 
     def objective(self, losses, dist):
         """L_forget to minimise from the per-sample losses: their mean, by default."""
@@ -133,23 +136,5 @@ class TargetForgetLoss(ForgetLoss):
         return sum(mean_flat_square(eps - target) for eps in both.chunk(2))
 
 
-class RemainLoss:
-    """One remain term, weighted by remain_alpha. Subclasses set needs_original and override what differs."""
-    name = ""
-    needs_original = False
-
-    def conditioning(self, batch):
-        """(labels, label-drop ids) under which the term is the diffusion loss of the batch, or None."""
-        return None
-
-    def frozen_parts(self, batch):
-        """[(batch, labels, label-drop ids)] the frozen original must predict for this term's target."""
-        return []
-
-    def target(self, predictions):
-        """The target of the term from the frozen original's predictions of frozen_parts(), in order."""
-        return None
-
-    def losses(self, run, batch, target):
-        """Per-sample losses of the remain batch (b,), with its label dropout."""
-        raise NotImplementedError
+class RemainLoss(Term):
+    """One remain term, weighted by remain_alpha; its losses are those of the remain batch, with its label dropout."""

@@ -28,7 +28,6 @@ class UNO(ForgetLoss):
     through (a double backward pass), as in UNO's code; no label is dropped. Both labels share one x_t and t.
     """
     name = "uno"
-    joint_only = True
 
     @property
     def other_class(self):
