@@ -56,9 +56,15 @@ class EmbeddedCase:
     def classifier(self):
         return os.path.join(ASSETS, f"{self.name}_classifier.pt")
 
-    def reference_name(self, forget_class):
-        """The file name of the DiT retrained without forget_class."""
-        return f"{self.name}_dit_without_{forget_class}.pt"
+    def reference_name(self, forget_class, seed=0):
+        """The file name of the DiT retrained without forget_class (train.py --global-seed seed)."""
+        return f"{self.name}_dit_without_{forget_class}{f'_seed{seed}' if seed else ''}.pt"
+
+    def more_references(self, forget_class):
+        """Paths of the references retrained with other seeds that assets/ ships for forget_class (the yardstick's
+        own spread: bench/compare.py judges against the mean of all of them)."""
+        names = (self.reference_name(forget_class, seed) for seed in range(1, 10))
+        return [os.path.join(ASSETS, n) for n in names if os.path.isfile(os.path.join(ASSETS, n))]
 
     def train_flags(self):
         """train.py's flags of the shipped DiT; a retrained reference adds --exclude-class N."""

@@ -228,21 +228,37 @@ class Benchmark:
                      log=self.path("logs", f"retrain-{forget_class}.txt"))
         return path, f"trained now with train.py --exclude-class {forget_class} ({time.time() - start:.0f} s)"
 
+    def retrained_report(self, path, images, forget_class):
+        """The report of one retrained model from its samples (with its attacks' where they run)."""
+        report = self.evaluator.report(images, forget_class)
+        if self.args.attacks:
+            report.update(self.evaluator.attacks(path, forget_class))
+        return report
+
     def reference(self, forget_class):
-        """Reports of the original and the retrained model for one forget class."""
+        """Reports of the original and the retrained models for one forget class: "retrained" is the mean over the
+        references (the first, and those retrained with other seeds that assets/ ships), "retrained_range" each
+        figure's [min, max] over them; the targets are judged against the mean."""
+        more = self.case.more_references(forget_class)
+
         def compute():
             path, origin = self.retrained(forget_class)
             retrained = self.evaluator.samples(path)
             out = {"original": self.evaluator.report(self.evaluator.samples(self.case.dit), forget_class,
-                                                     self.evaluator.statistics(retrained, forget_class)),
-                   "retrained": self.evaluator.report(retrained, forget_class), "retrained_from": origin}
+                                                     self.evaluator.statistics(retrained, forget_class))}
             if self.args.attacks:
                 out["original"].update(self.evaluator.attacks(self.case.dit, forget_class))
-                out["retrained"].update(self.evaluator.attacks(path, forget_class))
-            return {**out, "attacks": self.attack_budgets(), "evaluation": self.evaluation()}
+            reports = [self.retrained_report(path, retrained, forget_class)]
+            reports += [self.retrained_report(p, self.evaluator.samples(p), forget_class) for p in more]
+            out["retrained"] = {k: statistics.fmean(r[k] for r in reports) for k in reports[0]}
+            out["retrained_range"] = {k: [min(r[k] for r in reports), max(r[k] for r in reports)] for k in reports[0]}
+            out["retrained_from"] = "; ".join([origin, *(f"and {os.path.basename(p)}" for p in more)])
+            return {**out, "references": 1 + len(more), "attacks": self.attack_budgets(),
+                    "evaluation": self.evaluation()}
         return self.cached(self.path("references", f"{forget_class}.json"), compute,
                            lambda saved: saved.get("attacks") == self.attack_budgets()
-                           and saved.get("evaluation") == self.evaluation())
+                           and saved.get("evaluation") == self.evaluation()
+                           and saved.get("references", 1) == 1 + len(more))
 
     def evaluation(self):
         """How a unit's samples were drawn: a unit saved under other values is computed again."""

@@ -131,18 +131,23 @@ def markdown(summary, references, step, spread):
                          f"| {cell(s['steps_to_forget'], 0)} | {s['forgotten_runs']}/{s['runs']} "
                          f"| {s['runs_meeting_targets'] if at == step else '–'}/{s['runs']} | {cell(s['seconds'], 0)} "
                          f"| {cell(r['inversion_fa'], 2)} | {cell(r['relearn_fa'], 2)} |")
-    refs = [f"| digit {c} | {reference_cell(r['original'])} | {reference_cell(r['retrained'])} "
-            f"({r['retrained_from']}) |" for c, r in sorted(references.items())]
+    refs = [f"| digit {c} | {reference_cell(r['original'])} | "
+            f"{reference_cell(r['retrained'], r.get('retrained_range'))} ({r['retrained_from']}) |"
+            for c, r in sorted(references.items())]
     return ("\n".join(lines) + "\n\n| reference | original | retrained |\n| --- | --- | --- |\n" + "\n".join(refs)
             + "\n")
 
 
-def reference_cell(report):
-    """A reference model's numbers in one table cell (the attacks' where they ran)."""
-    text = (f"forget acc {report['forget_acc']:.3f}, remain acc {report['remain_acc']:.4f}, remain FD "
-            f"{report['fd_remain']:.1f}")
+def reference_cell(report, spread=None):
+    """A reference model's numbers in one table cell (the attacks' where they ran); spread: {key: [min, max]} over
+    several references, whose mean `report` holds, shown beside each figure when they differ."""
+    def figure(key, digits):
+        low, high = (spread or {}).get(key, (report[key], report[key]))
+        return f"{report[key]:.{digits}f}" + (f" [{low:.{digits}f}-{high:.{digits}f}]" if low != high else "")
+    text = (f"forget acc {figure('forget_acc', 3)}, remain acc {figure('remain_acc', 4)}, remain FD "
+            f"{figure('fd_remain', 1)}")
     if "inversion_fa" in report:
-        text += f"; after inversion {report['inversion_fa']:.2f}, after relearning {report['relearn_fa']:.2f}"
+        text += f"; after inversion {figure('inversion_fa', 2)}, after relearning {figure('relearn_fa', 2)}"
     return text
 
 

@@ -288,3 +288,30 @@ def test_a_diverged_run_is_a_result_not_a_crash(tmp_path, monkeypatch):
     assert summary["ga"]["diverged_runs"] == 1 and summary["ga"]["runs_meeting_targets"] == 0
     table = markdown(summary, {0: bench.reference(0)}, 4, {"seeds": 3, "relative": 0.01})
     assert "| ga (1 of 1 runs diverged: figures over the rest) |" in table
+
+
+def test_references_are_judged_by_their_mean_and_reported_with_their_range(tmp_path, monkeypatch):
+    """With a second retrained reference for a digit, a reference's figures are the mean over both models and its
+    range their [min, max]; the targets read the mean."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import compare
+    import demo
+    from report import targets_missed
+    second = os.path.join(demo.ASSETS, "digits_dit_without_1.pt")  # draws digit 0 well: far from the first
+    monkeypatch.setattr(demo.EmbeddedCase, "more_references", lambda self, c: [second])
+    import prepare_digits
+    prepare_digits.main(prepare_digits.parse_args(["--out", str(tmp_path / "digits")]))
+    args = compare.parse_args(["--out", str(tmp_path / "cmp"), "--data-path", str(tmp_path / "digits"),
+                               "--samples-per-class", "4", "--sampling-steps", "3", "--no-attacks"])
+    bench = compare.Benchmark(args)
+    reference = bench.reference(0)
+    each = [bench.evaluator.report(bench.evaluator.samples(p), 0)
+            for p in (os.path.join(demo.ASSETS, "digits_dit_without_0.pt"), second)]
+    assert reference["references"] == 2 and "digits_dit_without_1.pt" in reference["retrained_from"]
+    for key in ("forget_acc", "remain_acc", "fd_remain"):
+        assert reference["retrained"][key] == pytest.approx((each[0][key] + each[1][key]) / 2)
+        assert reference["retrained_range"][key] == pytest.approx(sorted([each[0][key], each[1][key]]))
+    assert each[1]["forget_acc"] - each[0]["forget_acc"] > 0.5  # the mean lies between two distant models
+    mean_fa = reference["retrained"]["forget_acc"]
+    assert targets_missed({**reference["original"], "forget_acc": mean_fa + 0.02}, reference) == ""
+    assert "F" in targets_missed({**reference["original"], "forget_acc": mean_fa + 0.05}, reference)
