@@ -14,7 +14,8 @@ FORGOTTEN_MARGIN = 0.03          # "forgotten": forget accuracy at most 3 points
 ATTACK_MARGIN = 0.10             # and after each attack at most 10 points above the retrained model's
 ATTACK_KEYS = ("inversion_fa", "relearn_fa")
 TARGETS = ("F: forget acc <= retrained + 0.03; R: remain acc >= original - 0.01; D: remain FD <= 1.2x original; "
-           "I, L: forget acc after label inversion, after relearning <= retrained's + 0.10")
+           "I, L: forget acc after label inversion, after relearning <= retrained's + 0.10 (retrained: the mean of the "
+           "digit's retrained references)")
 
 
 def is_forgotten(report, reference):

@@ -21,24 +21,31 @@ CASE_SPECS = {"digits": {"model": "DiT-T/2", "image_size": 8}, "mnist": {"model"
 
 def shipped(case):
     """The files of an embedded case in assets/: {name: the class its DiT excludes (None: the original; absent: the
-    classifier)}; each case ships its DiT and classifier, and its references as they are trained."""
+    classifier)}; each case ships its DiT and classifier, and its references as they are trained (a second one per
+    class, trained with another seed, as <case>_dit_without_<N>_seed<S>.pt)."""
     found = {}
     for name in os.listdir(ASSETS):
         if name in (f"{case}_dit.pt", f"{case}_classifier.pt"):
             found[name] = None
         elif name.startswith(f"{case}_dit_without_") and name.endswith(".pt"):
-            found[name] = int(name[len(f"{case}_dit_without_"):-3])
+            found[name] = int(name[len(f"{case}_dit_without_"):-3].split("_seed")[0])
     return found
 
 
+def training_seed(name):
+    """train.py --global-seed of a shipped DiT, by its name (0 unless it ends in _seed<S>.pt)."""
+    return int(name[:-3].split("_seed")[1]) if "_seed" in name else 0
+
+
 def test_shipped_files_are_small_and_load():
-    """Every file in assets/ belongs to a case; each case's files add at most 30 MB, its references are half
-    precision (below 2.5 MB) except the first digits one, and each reference excludes its own digit."""
+    """Every file in assets/ belongs to a case; each case's files add at most 30 MB and 2.5 MB per second reference,
+    its references are half precision (below 2.5 MB) except the first digits one, and each excludes its own digit."""
     assert sorted(os.listdir(ASSETS)) == sorted(name for case in CASE_SPECS for name in shipped(case))
-    assert len(shipped("digits")) == 12 and "mnist_classifier.pt" in shipped("mnist")
+    assert len([f for f in shipped("digits") if "_seed" not in f]) == 12 and "mnist_classifier.pt" in shipped("mnist")
     for case, spec in CASE_SPECS.items():
         files = shipped(case)
-        assert sum(os.path.getsize(os.path.join(ASSETS, f)) for f in files) < 30 * 2 ** 20
+        seconds = sum("_seed" in f for f in files)
+        assert sum(os.path.getsize(os.path.join(ASSETS, f)) for f in files) < (30 + 2.5 * seconds) * 2 ** 20
         for name, excluded in files.items():
             if name.endswith("classifier.pt"):
                 continue
@@ -67,7 +74,7 @@ def test_shipped_dits_were_trained_as_demo_trains_a_missing_reference():
             if not file.endswith("classifier.pt"):
                 recorded = torch.load(os.path.join(ASSETS, file), weights_only=True)["args"]
                 assert {k: recorded.get(k, defaults[k]) for k in TRAINING_KEYS} == \
-                    {k: expected[k] for k in TRAINING_KEYS}, file
+                    {k: expected[k] for k in TRAINING_KEYS} | {"global_seed": training_seed(file)}, file
 
 
 def drawn_share(case, ckpt, digit, classifier, n=20):
