@@ -145,3 +145,18 @@ def assert_fisher_close(actual, expected):
     assert num / den < 1e-5, f"relative L1 difference {num / den:.2e}"
     for k in expected:
         torch.testing.assert_close(actual[k], expected[k], rtol=1e-3, atol=1e-12)
+
+
+def naive_fisher_sum(model, diffusion, b):
+    """Sum over samples of the squared gradient, one backward per sample (what the official batch-1 loop does)."""
+    from sfron.data import Batch
+    from sfron.loss import diffusion_loss
+    total = {n: torch.zeros_like(p) for n, p in model.named_parameters() if p.requires_grad}
+    for i in range(b.x.shape[0]):
+        one = Batch(x=b.x[i:i + 1], y=b.y[i:i + 1], t=b.t[i:i + 1], noise=b.noise[i:i + 1], drop=b.drop[i:i + 1])
+        model.zero_grad()
+        diffusion_loss(model, diffusion, one).sum().backward()
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                total[n] += p.grad ** 2
+    return total

@@ -4,7 +4,7 @@ import torch
 
 import sfron.fisher as fisher_module
 from diffusion import create_diffusion
-from helpers import tiny_dit
+from helpers import naive_fisher_sum, tiny_dit
 from sfron.data import Batch
 from sfron.fisher import PerSampleSquaredGrads, _sum_sq_outer
 from sfron.loss import diffusion_loss
@@ -16,19 +16,6 @@ def samples(n=5):
     x = torch.randn(n, 3, 8, 8, generator=g)
     return Batch(x=x, y=torch.tensor([0, 1, 1, 4, 5][:n]), t=torch.randint(0, 1000, (n,), generator=g),
                  noise=torch.randn(n, 3, 8, 8, generator=g), drop=torch.zeros(n, dtype=torch.long))
-
-
-def naive_fisher_sum(model, diffusion, b):
-    """Sum over samples of the squared gradient, one backward per sample (what the official batch-1 loop does)."""
-    total = {n: torch.zeros_like(p) for n, p in model.named_parameters() if p.requires_grad}
-    for i in range(b.x.shape[0]):
-        one = Batch(x=b.x[i:i + 1], y=b.y[i:i + 1], t=b.t[i:i + 1], noise=b.noise[i:i + 1], drop=b.drop[i:i + 1])
-        model.zero_grad()
-        diffusion_loss(model, diffusion, one).sum().backward()
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                total[n] += p.grad ** 2
-    return total
 
 
 @pytest.mark.parametrize("batched", [False, True])
