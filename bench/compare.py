@@ -62,8 +62,8 @@ from sfron.sampling import SamplerConfig, generate, per_sample_noise, to_uint8_n
 from sfron.utils import UserError  # noqa: E402
 from protocol import (ABLATIONS, CONFIGURATIONS, EVAL_STEPS, HELD_OUT_DIGITS, MAIN_METHODS, METHODS,  # noqa: E402
                       TUNING_DIGITS, UNO_OWN_STEPS, Setting, score)
-from report import (ATTACK_KEYS, judged_targets, load_result, summarise, targets_missed,  # noqa: E402
-                    targets_table, with_summary, write_report, write_tuning)
+from report import (ATTACK_KEYS, judged_targets, load_result, rewrite_tuning, summarise,  # noqa: E402
+                    targets_missed, targets_table, with_summary, write_report, write_tuning)
 
 COMPARISON_DEFAULTS = dict(classes=list(HELD_OUT_DIGITS), steps=max(EVAL_STEPS), eval_steps=list(EVAL_STEPS),
                            batch_size=64, samples_per_class=100, sampling_steps=10, inversion_steps=100,
@@ -238,7 +238,8 @@ class Benchmark:
     def reference(self, forget_class):
         """Reports of the original and the retrained models for one forget class: "retrained" is the mean over the
         references (the first, and those retrained with other seeds that assets/ ships), "retrained_range" each
-        figure's [min, max] over them; the targets are judged against the mean."""
+        figure's [min, max] over them, "retrained_each" each reference's by file name; the targets are judged against
+        the mean."""
         more = self.case.more_references(forget_class)
 
         def compute():
@@ -250,6 +251,7 @@ class Benchmark:
                 out["original"].update(self.evaluator.attacks(self.case.dit, forget_class))
             reports = [self.retrained_report(path, retrained, forget_class)]
             reports += [self.retrained_report(p, self.evaluator.samples(p), forget_class) for p in more]
+            out["retrained_each"] = {os.path.basename(p): r for p, r in zip([path, *more], reports)}
             out["retrained"] = {k: statistics.fmean(r[k] for r in reports) for k in reports[0]}
             out["retrained_range"] = {k: [min(r[k] for r in reports), max(r[k] for r in reports)] for k in reports[0]}
             out["retrained_from"] = "; ".join([origin, *(f"and {os.path.basename(p)}" for p in more)])
@@ -391,16 +393,33 @@ def recipe_methods(recipes):
     return out
 
 
+def chosen_methods(names, report_dir):
+    """{method: its Setting chosen by the comparison's tuning} read from --report-dir's tuning.json."""
+    path = os.path.join(report_dir, "tuning.json")
+    if not names:
+        return {}
+    if not os.path.isfile(path):
+        raise UserError(f"--all-digits --methods reads each method's chosen configuration from {path}: run "
+                        f"bench/compare.py --tuning-only --report-dir {report_dir} first")
+    chosen = json.load(open(path))["chosen"]
+    missing = [n for n in names if n not in chosen]
+    if missing:
+        raise UserError(f"{path} has no chosen configuration for {' '.join(missing)}: run bench/compare.py "
+                        f"--tuning-only --methods {' '.join(missing)} --report-dir {report_dir} first")
+    return {n: Setting(chosen[n]["name"], tuple(chosen[n]["flags"]), chosen[n]["mask"]) for n in names}
+
+
 def all_digits(bench, args):
-    """--all-digits: forget.py's recipes, as demo.py runs them, on every digit and seed against the five targets
-    (three without --attacks); writes all_digits.json and all_digits.md."""
-    recipes = recipe_methods(args.recipes)
+    """--all-digits: forget.py's recipes, as demo.py runs them, and the comparison's methods at their chosen
+    configuration, on every digit and seed against the five targets (three without --attacks); writes
+    all_digits.json and all_digits.md."""
+    recipes = {**recipe_methods(args.recipes), **chosen_methods(args.methods, args.report_dir)}
     rows = []
     for name, setting in recipes.items():
         rows += setting_rows(bench, setting, args.classes, args.seeds, sorted(set(args.eval_steps) | {args.steps}),
                              label=name)
     command = "python bench/compare.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    table = targets_table(rows, command)
+    table = targets_table(rows, command, bench.attack_budgets())
     atomic_json_dump({"recipes": {name: asdict(setting) for name, setting in recipes.items()}, "rows": rows},
                      os.path.join(args.out, "all_digits.json"))
     atomic_write_text(table, os.path.join(args.out, "all_digits.md"))
@@ -484,7 +503,9 @@ def sampling_spread(bench, args):
 def main(args):
     """Runs (or continues) the comparison and writes its report."""
     if args.report_only:
-        return write_report(with_summary(load_result(args.report_dir)), args)
+        result = with_summary(load_result(args.report_dir))
+        rewrite_tuning(args.report_dir, result["protocol"])
+        return write_report(result, args)
     overlap = sorted(set(args.tuning_classes) & set(args.classes))
     if overlap and not args.all_digits:
         raise UserError(f"--tuning-classes {' '.join(map(str, overlap))} must not be among the evaluated --classes")
@@ -549,9 +570,11 @@ def parse_args(argv=None):
                         help="the images' folder (default data/<dataset>; made if missing)")
     parser.add_argument("--cache-dir", type=str, default="retrained",
                         help="retrained references not shipped in assets/ are trained once and kept here")
-    parser.add_argument("--methods", type=str, nargs="+", choices=list(METHODS), default=list(METHODS),
-                        help="methods to compare (bench/protocol.py; sfron: forget.py --recipe official, "
-                             "sfron-default: the default recipe, <baseline>+distill: with the distilled remain term)")
+    parser.add_argument("--methods", type=str, nargs="+", choices=list(METHODS), default=None,
+                        help="methods to compare (default: all; bench/protocol.py; sfron: forget.py --recipe "
+                             "official, sfron-default: the default recipe, <baseline>+distill: with the distilled "
+                             "remain term); with --all-digits: methods to run at the configuration --report-dir's "
+                             "tuning.json chose (default: none)")
     parser.add_argument("--classes", type=int, nargs="+", default=None,
                         help="held-out digits to forget (default: 0 3 5 6 9; with --all-digits 0-9)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of each run")
@@ -584,8 +607,8 @@ def parse_args(argv=None):
                         help="instead of the comparison: forget.py's recipes as demo.py runs them on --classes x "
                              "--seeds, against the embedded case's five targets (README: the embedded digits case); "
                              "writes all_digits.md and all_digits.json to --out")
-    parser.add_argument("--recipes", type=str, nargs="+", choices=list(RECIPES), default=list(RECIPES),
-                        help="--all-digits: the recipes to measure")
+    parser.add_argument("--recipes", type=str, nargs="+", choices=list(RECIPES), default=None,
+                        help="--all-digits: the recipes to measure (default: all, none when --methods is given)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--attacks", action=argparse.BooleanOptionalAction, default=True,
                         help="attack.py's label inversion and relearning on each final model and the references "
@@ -601,6 +624,10 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.data_path = args.data_path or prepare_digits.data_folder(args.dataset)
+    if args.recipes is None:
+        args.recipes = [] if args.all_digits and args.methods else list(RECIPES)
+    if args.methods is None:
+        args.methods = [] if args.all_digits else list(METHODS)
     return args
 
 

@@ -13,6 +13,7 @@ from sfron.utils import UserError
 FORGOTTEN_MARGIN = 0.03          # "forgotten": forget accuracy at most 3 points above the retrained model's
 ATTACK_MARGIN = 0.10             # and after each attack at most 10 points above the retrained model's
 ATTACK_KEYS = ("inversion_fa", "relearn_fa")
+OFFICIAL_ROW = "sfron"           # the official SFR-on update: every row's wall time is also given against its
 TARGETS = ("F: forget acc <= retrained + 0.03; R: remain acc >= original - 0.01; D: remain FD <= 1.2x original; "
            "I, L: forget acc after label inversion, after relearning <= retrained's + 0.10 (retrained: the mean of the "
            "digit's retrained references)")
@@ -44,11 +45,22 @@ def judged_targets(report):
     return "FRD" + "".join(letter for letter, key in zip("IL", ATTACK_KEYS) if key in report)
 
 
-def targets_table(rows, command):
-    """Markdown: one line per setting, digit, seed and step, and how many final runs of each setting pass."""
+def attack_columns(budgets):
+    """The two attack columns' headers, naming the budgets ({inversion_steps, relearn_steps}) the I and L targets
+    were judged at."""
+    if not budgets:
+        return "FA after inversion", "FA after relearning"
+    return (f"FA after {budgets['inversion_steps']} inversion steps",
+            f"FA after {budgets['relearn_steps']} relearning steps")
+
+
+def targets_table(rows, command, budgets):
+    """Markdown: one line per setting, digit, seed and step, and how many final runs of each setting pass (budgets:
+    the attacks', named in their columns)."""
+    inversion, relearning = attack_columns(budgets)
     lines = [f"`{command}`", "", f"Targets: {TARGETS}.", "",
              "| setting | digit | seed | step | forget acc (retrained) | remain acc (original) | remain FD (x original) "
-             "| FA after inversion (retrained) | FA after relearning (retrained) | targets |", "| --- |" + " --- |" * 9]
+             f"| {inversion} (retrained) | {relearning} (retrained) | targets |", "| --- |" + " --- |" * 9]
     for r in rows:
         if "forget_acc" not in r:
             lines.append(f"| {r['name']} | {r['digit']} | {r['seed']} | {r['step']} | diverged at step "
@@ -109,15 +121,20 @@ def mean_std(values):
     return [statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
 
 
-def markdown(summary, references, step, spread):
-    """The README's tables: per row at `step` (UNO also at its own step count), mean ± std over digits and seeds."""
+def markdown(summary, references, protocol, spread):
+    """The README's tables: per row at the protocol's last step (UNO also at its own step count), mean ± std over
+    digits and seeds, the attack columns named by their budgets."""
     def cell(v, digits=3):
         return "–" if v is None else f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}"
+    step = protocol["steps"]
+    inversion, relearning = attack_columns(protocol if protocol.get("attacks") else None)
     lines = [f"Step {step}, mean ± std over the held-out digits and seeds. The remain FD's sampling spread at this "
              f"sample count (the original model, {spread['seeds']} sampling seeds): ± {100 * spread['relative']:.1f}%.",
              "", "| row | setting | forget acc | remain acc | remain FD (x original) | FD to retrained | steps to forget "
-             "| forgotten runs | runs meeting all targets | seconds | FA after inversion | FA after relearning |",
-             "| --- |" + " --- |" * 11]
+             "| forgotten runs | runs meeting all targets | seconds | time (x official) "
+             f"| {inversion} | {relearning} |",
+             "| --- |" + " --- |" * 12]
+    official = summary.get(OFFICIAL_ROW, {}).get("seconds")
     for row, s in summary.items():
         diverged = s.get("diverged_runs", 0)
         for at in [step] + ([UNO_OWN_STEPS] if row == "uno" and UNO_OWN_STEPS in s["steps"] else []):
@@ -127,11 +144,12 @@ def markdown(summary, references, step, spread):
             if r is None:
                 r = dict.fromkeys(("forget_acc", "remain_acc", "fd_ratio", "fd_to_retrained", "inversion_fa",
                                    "relearn_fa"))
+            ratio = f"{s['seconds'][0] / official[0]:.2f}x" if official else "–"
             lines.append(f"| {name} | {s['setting']} | {cell(r['forget_acc'])} | {cell(r['remain_acc'])} "
                          f"| {cell(r['fd_ratio'], 2)} | {cell(r['fd_to_retrained'], 1)} "
                          f"| {cell(s['steps_to_forget'], 0)} | {s['forgotten_runs']}/{s['runs']} "
                          f"| {s['runs_meeting_targets'] if at == step else '–'}/{s['runs']} | {cell(s['seconds'], 0)} "
-                         f"| {cell(r['inversion_fa'], 2)} | {cell(r['relearn_fa'], 2)} |")
+                         f"| {ratio} | {cell(r['inversion_fa'], 2)} | {cell(r['relearn_fa'], 2)} |")
     refs = [f"| digit {c} | {reference_cell(r['original'])} | "
             f"{reference_cell(r['retrained'], r.get('retrained_range'))} ({r['retrained_from']}) |"
             for c, r in sorted(references.items())]
@@ -314,7 +332,7 @@ def write_report(result, args):
     others = [load_result(folder) for folder in getattr(args, "trade_panels", None) or []]
     os.makedirs(args.report_dir, exist_ok=True)
     atomic_json_dump(result, os.path.join(args.report_dir, "comparison.json"))
-    table = markdown(result["summary"], result["references"], result["protocol"]["steps"], result["spread"])
+    table = markdown(result["summary"], result["references"], result["protocol"], result["spread"])
     atomic_write_text(table, os.path.join(args.report_dir, "comparison.md"))
     plot_curves(result["summary"], os.path.join(args.report_dir, "curves.png"))
     plot_trade([(r["protocol"].get("dataset", "digits"), trade_summary(r)) for r in [result] + others],
@@ -323,10 +341,13 @@ def write_report(result, args):
     print(f"Saved comparison.json, comparison.md, curves.png and tradeoff.png to {args.report_dir}")
 
 
-def tuning_markdown(tuning, chosen):
+def tuning_markdown(tuning, chosen, budgets):
     """The tuning stage: per method and configuration, the targets each tuning digit's final checkpoint misses and
-    its remain FD ratio, the configuration's score, and which one was chosen."""
-    lines = ["| method | configuration | " + "per tuning digit: targets missed (remain FD ratio) | targets missed, summed "
+    its remain FD ratio, the configuration's score, and which one was chosen (budgets: the attacks' that I and L were
+    judged at)."""
+    inversion, relearning = attack_columns(budgets)
+    lines = [f"Targets: {TARGETS}; I and L judged on the {inversion} and {relearning}.", "",
+             "| method | configuration | per tuning digit: targets missed (remain FD ratio) | targets missed, summed "
              "| mean remain FD ratio | chosen |", "| --- | --- | --- | --- | --- | --- |"]
     for method, trials in tuning.items():
         for name, digits in trials.items():
@@ -342,4 +363,15 @@ def write_tuning(tuning, chosen, args):
     os.makedirs(args.report_dir, exist_ok=True)
     atomic_json_dump({"tuning_digits": args.tuning_classes, "tuning": tuning, "chosen": chosen},
                      os.path.join(args.report_dir, "tuning.json"))
-    atomic_write_text(tuning_markdown(tuning, chosen), os.path.join(args.report_dir, "tuning.md"))
+    budgets = {"inversion_steps": args.inversion_steps, "relearn_steps": args.relearn_steps} if args.attacks else None
+    atomic_write_text(tuning_markdown(tuning, chosen, budgets), os.path.join(args.report_dir, "tuning.md"))
+
+
+def rewrite_tuning(report_dir, protocol):
+    """tuning.md again from the tuning.json of a report folder (if it has one), at the comparison's attack budgets."""
+    path = os.path.join(report_dir, "tuning.json")
+    if os.path.isfile(path):
+        saved = json.load(open(path))
+        budgets = protocol if protocol.get("attacks") else None
+        atomic_write_text(tuning_markdown(saved["tuning"], saved["chosen"], budgets),
+                          os.path.join(report_dir, "tuning.md"))

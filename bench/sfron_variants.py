@@ -48,10 +48,10 @@ def main(args):
                                      str(args.fisher_iters)])
     if not os.path.isdir(os.path.join(args.data_path, "train")):
         compare.quiet(compare.call, compare.prepare_digits, ["--dataset", args.dataset, "--out", args.data_path])
-    rows = compare.setting_rows(compare.Benchmark(bench_args), setting, args.digits, args.seeds, args.steps,
-                                label=args.name)
+    bench = compare.Benchmark(bench_args)
+    rows = compare.setting_rows(bench, setting, args.digits, args.seeds, args.steps, label=args.name)
     command = "python bench/sfron_variants.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    table = compare.targets_table(rows, command)
+    table = compare.targets_table(rows, command, bench.attack_budgets())
     os.makedirs(args.out, exist_ok=True)
     atomic_json_dump({"name": args.name, "lr": args.lr, "flags": flags, "rows": rows},
                      os.path.join(args.out, f"variants-{args.name}.json"))

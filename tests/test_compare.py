@@ -182,6 +182,7 @@ def test_all_digits_measures_both_recipes_against_the_targets(tmp_path, monkeypa
     table = open(tmp_path / "out" / "all_digits.md").read()
     assert "sfron-official, step 4: " in table and "sfron-masked-esd-distill, step 2: " in table
     assert "runs meet all 5 targets (F R D I L)" in table and "runs meet all 3 targets (F R D)" in table
+    assert "| FA after 2 inversion steps (retrained) | FA after 2 relearning steps (retrained) |" in table
     # a unit evaluated at more steps than asked is read back; one whose recipe changed since is run again
     stamp = os.path.getmtime(unit("masked-esd-distill"))
     compare.main(compare.parse_args(argv[:argv.index("--eval-steps")] + argv[argv.index("--eval-steps") + 2:]))
@@ -289,8 +290,12 @@ def test_a_diverged_run_is_a_result_not_a_crash(tmp_path, monkeypatch):
     assert os.path.getmtime(tmp_path / "cmp" / "evals" / f"{ascent.name}-0-seed0.json") == saved
     summary = summarise([{"row": "ga", **run}], {0: bench.reference(0)})
     assert summary["ga"]["diverged_runs"] == 1 and summary["ga"]["runs_meeting_targets"] == 0
-    table = markdown(summary, {0: bench.reference(0)}, 4, {"seeds": 3, "relative": 0.01})
+    protocol = {"steps": 4, "attacks": True, "inversion_steps": 7, "relearn_steps": 3}
+    table = markdown(summary, {0: bench.reference(0)}, protocol, {"seeds": 3, "relative": 0.01})
     assert "| ga (1 of 1 runs diverged: figures over the rest) |" in table
+    assert "| FA after 7 inversion steps | FA after 3 relearning steps |" in table  # the budgets, named
+    assert "| FA after inversion | FA after relearning |" in markdown(summary, {}, dict(protocol, attacks=False),
+                                                                     {"seeds": 3, "relative": 0.01})
 
 
 def test_references_are_judged_by_their_mean_and_reported_with_their_range(tmp_path, monkeypatch):
@@ -314,7 +319,37 @@ def test_references_are_judged_by_their_mean_and_reported_with_their_range(tmp_p
     for key in ("forget_acc", "remain_acc", "fd_remain"):
         assert reference["retrained"][key] == pytest.approx((each[0][key] + each[1][key]) / 2)
         assert reference["retrained_range"][key] == pytest.approx(sorted([each[0][key], each[1][key]]))
+        assert [reference["retrained_each"][f"digits_dit_without_{n}.pt"][key] for n in (0, 1)] == \
+            pytest.approx([each[0][key], each[1][key]])  # each reference's own figures, by file
     assert each[1]["forget_acc"] - each[0]["forget_acc"] > 0.5  # the mean lies between two distant models
     mean_fa = reference["retrained"]["forget_acc"]
     assert targets_missed({**reference["original"], "forget_acc": mean_fa + 0.02}, reference) == ""
     assert "F" in targets_missed({**reference["original"], "forget_acc": mean_fa + 0.05}, reference)
+
+
+def test_all_digits_runs_a_method_at_its_tuned_configuration(tmp_path, monkeypatch):
+    """compare.py --all-digits --methods: the method's configuration that --report-dir's tuning.json chose, with its
+    gradient mask, judged like the recipes; without that file one clear error."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import compare
+    monkeypatch.chdir(tmp_path)
+    argv = ["--all-digits", "--methods", "salun+distill", "--classes", "3", "--seeds", "0", "--steps", "2", "--out",
+            "out", "--data-path", "digits", "--cache-dir", "ret", "--batch-size", "8", "--fisher-iters", "1",
+            "--samples-per-class", "4", "--sampling-steps", "3", "--no-attacks", "--report-dir", "tuned"]
+    with pytest.raises(compare.UserError, match="tuned/tuning.json"):
+        compare.main(compare.parse_args(argv))
+    flags = ["--method", "joint", "--unlearn-loss", "salun", "--remain-loss", "distill", "--sparsity", "0.8",
+             "--lr", "3e-4"]
+    os.makedirs("tuned")
+    json.dump({"chosen": {"salun+distill": {"name": "salun+distill-lr3e-4", "flags": flags, "mask": "gradient"}}},
+              open("tuned/tuning.json", "w"))
+    with pytest.raises(compare.UserError, match="no chosen configuration for sfron"):
+        compare.main(compare.parse_args(argv[:2] + ["sfron"] + argv[3:]))
+    compare.main(compare.parse_args(argv))
+    rows = json.load(open("out/all_digits.json"))["rows"]
+    assert [(r["name"], r["step"], r["targets"]) for r in rows] == [("salun+distill", 2, "FRD")]
+    run = json.load(open("out/evals/salun+distill-lr3e-4-3-seed0.json"))
+    assert run["flags"][-len(flags) - 2:-2] == flags and run["settings"]["step"]["lr"] == 3e-4
+    assert run["settings"]["remain"]["remain_loss"] == "distill"
+    assert os.path.isfile("out/mask/seed0/3/gradient_0.8.pt")  # SalUn's own mask, at the tuned sparsity
+    assert compare.parse_args(["--all-digits"]).recipes and not compare.parse_args(argv).recipes

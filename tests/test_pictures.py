@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 
 import numpy as np
 import pytest
@@ -84,8 +85,20 @@ def test_report_only_redraws_the_plots_from_comparison_json(tmp_path, bench_modu
     stored = os.path.join(ROOT, "docs", "comparison")
     (tmp_path / "digits").mkdir()
     shutil.copy(os.path.join(stored, "comparison.json"), tmp_path / "digits")
+    shutil.copy(os.path.join(stored, "tuning.json"), tmp_path / "digits")
     compare.main(compare.parse_args(["--report-only", "--report-dir", str(tmp_path / "digits")]))
-    assert open(tmp_path / "digits" / "comparison.md").read() == open(os.path.join(stored, "comparison.md")).read()
+    for name in ("comparison.md", "tuning.md"):
+        assert open(tmp_path / "digits" / name).read() == open(os.path.join(stored, name)).read()
+    # the attack budgets the I and L targets were judged at are named in every table
+    assert "| FA after 100 inversion steps | FA after 10 relearning steps |" in open(tmp_path / "digits" /
+                                                                                   "comparison.md").read()
+    assert "judged on the FA after 100 inversion steps and FA after 10 relearning steps" in \
+        open(tmp_path / "digits" / "tuning.md").read()
+    # each row's wall time against the official recipe's, from the runs' own seconds
+    runs = json.load(open(tmp_path / "digits" / "comparison.json"))["runs"]
+    seconds = {row: statistics.mean(r["seconds"] for r in runs if r["row"] == row) for row in ("sfron", "salun")}
+    (line,) = [x for x in open(tmp_path / "digits" / "comparison.md").read().splitlines() if x.startswith("| salun |")]
+    assert line.split(" | ")[10] == f"{seconds['salun'] / seconds['sfron']:.2f}x" != "1.00x"
     assert png_size(tmp_path / "digits" / "curves.png") == pixels((10, 3.8))
     assert png_size(tmp_path / "digits" / "tradeoff.png") == pixels(report.trade_size(1)) == pixels((9, 5))
     other = json.load(open(tmp_path / "digits" / "comparison.json"))
