@@ -50,7 +50,9 @@ def test_compare_reports_what_it_evaluated_and_resumes(tmp_path):
         cells = [c.strip() for c in line.split("|")[1:-1]]
         assert cells[1] == run["setting"] == result["chosen"][run["row"]]["name"]
         assert cells[2] == f"{final['forget_acc']:.3f} ± 0.000" and cells[3] == f"{final['remain_acc']:.3f} ± 0.000"
-        assert cells[10:12] == [f"{final['inversion_fa']:.2f} ± 0.00", f"{final['relearn_fa']:.2f} ± 0.00"]
+        assert cells[11:13] == [f"{final['inversion_fa']:.2f} ± 0.00", f"{final['relearn_fa']:.2f} ± 0.00"]
+        official = next(r for r in result["runs"] if r["row"] == "sfron")["seconds"]
+        assert cells[10] == f"{run['seconds'] / official:.2f}x"  # its wall time against the official recipe's
     reference = result["references"]["0"]
     assert f"after inversion {reference['retrained']['inversion_fa']:.2f}" in table.split("| reference |")[1]
     from PIL import Image
