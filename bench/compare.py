@@ -62,8 +62,8 @@ from sfron.sampling import SamplerConfig, generate, per_sample_noise, to_uint8_n
 from sfron.utils import UserError  # noqa: E402
 from protocol import (ABLATIONS, CONFIGURATIONS, EVAL_STEPS, HELD_OUT_DIGITS, MAIN_METHODS, METHODS,  # noqa: E402
                       TUNING_DIGITS, UNO_OWN_STEPS, Setting, score)
-from report import (ATTACK_KEYS, judged_targets, load_result, rewrite_tuning, summarise,  # noqa: E402
-                    targets_missed, targets_table, with_summary, write_report, write_tuning)
+from report import (ATTACK_KEYS, attack_budgets, judged_targets, load_result, rewrite_tuning,  # noqa: E402
+                    summarise, targets_missed, targets_table, with_summary, write_report, write_tuning)
 
 COMPARISON_DEFAULTS = dict(classes=list(HELD_OUT_DIGITS), steps=max(EVAL_STEPS), eval_steps=list(EVAL_STEPS),
                            batch_size=64, samples_per_class=100, sampling_steps=10, inversion_steps=100,
@@ -268,9 +268,7 @@ class Benchmark:
 
     def attack_budgets(self):
         """{inversion_steps, relearn_steps} of the attacks a unit runs, or None without attacks."""
-        if not self.args.attacks:
-            return None
-        return {"inversion_steps": self.args.inversion_steps, "relearn_steps": self.args.relearn_steps}
+        return attack_budgets(vars(self.args))
 
     def retrained_stats(self, forget_class):
         if forget_class not in self._retrained_stats:
@@ -395,9 +393,9 @@ def recipe_methods(recipes):
 
 def chosen_methods(names, report_dir):
     """{method: its Setting chosen by the comparison's tuning} read from --report-dir's tuning.json."""
-    path = os.path.join(report_dir, "tuning.json")
     if not names:
         return {}
+    path = os.path.join(report_dir, "tuning.json")
     if not os.path.isfile(path):
         raise UserError(f"--all-digits --methods reads each method's chosen configuration from {path}: run "
                         f"bench/compare.py --tuning-only --report-dir {report_dir} first")

@@ -13,7 +13,7 @@ from sfron.utils import UserError
 FORGOTTEN_MARGIN = 0.03          # "forgotten": forget accuracy at most 3 points above the retrained model's
 ATTACK_MARGIN = 0.10             # and after each attack at most 10 points above the retrained model's
 ATTACK_KEYS = ("inversion_fa", "relearn_fa")
-OFFICIAL_ROW = "sfron"           # the official SFR-on update: every row's wall time is also given against its
+OFFICIAL_ROW = "sfron"           # the official SFR-on update: every row's wall time is also given against its own
 TARGETS = ("F: forget acc <= retrained + 0.03; R: remain acc >= original - 0.01; D: remain FD <= 1.2x original; "
            "I, L: forget acc after label inversion, after relearning <= retrained's + 0.10 (retrained: the mean of the "
            "digit's retrained references)")
@@ -43,6 +43,14 @@ def targets_missed(report, reference):
 def judged_targets(report):
     """The letters of the targets a checkpoint's report can be judged on: F R D, and I L where it was attacked."""
     return "FRD" + "".join(letter for letter, key in zip("IL", ATTACK_KEYS) if key in report)
+
+
+def attack_budgets(settings):
+    """{inversion_steps, relearn_steps} of the attacks a comparison's settings (its command line's, or a stored
+    comparison's protocol) run, or None without attacks."""
+    if not settings.get("attacks"):
+        return None
+    return {"inversion_steps": settings["inversion_steps"], "relearn_steps": settings["relearn_steps"]}
 
 
 def attack_columns(budgets):
@@ -127,7 +135,7 @@ def markdown(summary, references, protocol, spread):
     def cell(v, digits=3):
         return "–" if v is None else f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}"
     step = protocol["steps"]
-    inversion, relearning = attack_columns(protocol if protocol.get("attacks") else None)
+    inversion, relearning = attack_columns(attack_budgets(protocol))
     lines = [f"Step {step}, mean ± std over the held-out digits and seeds. The remain FD's sampling spread at this "
              f"sample count (the original model, {spread['seeds']} sampling seeds): ± {100 * spread['relative']:.1f}%.",
              "", "| row | setting | forget acc | remain acc | remain FD (x original) | FD to retrained | steps to forget "
@@ -363,8 +371,8 @@ def write_tuning(tuning, chosen, args):
     os.makedirs(args.report_dir, exist_ok=True)
     atomic_json_dump({"tuning_digits": args.tuning_classes, "tuning": tuning, "chosen": chosen},
                      os.path.join(args.report_dir, "tuning.json"))
-    budgets = {"inversion_steps": args.inversion_steps, "relearn_steps": args.relearn_steps} if args.attacks else None
-    atomic_write_text(tuning_markdown(tuning, chosen, budgets), os.path.join(args.report_dir, "tuning.md"))
+    atomic_write_text(tuning_markdown(tuning, chosen, attack_budgets(vars(args))),
+                      os.path.join(args.report_dir, "tuning.md"))
 
 
 def rewrite_tuning(report_dir, protocol):
@@ -372,6 +380,5 @@ def rewrite_tuning(report_dir, protocol):
     path = os.path.join(report_dir, "tuning.json")
     if os.path.isfile(path):
         saved = json.load(open(path))
-        budgets = protocol if protocol.get("attacks") else None
-        atomic_write_text(tuning_markdown(saved["tuning"], saved["chosen"], budgets),
+        atomic_write_text(tuning_markdown(saved["tuning"], saved["chosen"], attack_budgets(protocol)),
                           os.path.join(report_dir, "tuning.md"))
