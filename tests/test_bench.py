@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from helpers import make_tiny_run_folder, run_in_process, run_script
+from helpers import make_tiny_run_folder, run_script
 
 
 def test_throughput_benchmark_fisher_equals_the_official_loop(tmp_path):
