@@ -387,9 +387,10 @@ def build_parser():
                              "<folder>/<cls>/fisher_<threshold>.pt); none: no mask")
     update.add_argument("--threshold", type=float, default=None,
                         help="the mask threshold gamma to use from a folder (default: the recipe's)")
+    update.add_argument("--sparsity", type=float, default=None,
+                        help="use SalUn's gradient mask <folder>/<cls>/gradient_<sparsity>.pt instead of the Fisher "
+                             "mask (default: the recipe's; salun-distill: 0.5)")
     baselines = parser.add_argument_group("the baselines' terms (README: the baselines)")
-    baselines.add_argument("--sparsity", type=float, default=None,
-                           help="SalUn: use the gradient mask <folder>/<cls>/gradient_<sparsity>.pt instead")
     baselines.add_argument("--replay-samples", type=int, default=0,
                            help="SA: the remain term draws from this many remain-class samples that the original "
                                 "model generates (generative replay; drawn with the sampling flags); 0: the data")

@@ -8,16 +8,16 @@ forget.py, their checkpoints evaluated along the way against the DiT retrained w
     python bench/compare.py
 
 Protocol (bench/protocol.py; docs/comparison.md): every method gets the same number of configurations, chosen on
-the tuning digits by protocol.score(), then frozen for every held-out digit and seed; the default recipe is also run
-with each of its pieces removed. A checkpoint's report: forget accuracy, remain accuracy, the Frechet distance of
-the remain-class samples to the real images (and as a ratio to the original model's), their distance to the
-retrained model's samples, and the forget run's wall time; per run, the first evaluated step whose forget accuracy
-is within 3 points of the retrained model's; and on each final model and the references, forget accuracy after
-attack.py's label inversion and relearning attacks (README: "Is the class really gone?"). Writes comparison.json,
-comparison.md, curves.png and tradeoff.png (remain accuracy lost against forget accuracy after label inversion above
-the retrained model's, a point per method) to --report-dir; --report-only writes them again from the comparison.json
-there, running nothing. Every run and evaluation is saved under --out as it finishes: started again, the benchmark
-continues where it stopped.
+the tuning digits by protocol.score(), then frozen for every held-out digit and seed; the adversarial-esd-distill
+recipe (sfron-default) is also run with each of its pieces removed. A checkpoint's report: forget accuracy, remain
+accuracy, the Frechet distance of the remain-class samples to the real images (and as a ratio to the original
+model's), their distance to the retrained model's samples, and the forget run's wall time; per run, the first
+evaluated step whose forget accuracy is within 3 points of the retrained model's; and on each final model and the
+references, forget accuracy after attack.py's label inversion and relearning attacks (README: "Is the class really
+gone?"). Writes comparison.json, comparison.md, curves.png and tradeoff.png (remain accuracy lost against forget
+accuracy after label inversion above the retrained model's, a point per method) to --report-dir; --report-only writes
+them again from the comparison.json there, running nothing. Every run and evaluation is saved under --out as it
+finishes: started again, the benchmark continues where it stopped.
 """
 import argparse
 import contextlib
@@ -55,6 +55,7 @@ from sfron.files import as_read_back, atomic_json_dump, atomic_write_text  # noq
 from sfron.loss import NonFinite  # noqa: E402
 from sfron.mask import mask_filename  # noqa: E402
 from sfron.recipes import RECIPES  # noqa: E402
+from sfron.targets import ATTACK_KEYS, judged_targets, targets_missed  # noqa: E402
 from sfron.unlearn import UnlearnSettings, without_removed_fields  # noqa: E402
 from sfron.metrics import (classification_report, classify, embed, feature_space, frechet_distance,  # noqa: E402
                            frechet_statistics, nhwc_batches, reference_set)
@@ -62,8 +63,8 @@ from sfron.sampling import SamplerConfig, generate, per_sample_noise, to_uint8_n
 from sfron.utils import UserError  # noqa: E402
 from protocol import (ABLATIONS, CONFIGURATIONS, EVAL_STEPS, HELD_OUT_DIGITS, MAIN_METHODS, METHODS,  # noqa: E402
                       TUNING_DIGITS, UNO_OWN_STEPS, Setting, score)
-from report import (ATTACK_KEYS, attack_budgets, judged_targets, load_result, rewrite_tuning,  # noqa: E402
-                    summarise, targets_missed, targets_table, with_summary, write_report, write_tuning)
+from report import (attack_budgets, load_result, rewrite_tuning, summarise, targets_table,  # noqa: E402
+                    with_summary, write_report, write_tuning)
 
 COMPARISON_DEFAULTS = dict(classes=list(HELD_OUT_DIGITS), steps=max(EVAL_STEPS), eval_steps=list(EVAL_STEPS),
                            batch_size=64, samples_per_class=100, sampling_steps=10, inversion_steps=100,
@@ -211,7 +212,7 @@ class Benchmark:
             threshold = threshold_of(setting.flags)
             name, argv = mask_filename(threshold=threshold), ["--thresholds", threshold]
         else:
-            sparsity = float(last_value(list(setting.flags), "--sparsity", 0.5))
+            sparsity = recipe_flag_value(setting.flags, "sparsity") or 0.5
             name, argv = mask_filename(sparsity=sparsity), ["--criterion", "gradient", "--sparsity", sparsity]
         if not os.path.isfile(os.path.join(folder, str(forget_class), name)):
             quiet(call, generate_mask, ["--mask-path", folder, "--forget-class", forget_class, *argv])
@@ -349,10 +350,17 @@ def last_value(flags, name, default=None):
     return flags[len(flags) - 1 - flags[::-1].index(name) + 1] if name in flags else default
 
 
+def recipe_flag_value(flags, name):
+    """The value of one of a recipe's settings (threshold, sparsity) in forget.py flags: the last one given, else
+    the recipe's (None where neither sets it)."""
+    recipe = RECIPES[last_value(flags, "--recipe", "official")]
+    value = last_value(flags, "--" + name, recipe.values[name])
+    return None if value is None else float(value)
+
+
 def threshold_of(flags):
     """The mask threshold of forget.py flags: the last --threshold, else the recipe's."""
-    recipe = RECIPES[last_value(flags, "--recipe", "official")]
-    return float(last_value(flags, "--threshold", recipe.values["threshold"]))
+    return recipe_flag_value(flags, "threshold")
 
 
 def setting_rows(bench, setting, digits, seeds, steps, label=None):
@@ -386,8 +394,9 @@ def recipe_methods(recipes):
     for recipe in recipes:
         args = demo.parse_args(["--recipe", recipe])
         lr = demo.recipe_value(args, "lr")
+        mask = "gradient" if RECIPES[recipe].values["sparsity"] is not None else "fisher"
         out[f"sfron-{recipe}"] = Setting(f"sfron-{recipe}-lr{lr}", tuple(str(f) for f in demo.forget_flags(args)),
-                                         "fisher")
+                                         mask)
     return out
 
 
@@ -456,7 +465,7 @@ def choose_setting(bench, method, args):
 
 def plan(chosen, args):
     """[(row, Setting, digits, seeds)] of the evaluation, in chosen's order: every main method on --classes x --seeds;
-    the distilled baselines and the ablation of the default recipe on the first --few-classes digits, the first
+    the distilled baselines and the ablation of sfron-default on the first --few-classes digits, the first
     seed."""
     few = (args.classes[:args.few_classes], args.seeds[:1])
     units = [(name, setting, *(((args.classes, args.seeds)) if name in MAIN_METHODS else few))
@@ -570,8 +579,9 @@ def parse_args(argv=None):
                         help="retrained references not shipped in assets/ are trained once and kept here")
     parser.add_argument("--methods", type=str, nargs="+", choices=list(METHODS), default=None,
                         help="methods to compare (default: all; bench/protocol.py; sfron: forget.py --recipe "
-                             "official, sfron-default: the default recipe, <baseline>+distill: with the distilled "
-                             "remain term); with --all-digits: methods to run at the configuration --report-dir's "
+                             "official, sfron-default: --recipe adversarial-esd-distill, <baseline>+distill: with the "
+                             "distilled remain term; salun+distill at its chosen configuration is --recipe "
+                             "salun-distill); with --all-digits: methods to run at the configuration --report-dir's "
                              "tuning.json chose (default: none)")
     parser.add_argument("--classes", type=int, nargs="+", default=None,
                         help="held-out digits to forget (default: 0 3 5 6 9; with --all-digits 0-9)")
@@ -587,7 +597,7 @@ def parse_args(argv=None):
     parser.add_argument("--few-classes", type=int, default=3,
                         help="the distilled baselines and the ablation run on this many of --classes, first seed")
     parser.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True,
-                        help="the default recipe with each of its pieces removed in turn (needs sfron-default)")
+                        help="sfron-default with each of its pieces removed in turn (needs sfron-default)")
     parser.add_argument("--steps", type=int, default=None,
                         help="unlearning steps of every run (default: 100)")
     parser.add_argument("--eval-steps", type=int, nargs="*", default=None,

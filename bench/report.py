@@ -1,6 +1,6 @@
 """
-The comparison's targets and its report: which of the embedded case's targets a checkpoint misses, the tables of
-bench/compare.py and bench/sfron_variants.py, the summary over runs and the plots.
+The comparison's report: the tables of bench/compare.py and bench/sfron_variants.py, the summary over runs and the
+plots (the targets themselves: sfron/targets.py).
 """
 import json
 import os
@@ -8,41 +8,11 @@ import statistics
 
 from protocol import UNO_OWN_STEPS, score
 from sfron.files import atomic_json_dump, atomic_save_figure, atomic_write_text
+from sfron.targets import (ATTACK_KEYS, ATTACK_MARGIN, FORGOTTEN_MARGIN, REMAIN_MARGIN, TARGETS, is_forgotten,
+                           targets_missed)
 from sfron.utils import UserError
 
-FORGOTTEN_MARGIN = 0.03          # "forgotten": forget accuracy at most 3 points above the retrained model's
-ATTACK_MARGIN = 0.10             # and after each attack at most 10 points above the retrained model's
-ATTACK_KEYS = ("inversion_fa", "relearn_fa")
 OFFICIAL_ROW = "sfron"           # the official SFR-on update: every row's wall time is also given against its own
-TARGETS = ("F: forget acc <= retrained + 0.03; R: remain acc >= original - 0.01; D: remain FD <= 1.2x original; "
-           "I, L: forget acc after label inversion, after relearning <= retrained's + 0.10 (retrained: the mean of the "
-           "digit's retrained references)")
-
-
-def is_forgotten(report, reference):
-    """Forget accuracy at most FORGOTTEN_MARGIN above the retrained model's (accuracies are float32 shares of whole
-    samples: 1e-6 absorbs their rounding)."""
-    return report["forget_acc"] <= reference["retrained"]["forget_acc"] + FORGOTTEN_MARGIN + 1e-6
-
-
-def targets_missed(report, reference):
-    """The targets of the embedded case a checkpoint misses: F (forget accuracy), R (remain accuracy at most 1 point
-    below the original's), D (remain Frechet distance at most 1.2x the original's), and where the attacks ran on it
-    I and L (forget accuracy after label inversion and after relearning at most ATTACK_MARGIN above the retrained
-    model's under the same attack)."""
-    original, retrained = reference["original"], reference["retrained"]
-    checks = [("F", is_forgotten(report, reference)),
-              ("R", report["remain_acc"] >= original["remain_acc"] - 0.01 - 1e-6),
-              ("D", report["fd_remain"] <= 1.2 * original["fd_remain"])]
-    for letter, key in zip("IL", ATTACK_KEYS):
-        if key in report:
-            checks.append((letter, report[key] <= retrained[key] + ATTACK_MARGIN + 1e-6))
-    return "".join(letter for letter, ok in checks if not ok)
-
-
-def judged_targets(report):
-    """The letters of the targets a checkpoint's report can be judged on: F R D, and I L where it was attacked."""
-    return "FRD" + "".join(letter for letter, key in zip("IL", ATTACK_KEYS) if key in report)
 
 
 def attack_budgets(settings):
@@ -97,7 +67,7 @@ def first_forgotten_step(run, reference):
 
 def summarise(runs, references):
     """{row: {step: {metric: [mean, std]}}, runs, forgotten_runs, steps_to_forget, runs_meeting_targets, seconds}
-    over the runs of each table row (a method, or an ablation of the default recipe), in their order."""
+    over the runs of each table row (a method, or an ablation of sfron-default), in their order."""
     summary = {}
     for row in dict.fromkeys(r["row"] for r in runs):
         mine = [r for r in runs if r["row"] == row]
@@ -178,7 +148,7 @@ def reference_cell(report, spread=None):
     return text
 
 
-TRADE_TARGETS = (0.01, ATTACK_MARGIN)  # the R target (remain accuracy lost) and the I target (inversion excess)
+TRADE_TARGETS = (REMAIN_MARGIN, ATTACK_MARGIN)  # the R target (remain accuracy lost) and the I target (inversion excess)
 TRADE_DPI = 120
 
 
@@ -238,7 +208,7 @@ ABLATION_MARKERS = "^v<>DPX*d"
 
 def trade_styles(rows):
     """{row: (marker, colour)}: methods circles, distilled baselines squares, ablations other shapes."""
-    # a colour per method; a distilled baseline takes its base method's, the ablation of the default recipe
+    # a colour per method; a distilled baseline takes its base method's, the ablation of sfron-default
     # sfron-default's
     import matplotlib.pyplot as plt
     colors = plt.cm.tab10.colors

@@ -38,18 +38,18 @@ def test_full_run_runs_the_three_scripts(tmp_path):
 
 def test_memory_benchmark_counts_each_part_of_the_state(tmp_path):
     """bench/memory.py on a tiny DiT: the parts are the tensors' sizes (the official recipe: one AdamW's two moments
-    per weight and the gradients; the default, confined to the mask: two AdamWs' moments and the original values of
+    per weight and the gradients; adversarial-esd-distill, confined to the mask: two AdamWs' moments and the original values of
     the free entries only, no gradient between steps), the checkpoint holds the weights and the moments, and the
     last line is the ratio of the kept state."""
     from models import DiT_models
-    from sfron.recipes import DEFAULT_RECIPE
-    proc = run_script("bench/memory.py", "--model", "DiT-T/2", "--image-size", 32, "--batch-sizes", 1, "--steps", 1,
-                      "--threads", 1, "--out", tmp_path / "memory.json", cwd=tmp_path)
+    confined = "adversarial-esd-distill"  # a recipe whose run is confined to its mask
+    proc = run_script("bench/memory.py", "--model", "DiT-T/2", "--image-size", 32, "--recipe", confined,
+                      "--batch-sizes", 1, "--steps", 1, "--threads", 1, "--out", tmp_path / "memory.json", cwd=tmp_path)
     model = DiT_models["DiT-T/2"](input_size=4, num_classes=1000)
     numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
     runs = {r["recipe"]: r for r in json.load(open(tmp_path / "memory.json"))["runs"]}
-    official, default = runs["official"]["parts"], runs[DEFAULT_RECIPE]["parts"]
-    free = runs[DEFAULT_RECIPE]["free_entries"]
+    official, default = runs["official"]["parts"], runs[confined]["parts"]
+    free = runs[confined]["free_entries"]
     assert 0.01 < free / numel < 0.03                                   # --mask-free-share 0.02
     assert official["weights"] == pytest.approx(4 * numel / 1e9) and official["gradients"] == official["weights"]
     assert official["moments"] == pytest.approx(2 * 4 * numel / 1e9) and official["reference"] == 0
@@ -62,7 +62,7 @@ def test_memory_benchmark_counts_each_part_of_the_state(tmp_path):
     for run in runs.values():
         stored = run["parts"]["weights"] + run["parts"]["moments"]
         assert stored < run["checkpoint"] < stored + 1e-3
-    ratio = runs[DEFAULT_RECIPE]["persistent"] / runs["official"]["persistent"]
+    ratio = runs[confined]["persistent"] / runs["official"]["persistent"]
     assert ratio < 0.5 and proc.stdout.strip().splitlines()[-1].endswith(f"ratio {ratio:.2f}")
 
 

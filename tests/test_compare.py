@@ -1,6 +1,7 @@
 """bench/compare.py, shortened: its table holds the numbers of the evaluations it ran, and it resumes."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -146,16 +147,16 @@ def test_all_digits_measures_both_recipes_against_the_targets(tmp_path, monkeypa
     monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
     import compare
     import demo
-    import report as report_module
     from sfron.recipes import RECIPES
+    from sfron.targets import is_forgotten
     monkeypatch.chdir(tmp_path)
     argv = ["--all-digits", "--classes", "3", "--seeds", "0", "--steps", "4", "--eval-steps", "2", "--out", "out",
             "--data-path", "digits", "--cache-dir", "ret", "--batch-size", "8", "--fisher-iters", "1",
             "--samples-per-class", "4", "--sampling-steps", "3", "--inversion-steps", "2", "--relearn-steps", "2",
-            "--recipes", "official", "masked-esd-distill"]
+            "--recipes", "official", "salun-distill"]
     compare.main(compare.parse_args(argv))
     result = json.load(open(tmp_path / "out" / "all_digits.json"))
-    assert [r["name"] for r in result["rows"]] == ["sfron-official"] * 2 + ["sfron-masked-esd-distill"] * 2
+    assert [r["name"] for r in result["rows"]] == ["sfron-official"] * 2 + ["sfron-salun-distill"] * 2
     assert [r["targets"] for r in result["rows"]] == ["FRD", "FRDIL"] * 2  # the attacks ran on the last step's
     # the five targets: a row misses I or L when its attack forget accuracy is more than 0.10 above the retrained's
     ref = {"original": {"remain_acc": 0.99, "fd_remain": 10.0},
@@ -168,28 +169,32 @@ def test_all_digits_measures_both_recipes_against_the_targets(tmp_path, monkeypa
     def unit(recipe):
         lr = demo.recipe_value(demo.parse_args(["--recipe", recipe]), "lr")
         return tmp_path / "out" / "evals" / f"sfron-{recipe}-lr{lr}-3-seed0.json"
-    for recipe in ("official", "masked-esd-distill"):
+    for recipe in ("official", "salun-distill"):
         run = json.load(open(unit(recipe)))
         flags, settings = run["flags"], run["settings"]
         assert flags[flags.index("--recipe") + 1] == recipe
         assert settings["forget"]["unlearn_loss"] == RECIPES[recipe].values["unlearn_loss"]
-        assert settings["step"]["lr"] == {"official": 1.5e-4, "masked-esd-distill": 4e-3}[recipe]
+        assert settings["step"]["lr"] == {"official": 1.5e-4, "salun-distill": 4.5e-4}[recipe]
         for row in (r for r in result["rows"] if r["name"] == f"sfron-{recipe}"):
             report = run["steps"][str(row["step"])]
             assert row["remain_acc"] == report["remain_acc"]
             assert row["missed"] == compare.targets_missed(report, reference)
+    # each recipe's own mask: official's Fisher mask at its threshold, salun-distill's SalUn gradient mask
+    for recipe, mask in (("official", "fisher_1.0.pt"), ("salun-distill", "gradient_0.5.pt")):
+        log = open(tmp_path / "out" / "logs" / (unit(recipe).stem + ".txt")).read()
+        assert re.search(rf"Saliency mask \S*{re.escape(os.path.join('mask', 'seed0', '3', mask))}:", log), recipe
     share = float(torch.tensor(0.05)), {"retrained": {"forget_acc": float(torch.tensor(0.02))}}  # float32 shares
-    assert report_module.is_forgotten({"forget_acc": share[0]}, share[1])  # 5 of 100 against 2 of 100: 3 points
-    assert not report_module.is_forgotten({"forget_acc": float(torch.tensor(0.06))}, share[1])
+    assert is_forgotten({"forget_acc": share[0]}, share[1])  # 5 of 100 against 2 of 100: 3 points
+    assert not is_forgotten({"forget_acc": float(torch.tensor(0.06))}, share[1])
     table = open(tmp_path / "out" / "all_digits.md").read()
-    assert "sfron-official, step 4: " in table and "sfron-masked-esd-distill, step 2: " in table
+    assert "sfron-official, step 4: " in table and "sfron-salun-distill, step 2: " in table
     assert "runs meet all 5 targets (F R D I L)" in table and "runs meet all 3 targets (F R D)" in table
     assert "| FA after 2 inversion steps (retrained) | FA after 2 relearning steps (retrained) |" in table
     # a unit evaluated at more steps than asked is read back; one whose recipe changed since is run again
-    stamp = os.path.getmtime(unit("masked-esd-distill"))
+    stamp = os.path.getmtime(unit("salun-distill"))
     compare.main(compare.parse_args(argv[:argv.index("--eval-steps")] + argv[argv.index("--eval-steps") + 2:]))
-    assert os.path.getmtime(unit("masked-esd-distill")) == stamp
-    assert "sfron-masked-esd-distill, step 2" not in open(tmp_path / "out" / "all_digits.md").read()
+    assert os.path.getmtime(unit("salun-distill")) == stamp
+    assert "sfron-salun-distill, step 2" not in open(tmp_path / "out" / "all_digits.md").read()
     changed = RECIPES["official"]
     monkeypatch.setitem(RECIPES, "official", type(changed)(changed.name, changed.summary,
                                                            {**changed.values, "grad_clip": 0.5}))
@@ -306,7 +311,7 @@ def test_references_are_judged_by_their_mean_and_reported_with_their_range(tmp_p
     monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
     import compare
     import demo
-    from report import targets_missed
+    from sfron.targets import targets_missed
     second = os.path.join(demo.ASSETS, "digits_dit_without_1.pt")  # draws digit 0 well: far from the first
     monkeypatch.setattr(demo.EmbeddedCase, "more_references", lambda self, c: [second])
     import prepare_digits

@@ -2,6 +2,7 @@
 official code would compute differently is named; the flags and settings stay few."""
 import argparse
 import json
+import os
 from dataclasses import fields
 
 import pytest
@@ -11,10 +12,11 @@ import demo
 import forget
 from cli import add_data_args, add_model_args, add_sampling_args
 from diffusion import create_diffusion
-from helpers import make_tiny_run_folder, run_in_process, tiny_train_dit, toy_batch
+from helpers import ROOT, make_tiny_run_folder, run_in_process, tiny_train_dit, toy_batch
 from sfron.dist import Dist
 from sfron.recipes import RECIPE_FIELDS, RECIPES, official_differences
-from sfron.unlearn import ForgetTerm, RemainTerm, ReplaySettings, StepSettings, Unlearner, UnlearnSettings
+from sfron.unlearn import (ForgetTerm, FrozenReference, RemainTerm, ReplaySettings, StepSettings, Unlearner,
+                           UnlearnSettings)
 
 LR, ALPHA = 1e-2, 0.5
 REQUIRED = ["--data-path", "data", "--forget-class", 0]
@@ -69,18 +71,75 @@ def test_the_official_recipe_computes_the_official_loop():
     unlearner = Unlearner(ours, create_diffusion(""), settings, Dist(), mask)
     for k, (fb, rb) in enumerate(batches):
         unlearner.step(fb, rb, settings.forget_alpha_at(k))
+    assert_same_moved_weights(official, ours)
+
+
+def assert_same_moved_weights(expected, ours):
+    """ours equals expected (both tiny_train_dit() after some steps), and the steps moved the weights: the equality
+    is not of two unchanged models."""
     start = dict(tiny_train_dit().named_parameters())
     moved = 0.0
-    for (name, a), b in zip(official.named_parameters(), ours.parameters()):
+    for (name, a), b in zip(expected.named_parameters(), ours.parameters()):
         if name == "blocks.0.attn.qkv.bias":  # the key bias: rounding noise that Adam magnifies (test_unlearn.py)
             a, b, s = (t[torch.arange(48) // 16 != 1] for t in (a, b, start[name]))
         else:
             s = start[name]
         # atol 5e-5: an entry whose gradient is near 0 takes Adam's near-sign first steps from rounding noise
         # (1.7e-5 seen on one entry of the final layer on some CPUs); a different update moves entries by ~lr = 1e-2
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=5e-5)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=5e-5, msg=lambda m: f"{name}: {m}")
         moved = max(moved, float((a - s).detach().abs().max()))
-    assert moved > 1e-3  # the steps moved the weights: the equality is not of two unchanged models
+    assert moved > 1e-3
+
+
+def salun_distill_loop(model, frozen, batches, mask):
+    """
+    SalUn's step with the distilled remain term, transcribed: one AdamW (weight decay 0); the forget images' noise
+    prediction under their label (never dropped) is pulled toward the same model's, without gradient, for the next
+    label (SalUn's target); the remain images' toward the frozen original's at the same x_t, label and dropout; the
+    gradient of their sum is multiplied by SalUn's mask, clipped to global norm 1.0, and stepped.
+    """
+    diffusion = create_diffusion(timestep_respacing="")
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0)
+    eps = lambda net, b, y, drop: net(diffusion.q_sample(b.x, b.t, noise=b.noise), b.t, y,  # noqa: E731
+                                      force_drop_ids=drop)[:, :3]
+    for fb, rb in batches:
+        keep = torch.zeros_like(fb.drop)
+        with torch.no_grad():
+            anchor = eps(model, fb, (fb.y + 1) % 3, keep)
+            teacher = eps(frozen, rb, rb.y, rb.drop)
+        forget_loss = (eps(model, fb, fb.y, keep) - anchor).square().flatten(1).mean(1).mean()
+        remain_loss = (eps(model, rb, rb.y, rb.drop) - teacher).square().flatten(1).mean(1).mean()
+        opt.zero_grad()
+        (forget_loss + remain_loss).backward()
+        for name, param in model.named_parameters():
+            if param.grad is not None:
+                param.grad *= mask[name]
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+
+def test_the_salun_distill_recipe_computes_salun_step_with_the_distilled_remain_term():
+    """forget.py --recipe salun-distill (demo.py's default) on a tiny DiT: three steps equal the transcribed loop, so
+    that each piece (SalUn's target, the distilled remain term, the mask and clip on one joint step) is checked; the
+    recipe's settings are those the comparison chose for salun+distill (docs/comparison/tuning.json)."""
+    torch.manual_seed(0)
+    mask = {n: torch.rand_like(p) > 0.5 for n, p in tiny_train_dit().named_parameters() if p.requires_grad}
+    batches = toy_batches(3)
+    transcribed = tiny_train_dit()
+    salun_distill_loop(transcribed, tiny_train_dit().eval(), batches, mask)
+    args = forget.parse_args(REQUIRED + ["--recipe", "salun-distill", "--lr", LR])
+    settings = forget.unlearn_settings(args)
+    ours = tiny_train_dit()
+    reference = FrozenReference(model=tiny_train_dit().eval().requires_grad_(False))
+    unlearner = Unlearner(ours, create_diffusion(""), settings, Dist(), mask, reference)
+    for k, (fb, rb) in enumerate(batches):
+        unlearner.step(fb, rb, settings.forget_alpha_at(k))
+    assert_same_moved_weights(transcribed, ours)
+    assert args.sparsity == 0.5  # SalUn's gradient mask: <mask-path>/<class>/gradient_0.5.pt
+    chosen = json.load(open(os.path.join(ROOT, "docs", "comparison", "tuning.json")))["chosen"]["salun+distill"]
+    measured = forget.unlearn_settings(forget.parse_args(REQUIRED + chosen["flags"]))
+    assert forget.unlearn_settings(forget.parse_args(REQUIRED + ["--recipe", "salun-distill"])) == measured
+    assert chosen["mask"] == "gradient" and "--sparsity" in chosen["flags"]
 
 
 def test_a_decayed_forget_weight_leaves_the_official_loop_and_says_so():
@@ -145,7 +204,7 @@ def test_forget_py_keeps_its_flags_few_and_grouped():
 
 def test_help_lists_the_recipes_and_a_recipe_run_records_its_resolved_settings(tmp_path):
     help_text = run_in_process("forget.py", "--help", cwd=tmp_path).stdout
-    assert "--recipe {official,masked-esd-distill,adversarial-esd-distill}" in " ".join(help_text.split())
+    assert "--recipe {official,masked-esd-distill,adversarial-esd-distill,salun-distill}" in " ".join(help_text.split())
     make_tiny_run_folder(tmp_path)
     run_in_process("generate_fisher.py", "--model", "DiT-T/2", "--data-path", tmp_path / "data", "--ckpt",
                    tmp_path / "tiny.pt", "--n-iters", 2, "--forget-class", 0, "--mask-path", tmp_path / "mask",

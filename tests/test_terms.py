@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from first_steps import FIXTURE, cases, run_case
+from first_steps import FIXTURE, RECORDED_AS, cases, run_case
 
 RECORDED = load_file(FIXTURE)
 
@@ -15,7 +15,8 @@ RECORDED = load_file(FIXTURE)
 @pytest.mark.parametrize("name", sorted(cases()))
 def test_first_steps_equal_the_recorded_ones(name):
     got = run_case(name)
-    recorded = {key.split("/", 1)[1]: value for key, value in RECORDED.items() if key.startswith(name + "/")}
+    prefix = RECORDED_AS.get(name, name) + "/"
+    recorded = {key.split("/", 1)[1]: value for key, value in RECORDED.items() if key.startswith(prefix)}
     assert recorded.keys() == got.keys()
     for key, value in got.items():
         assert torch.equal(value, recorded[key]), f"{name}: {key} differs from the recorded first steps"
