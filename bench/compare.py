@@ -363,6 +363,12 @@ def threshold_of(flags):
     return recipe_flag_value(flags, "threshold")
 
 
+def mask_kind(flags):
+    """The saliency mask forget.py flags train in: "gradient" (SalUn's, at a --sparsity given or the recipe's), else
+    "fisher"."""
+    return "gradient" if recipe_flag_value(flags, "sparsity") is not None else "fisher"
+
+
 def setting_rows(bench, setting, digits, seeds, steps, label=None):
     """Runs (or reads back) a Setting on every digit and seed: one row per checkpoint of `steps`, named label (default
     the setting's name), with the targets it misses."""
@@ -394,9 +400,8 @@ def recipe_methods(recipes):
     for recipe in recipes:
         args = demo.parse_args(["--recipe", recipe])
         lr = demo.recipe_value(args, "lr")
-        mask = "gradient" if RECIPES[recipe].values["sparsity"] is not None else "fisher"
-        out[f"sfron-{recipe}"] = Setting(f"sfron-{recipe}-lr{lr}", tuple(str(f) for f in demo.forget_flags(args)),
-                                         mask)
+        flags = tuple(str(f) for f in demo.forget_flags(args))
+        out[f"sfron-{recipe}"] = Setting(f"sfron-{recipe}-lr{lr}", flags, mask_kind(flags))
     return out
 
 

@@ -39,7 +39,7 @@ def main(args):
     if args.name in COMPARED:
         raise UserError(f"--name {args.name} is a method of bench/compare.py; choose another name")
     flags = ["--recipe", args.recipe, "--lr", str(args.lr), *shlex.split(args.flags)]
-    setting = Setting(f"{args.name}-lr{args.lr}", tuple(flags), "fisher")
+    setting = Setting(f"{args.name}-lr{args.lr}", tuple(flags), compare.mask_kind(flags))
     bench_args = compare.parse_args(["--all-digits", "--dataset", args.dataset, "--out", args.out, "--data-path",
                                      args.data_path, "--cache-dir",
                                      args.cache_dir, "--attacks" if args.attacks else "--no-attacks", "--batch-size",

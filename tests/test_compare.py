@@ -139,6 +139,10 @@ def test_sfron_variants_checks_each_run_against_the_three_targets(tmp_path, monk
     assert table.count("\n| small-mask | 3 | 0 |") == 2 and "small-mask, step 4: " in table
     with pytest.raises(sfron_variants.UserError, match="is a method of bench/compare.py"):
         sfron_variants.main(sfron_variants.parse_args(["--name", "ga", "--lr", "1e-3"]))
+    # a setting trains in the mask its flags ask for: SalUn's gradient mask where its recipe or a flag sets a sparsity
+    kinds = {(): "fisher", ("--recipe", "salun-distill"): "gradient", ("--sparsity", "0.8"): "gradient",
+             ("--recipe", "adversarial-esd-distill", "--threshold", "2"): "fisher"}
+    assert {flags: sfron_variants.compare.mask_kind(list(flags)) for flags in kinds} == kinds
 
 
 def test_all_digits_measures_both_recipes_against_the_targets(tmp_path, monkeypatch):
