@@ -27,9 +27,9 @@ import sample_ddp
 import train
 from cli import description, run_main
 from sfron.files import atomic_json_dump, atomic_save_figure, atomic_save_image
-from sfron.recipes import DEFAULT_RECIPE, RECIPES, recipe_help
+from sfron.recipes import DEFAULT_RECIPE, RECIPES, mask_setting, recipe_help
 from sfron.sampling import stacked
-from sfron.targets import target_checks
+from sfron.targets import target_checks, targets_missed
 from sfron.utils import UserError, check_class_index
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
@@ -166,7 +166,7 @@ def fisher_and_masks(args, mask_path, results):
     case = case_of(args)
     if not os.path.isdir(os.path.join(args.data_path, "train")):
         step(prepare_digits, ["--dataset", case.name, "--out", args.data_path])
-    sparsity = RECIPES[args.recipe].values["sparsity"]  # a recipe with SalUn's gradient mask needs its gradient too
+    sparsity = mask_setting([str(f) for f in forget_flags(args)], "sparsity")  # SalUn's mask needs its gradient
     step(generate_fisher, common_flags(args) + ["--n-iters", args.fisher_iters, "--forget-class", args.forget_class,
                                                 "--mask-path", mask_path, "--results-dir", results] +
          (["--gradient-saliency"] if sparsity is not None else []))
@@ -236,7 +236,7 @@ def report_targets(report):
         relation = ">=" if letter == "R" else "<="
         verdict = "met" if met else "MISSED"
         print(f"  {letter} {TARGET_NAMES[letter]:20s} {value:7.3f} {relation} {bound:7.3f}  {verdict}")
-    missed = "".join(letter for letter, _, _, met in checks if not met)
+    missed = targets_missed(report["unlearned"], report, distance="fid_remain")
     report["unlearned"]["targets_missed"] = missed
     print(f"Misses {', '.join(missed)}" if missed else f"Meets all {len(checks)}")
 

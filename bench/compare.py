@@ -54,7 +54,7 @@ from sfron.data import class_folders  # noqa: E402
 from sfron.files import as_read_back, atomic_json_dump, atomic_write_text  # noqa: E402
 from sfron.loss import NonFinite  # noqa: E402
 from sfron.mask import mask_filename  # noqa: E402
-from sfron.recipes import RECIPES  # noqa: E402
+from sfron.recipes import RECIPES, mask_setting  # noqa: E402
 from sfron.targets import ATTACK_KEYS, judged_targets, targets_missed  # noqa: E402
 from sfron.unlearn import UnlearnSettings, without_removed_fields  # noqa: E402
 from sfron.metrics import (classification_report, classify, embed, feature_space, frechet_distance,  # noqa: E402
@@ -212,7 +212,7 @@ class Benchmark:
             threshold = threshold_of(setting.flags)
             name, argv = mask_filename(threshold=threshold), ["--thresholds", threshold]
         else:
-            sparsity = recipe_flag_value(setting.flags, "sparsity") or 0.5
+            sparsity = mask_setting(setting.flags, "sparsity") or 0.5
             name, argv = mask_filename(sparsity=sparsity), ["--criterion", "gradient", "--sparsity", sparsity]
         if not os.path.isfile(os.path.join(folder, str(forget_class), name)):
             quiet(call, generate_mask, ["--mask-path", folder, "--forget-class", forget_class, *argv])
@@ -345,28 +345,15 @@ def same_settings(saved, resolved):
     return all({**defaults[section], **saved.get(section, {})} == values for section, values in resolved.items())
 
 
-def last_value(flags, name, default=None):
-    """The value of the last `name` flag in a forget.py command line (default if absent)."""
-    return flags[len(flags) - 1 - flags[::-1].index(name) + 1] if name in flags else default
-
-
-def recipe_flag_value(flags, name):
-    """The value of one of a recipe's settings (threshold, sparsity) in forget.py flags: the last one given, else
-    the recipe's (None where neither sets it)."""
-    recipe = RECIPES[last_value(flags, "--recipe", "official")]
-    value = last_value(flags, "--" + name, recipe.values[name])
-    return None if value is None else float(value)
-
-
 def threshold_of(flags):
     """The mask threshold of forget.py flags: the last --threshold, else the recipe's."""
-    return recipe_flag_value(flags, "threshold")
+    return mask_setting(flags, "threshold")
 
 
 def mask_kind(flags):
     """The saliency mask forget.py flags train in: "gradient" (SalUn's, at a --sparsity given or the recipe's), else
     "fisher"."""
-    return "gradient" if recipe_flag_value(flags, "sparsity") is not None else "fisher"
+    return "gradient" if mask_setting(flags, "sparsity") is not None else "fisher"
 
 
 def setting_rows(bench, setting, digits, seeds, steps, label=None):

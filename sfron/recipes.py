@@ -95,6 +95,15 @@ def get_recipe(name):
     return RECIPES[name]
 
 
+def mask_setting(flags, name):
+    """Which mask of a folder forget.py's command line `flags` (strings) asks for: its "threshold" or "sparsity",
+    the last one given, else its --recipe's (None where neither sets it)."""
+    def last(flag, default):
+        return flags[len(flags) - 1 - flags[::-1].index(flag) + 1] if flag in flags else default
+    value = last(flag(name), RECIPES[last("--recipe", "official")].values[name])
+    return None if value is None else float(value)
+
+
 def recipe_help():
     """One line per recipe, for --help."""
     return "; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values())
