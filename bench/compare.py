@@ -9,7 +9,7 @@ forget.py, their checkpoints evaluated along the way against the DiT retrained w
 
 Protocol (bench/protocol.py; docs/comparison.md): every method gets the same number of configurations, chosen on
 the tuning digits by protocol.score(), then frozen for every held-out digit and seed; the adversarial-esd-distill
-recipe (sfron-default) is also run with each of its pieces removed. A checkpoint's report: forget accuracy, remain
+recipe (sfron-adversarial) is also run with each of its pieces removed. A checkpoint's report: forget accuracy, remain
 accuracy, the Frechet distance of the remain-class samples to the real images (and as a ratio to the original
 model's), their distance to the retrained model's samples, and the forget run's wall time; per run, the first
 evaluated step whose forget accuracy is within 3 points of the retrained model's; and on each final model and the
@@ -61,7 +61,7 @@ from sfron.metrics import (classification_report, classify, embed, feature_space
                            frechet_statistics, nhwc_batches, reference_set)
 from sfron.sampling import SamplerConfig, generate, per_sample_noise, to_uint8_nhwc  # noqa: E402
 from sfron.utils import UserError  # noqa: E402
-from protocol import (ABLATIONS, CONFIGURATIONS, EVAL_STEPS, HELD_OUT_DIGITS, MAIN_METHODS, METHODS,  # noqa: E402
+from protocol import (ABLATIONS, ADVERSARIAL_ROW, CONFIGURATIONS, EVAL_STEPS, HELD_OUT_DIGITS, MAIN_METHODS, METHODS,  # noqa: E402
                       TUNING_DIGITS, UNO_OWN_STEPS, Setting, score)
 from report import (attack_budgets, load_result, rewrite_tuning, summarise, targets_table,  # noqa: E402
                     with_summary, write_report, write_tuning)
@@ -434,10 +434,12 @@ def tuning_run(bench, setting, args):
         reference = bench.reference(digit)
         report = bench.run(setting, digit, 0, [args.steps])["steps"].get(str(args.steps))
         if report is None:  # diverged before the last step: every target missed, no distance to rank it by
-            out[digit] = {"missed": "FRDIL" if args.attacks else "FRD", "fd_ratio": float("inf"), "diverged": True}
+            out[digit] = {"missed": "FRDIL" if args.attacks else "FRD", "fd_ratio": float("inf"), "diverged": True,
+                          "references": reference.get("references", 1)}
             continue
         out[digit] = {**report, "missed": targets_missed(report, reference),
-                      "fd_ratio": report["fd_remain"] / reference["original"]["fd_remain"]}
+                      "fd_ratio": report["fd_remain"] / reference["original"]["fd_remain"],
+                      "references": reference.get("references", 1)}
     return out
 
 
@@ -457,16 +459,16 @@ def choose_setting(bench, method, args):
 
 def plan(chosen, args):
     """[(row, Setting, digits, seeds)] of the evaluation, in chosen's order: every main method on --classes x --seeds;
-    the distilled baselines and the ablation of sfron-default on the first --few-classes digits, the first
+    the other distilled baselines and the ablation of sfron-adversarial on the first --few-classes digits, the first
     seed."""
     few = (args.classes[:args.few_classes], args.seeds[:1])
     units = [(name, setting, *(((args.classes, args.seeds)) if name in MAIN_METHODS else few))
              for name, setting in chosen.items()]
-    if args.ablation and "sfron-default" in chosen:
-        base = chosen["sfron-default"]
+    if args.ablation and ADVERSARIAL_ROW in chosen:
+        base = chosen[ADVERSARIAL_ROW]
         for row, extra in ABLATIONS.items():
             slug = "".join(c if c.isalnum() else "-" for c in row)
-            units.append((f"default, {row}", base.over(f"{base.name}-without-{slug}", extra), *few))
+            units.append((f"{ADVERSARIAL_ROW}, {row}", base.over(f"{base.name}-without-{slug}", extra), *few))
     return units
 
 
@@ -571,7 +573,7 @@ def parse_args(argv=None):
                         help="retrained references not shipped in assets/ are trained once and kept here")
     parser.add_argument("--methods", type=str, nargs="+", choices=list(METHODS), default=None,
                         help="methods to compare (default: all; bench/protocol.py; sfron: forget.py --recipe "
-                             "official, sfron-default: --recipe adversarial-esd-distill, <baseline>+distill: with the "
+                             "official, sfron-adversarial: --recipe adversarial-esd-distill, <baseline>+distill: with the "
                              "distilled remain term; salun+distill at its chosen configuration is --recipe "
                              "salun-distill); with --all-digits: methods to run at the configuration --report-dir's "
                              "tuning.json chose (default: none)")
@@ -587,9 +589,10 @@ def parse_args(argv=None):
                         help="run only every N-th held-out run from the K-th (N processes share the benchmark; tune "
                              "first with --tuning-only, or every shard tunes), and write no report")
     parser.add_argument("--few-classes", type=int, default=3,
-                        help="the distilled baselines and the ablation run on this many of --classes, first seed")
+                        help="the distilled baselines other than salun+distill (the default's row) and the ablation run "
+                             "on this many of --classes, first seed")
     parser.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True,
-                        help="sfron-default with each of its pieces removed in turn (needs sfron-default)")
+                        help="sfron-adversarial with each of its pieces removed in turn (needs sfron-adversarial)")
     parser.add_argument("--steps", type=int, default=None,
                         help="unlearning steps of every run (default: 100)")
     parser.add_argument("--eval-steps", type=int, nargs="*", default=None,

@@ -5,7 +5,7 @@ cell and method flags for the batch script, and gathers the reports into one tab
 
     python bench/gather.py --task 5 --methods sfron ga --classes 207 360 --seeds 0 1   # -> "ga 207 1"
     python bench/gather.py --flags salun --mask-path masks/seed0                        # -> forget.py flags
-    python bench/gather.py --mask-args sfron-default                                     # -> "--thresholds 5.0"
+    python bench/gather.py --mask-args sfron-adversarial                                # -> "--thresholds 5.0"
     python bench/gather.py --reports results/compare/reports --out results/compare/table.md
 """
 import argparse

@@ -1,13 +1,13 @@
 """
 The comparison's protocol (README: "The comparison"), as data: every method as forget.py flags, the configurations
 it is tuned over (the same number for every method), the digits it is tuned and evaluated on, the criterion that
-picks its configuration, and the ablation of the adversarial-esd-distill recipe (sfron-default). bench/compare.py
+picks its configuration, and the ablation of the adversarial-esd-distill recipe (sfron-adversarial). bench/compare.py
 runs it.
 
 Every method gets CONFIGURATIONS configurations: its learning rate at 1/3, 1 and 3 times its base rate, and its one
 knob's other value at the base rate; a method without a knob gets a fourth rate instead, 1/9 of the base. The base
 rate is the method's rate in this repository: the digits' 1.5e-4 for every baseline and the official recipe (demo.py
-runs the official recipe at it), the recipe's 4e-3 (forget and remain step alike) for sfron-default, the
+runs the official recipe at it), the recipe's 4e-3 (forget and remain step alike) for sfron-adversarial, the
 adversarial-esd-distill recipe. demo.py's default recipe, salun-distill, is salun+distill at the configuration this
 protocol chose.
 """
@@ -18,7 +18,7 @@ TUNING_DIGITS = (2, 7)               # adversarial-esd-distill was chosen on 1, 
 HELD_OUT_DIGITS = (0, 3, 5, 6, 9)    # adversarial-esd-distill's own choices touched 0 and 5 (docs/recipes.md)
 EVAL_STEPS = (10, 25, 50, 100)
 UNO_OWN_STEPS = 4                    # UNO forgets ImageNet class 207 in 3.5 steps on average (its paper)
-BASELINE_RATE, DEFAULT_RATE = 1.5e-4, 4e-3
+BASELINE_RATE, ADVERSARIAL_RATE = 1.5e-4, 4e-3
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,7 @@ class Method:
         return []
 
 
+ADVERSARIAL_ROW = "sfron-adversarial"  # the adversarial-esd-distill recipe, demo.py's default before salun-distill
 JOINT = ("--method", "joint")
 BASELINES = (
     Method("ga", JOINT + ("--unlearn-loss", "ga", "--forget-alpha", "1.0", "--remain-alpha", "0")),
@@ -93,16 +94,17 @@ BASELINES = (
 )
 SFRON = (
     Method("sfron", ("--recipe", "official"), knob=("--threshold", "1.0", "5.0"), mask="fisher"),
-    Method("sfron-default", ("--recipe", "adversarial-esd-distill"), base_lr=DEFAULT_RATE,
+    Method(ADVERSARIAL_ROW, ("--recipe", "adversarial-esd-distill"), base_lr=ADVERSARIAL_RATE,
            knob=("--threshold", "5.0", "2.0"), mask="fisher", both_rates=True),
 )
 # The baselines with a remain term, with adversarial-esd-distill's distilled remain term instead of the diffusion loss
 DISTILLED = tuple(replace(m, name=f"{m.name}+distill", flags=m.flags + ("--remain-loss", "distill"))
                   for m in BASELINES if m.name in ("ft", "rl", "salun", "sa"))
 METHODS = {m.name: m for m in BASELINES + SFRON + DISTILLED}
-MAIN_METHODS = [m.name for m in BASELINES + SFRON]  # evaluated on every held-out digit and seed
+DEFAULT_ROW = "salun+distill"  # demo.py's default recipe, salun-distill, is this row at its chosen configuration
+MAIN_METHODS = [m.name for m in BASELINES + SFRON] + [DEFAULT_ROW]  # evaluated on every held-out digit and seed
 
-# sfron-default (adversarial-esd-distill) with one piece removed, at its chosen configuration: (row name, forget.py
+# sfron-adversarial (adversarial-esd-distill) with one piece removed, at its chosen configuration: (row name, forget.py
 # flags over it).
 # "no mask" runs without --mask-path: the mask of gamma = 0, which frees every weight (its own forget optimizer
 # stays; the masked remain step has nothing to mask).

@@ -6,7 +6,7 @@ import json
 import os
 import statistics
 
-from protocol import UNO_OWN_STEPS, score
+from protocol import ADVERSARIAL_ROW, DEFAULT_ROW, UNO_OWN_STEPS, score
 from sfron.files import atomic_json_dump, atomic_save_figure, atomic_write_text
 from sfron.targets import (ATTACK_KEYS, ATTACK_MARGIN, FORGOTTEN_MARGIN, REMAIN_MARGIN, TARGETS, is_forgotten,
                            targets_missed)
@@ -67,7 +67,7 @@ def first_forgotten_step(run, reference):
 
 def summarise(runs, references):
     """{row: {step: {metric: [mean, std]}}, runs, forgotten_runs, steps_to_forget, runs_meeting_targets, seconds}
-    over the runs of each table row (a method, or an ablation of sfron-default), in their order."""
+    over the runs of each table row (a method, or an ablation of sfron-adversarial), in their order."""
     summary = {}
     for row in dict.fromkeys(r["row"] for r in runs):
         mine = [r for r in runs if r["row"] == row]
@@ -117,6 +117,8 @@ def markdown(summary, references, protocol, spread):
         diverged = s.get("diverged_runs", 0)
         for at in [step] + ([UNO_OWN_STEPS] if row == "uno" and UNO_OWN_STEPS in s["steps"] else []):
             r, name = s["steps"].get(at), row if at == step else f"{row} (step {at})"
+            if row == DEFAULT_ROW:
+                name += " (the default: `--recipe salun-distill`)"
             if diverged:
                 name += f" ({diverged} of {s['runs']} runs diverged: figures over the rest)"
             if r is None:
@@ -204,15 +206,16 @@ def trade_summary(result):
 
 
 ABLATION_MARKERS = "^v<>DPX*d"
+ABLATED = f"{ADVERSARIAL_ROW}, "  # the rows of its ablation (bench/compare.py plan())
 
 
 def trade_styles(rows):
     """{row: (marker, colour)}: methods circles, distilled baselines squares, ablations other shapes."""
-    # a colour per method; a distilled baseline takes its base method's, the ablation of sfron-default
-    # sfron-default's
+    # a colour per method; a distilled baseline takes its base method's, the ablation of sfron-adversarial
+    # sfron-adversarial's
     import matplotlib.pyplot as plt
     colors = plt.cm.tab10.colors
-    methods = [r for r in rows if not r.startswith("default, ") and not r.endswith("+distill")]
+    methods = [r for r in rows if not r.startswith(ABLATED) and not r.endswith("+distill")]
     styles = {row: ("o", colors[i % 10]) for i, row in enumerate(methods)}
     spare = len(methods)
     for row in rows:
@@ -221,8 +224,8 @@ def trade_styles(rows):
             if base is None:
                 base, spare = ("o", colors[spare % 10]), spare + 1
             styles[row] = ("s", base[1])
-    default = styles.get("sfron-default", ("o", "0.3"))[1]
-    ablated = [r for r in rows if r.startswith("default, ")]
+    default = styles.get(ADVERSARIAL_ROW, ("o", "0.3"))[1]
+    ablated = [r for r in rows if r.startswith(ABLATED)]
     styles.update({row: (ABLATION_MARKERS[i % len(ABLATION_MARKERS)], default) for i, row in enumerate(ablated)})
     return styles
 
@@ -324,7 +327,15 @@ def tuning_markdown(tuning, chosen, budgets):
     its remain FD ratio, the configuration's score, and which one was chosen (budgets: the attacks' that I and L were
     judged at)."""
     inversion, relearning = attack_columns(budgets)
-    lines = [f"Targets: {TARGETS}; I and L judged on the {inversion} and {relearning}.", "",
+    # a tuning saved before a digit had a second reference records no count: it was judged against one
+    counts = {}
+    for trials in tuning.values():
+        for digits in trials.values():
+            for d, r in digits.items():
+                counts.setdefault(d, set()).add(r.get("references", 1))
+    judged = ", ".join(f"digit {d}: {' or '.join(map(str, sorted(n)))}" for d, n in sorted(counts.items()))
+    lines = [f"Targets: {TARGETS}; I and L judged on the {inversion} and {relearning}. Retrained references "
+             f"judged against: {judged}.", "",
              "| method | configuration | per tuning digit: targets missed (remain FD ratio) | targets missed, summed "
              "| mean remain FD ratio | chosen |", "| --- | --- | --- | --- | --- | --- |"]
     for method, trials in tuning.items():

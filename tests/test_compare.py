@@ -67,21 +67,21 @@ def test_compare_reports_what_it_evaluated_and_resumes(tmp_path):
     assert json.load(open(tmp_path / "report" / "comparison.json"))["runs"] == result["runs"]
 
 
-def test_compare_tunes_every_method_on_its_grid_and_ablates_the_default(tmp_path, monkeypatch):
+def test_compare_tunes_every_method_on_its_grid_and_ablates_adversarial_esd_distill(tmp_path, monkeypatch):
     """The protocol end to end, shortened: each method tried on its whole grid on the tuning digit, the chosen
-    configuration evaluated, UNO also at its own step count, a distilled baseline, and the default recipe with each
-    piece removed in turn (the mask's removal runs without a mask)."""
+    configuration evaluated, UNO also at its own step count, a distilled baseline, and adversarial-esd-distill with
+    each piece removed in turn (the mask's removal runs without a mask)."""
     monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
     import compare
     from protocol import ABLATIONS, CONFIGURATIONS, UNO_OWN_STEPS
     monkeypatch.chdir(tmp_path)
     argv = ["--out", "cmp", "--report-dir", "report", "--data-path", "digits", "--cache-dir", "ret", "--methods",
-            "sfron-default", "uno", "ft+distill", "--classes", "0", "--seeds", "0", "--tuning-classes", "5",
+            "sfron-adversarial", "uno", "ft+distill", "--classes", "0", "--seeds", "0", "--tuning-classes", "5",
             "--steps", "2", "--eval-steps", "1", "--batch-size", "8", "--fisher-iters", "1", "--samples-per-class",
             "2", "--sampling-steps", "2", "--no-attacks", "--threads", "1"]
     compare.main(compare.parse_args(argv))
     result = json.load(open(tmp_path / "report" / "comparison.json"))
-    for method in ("sfron-default", "uno", "ft+distill"):
+    for method in ("sfron-adversarial", "uno", "ft+distill"):
         grid = [c["name"] for c in result["grids"][method]]
         assert len(grid) == CONFIGURATIONS and sorted(result["tuning"][method]) == sorted(grid)
         assert all(list(trial) == ["5"] for trial in result["tuning"][method].values())
@@ -89,16 +89,17 @@ def test_compare_tunes_every_method_on_its_grid_and_ablates_the_default(tmp_path
     rows = {r["row"]: r for r in result["runs"]}
     assert sorted(rows["uno"]["steps"], key=int) == ["1", "2", str(UNO_OWN_STEPS)]
     assert "--remain-loss" in rows["ft+distill"]["flags"] and "distill" in rows["ft+distill"]["flags"]
-    ablated = [row for row in rows if row.startswith("default, ")]
+    ablated = [row for row in rows if row.startswith("sfron-adversarial, ")]
     assert len(ablated) == len(ABLATIONS)
     for row, extra in ABLATIONS.items():
-        flags = rows[f"default, {row}"]["flags"]
+        flags = rows[f"sfron-adversarial, {row}"]["flags"]
         assert ("--mask-path" in flags) == ("--no-mask" not in extra)
         assert all(f in flags for f in extra if f != "--no-mask")
     table = open(tmp_path / "report" / "comparison.md").read()
-    assert f"| uno (step {UNO_OWN_STEPS}) |" in table and "| default, no mask (gamma 0) |" in table
+    assert f"| uno (step {UNO_OWN_STEPS}) |" in table and "| sfron-adversarial, no mask (gamma 0) |" in table
     tuning = open(tmp_path / "report" / "tuning.md").read().splitlines()
-    for method in ("sfron-default", "uno", "ft+distill"):  # one line per configuration, the chosen one marked
+    assert tuning[0].endswith("Retrained references judged against: digit 5: 2.")  # assets/ ships two for digit 5
+    for method in ("sfron-adversarial", "uno", "ft+distill"):  # one line per configuration, the chosen one marked
         mine = [line for line in tuning if line.startswith(f"| {method} |")]
         assert len(mine) == CONFIGURATIONS
         assert [line.split(" | ")[1] for line in mine if "**chosen**" in line] == [result["chosen"][method]["name"]]
@@ -245,7 +246,7 @@ def test_every_method_gets_the_same_number_of_configurations():
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
     from protocol import CONFIGURATIONS, DISTILLED, METHODS
     names = set(METHODS)
-    assert {"ga", "ft", "rl", "salun", "sa", "esd", "uno", "sfron", "sfron-default"} < names and len(DISTILLED) == 4
+    assert {"ga", "ft", "rl", "salun", "sa", "esd", "uno", "sfron", "sfron-adversarial"} < names and len(DISTILLED) == 4
     for method in METHODS.values():
         grid = method.configurations()
         assert len(grid) == CONFIGURATIONS == len({c.name for c in grid}) == len({c.flags for c in grid})
@@ -258,6 +259,27 @@ def test_every_method_gets_the_same_number_of_configurations():
     for method in DISTILLED:
         parent = METHODS[method.name.split("+")[0]]
         assert method.flags == parent.flags + ("--remain-loss", "distill") and method.knob == parent.knob
+
+
+def test_the_default_row_runs_every_held_out_digit_and_seed(monkeypatch):
+    """plan(): salun+distill, the row of demo.py's default recipe, runs on every held-out digit and seed like the
+    main methods; the other distilled baselines on the first --few-classes digits, first seed; the report names it."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import compare
+    import report
+    from protocol import DEFAULT_ROW, METHODS
+    assert DEFAULT_ROW == "salun+distill"
+    args = compare.parse_args(["--classes", "0", "3", "5", "--seeds", "0", "1", "--few-classes", "1"])
+    chosen = {name: METHODS[name].configurations()[0] for name in ("salun", "salun+distill", "ft+distill")}
+    units = {row: (digits, seeds) for row, _, digits, seeds in compare.plan(chosen, args)}
+    assert units == {"salun": ([0, 3, 5], [0, 1]), "salun+distill": ([0, 3, 5], [0, 1]), "ft+distill": ([0], [0])}
+    summary = {row: {"steps": {100: dict.fromkeys(("forget_acc", "remain_acc", "fd_ratio", "fd_to_retrained",
+                                                   "inversion_fa", "relearn_fa"))}, "runs": 1, "setting": row,
+                     "forgotten_runs": 0, "steps_to_forget": None, "runs_meeting_targets": 0, "seconds": [1.0, 0]}
+               for row in ("salun", "salun+distill")}
+    table = report.markdown(summary, {}, {"steps": 100}, {"seeds": 3, "relative": 0.01})
+    names = [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| salun")]
+    assert names == ["| salun", "| salun+distill (the default: `--recipe salun-distill`)"]
 
 
 def test_a_saved_run_counts_as_the_same_only_if_its_settings_are(monkeypatch):

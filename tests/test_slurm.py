@@ -132,7 +132,7 @@ def test_compare_job_array_gathers_one_table(slurm, tmp_path):
     out = tmp_path / "cmp"
     classifier = os.path.join(ROOT, "assets", "digits_classifier.pt")
     env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", DATA=str(data), OUT=str(out),
-               METHODS="sfron-default ga", CLASSES="0", SEEDS="0", MODEL_FLAGS=f"--model DiT-T/2 --ckpt {DIGITS_DIT}",
+               METHODS="sfron-adversarial ga", CLASSES="0", SEEDS="0", MODEL_FLAGS=f"--model DiT-T/2 --ckpt {DIGITS_DIT}",
                FISHER_FLAGS="--n-iters 1 --batch-size 4 --num-workers 0",
                FORGET_FLAGS="--n-iters 2 --batch-size 4 --num-workers 0 --snapshot-every 0",
                SAMPLE_FLAGS="--samples-per-class 2 --num-sampling-steps 3 --sampler ddim",
@@ -144,17 +144,17 @@ def test_compare_job_array_gathers_one_table(slurm, tmp_path):
     logs = "".join(p.read_text() for p in tmp_path.glob("task-*.out"))
     assert proc.returncode == 0, proc.stdout + proc.stderr + logs
     assert sorted(f for f in os.listdir(out / "reports") if f.endswith(".json")) == ["ga-0-seed0.json",
-                                                                                     "sfron-default-0-seed0.json"], logs
+                                                                                     "sfron-adversarial-0-seed0.json"], logs
     masks = sorted(f for f in os.listdir(out / "masks" / "seed0" / "0") if f.startswith("fisher_")
                    and f.endswith(".pt"))
     assert masks == ["fisher_5.0.pt"], masks  # the mask the recipe's own threshold asks for, made first
     run_script("bench/gather.py", "--reports", out / "reports", "--out", out / "table.md", cwd=tmp_path)
     summary = json.load(open(out / "table.json"))
-    assert sorted(summary) == ["ga", "sfron-default"], summary
-    for method in ("ga", "sfron-default"):
+    assert sorted(summary) == ["ga", "sfron-adversarial"], summary
+    for method in ("ga", "sfron-adversarial"):
         report = json.load(open(out / "reports" / f"{method}-0-seed0.json"))[f"{method}-0-seed0"]
         assert summary[method]["cells"] == 1 and summary[method]["forget_acc"] == [report["forget_acc"], 0.0]
-    assert "| sfron-default | 1 |" in open(out / "table.md").read()
+    assert "| sfron-adversarial | 1 |" in open(out / "table.md").read()
 
 
 def test_early_signal_requeues_the_job_and_it_ends_as_an_uninterrupted_run(slurm, tmp_path):
