@@ -61,8 +61,8 @@ from sfron.metrics import (classification_report, classify, embed, feature_space
                            frechet_statistics, nhwc_batches, reference_set)
 from sfron.sampling import SamplerConfig, generate, per_sample_noise, to_uint8_nhwc  # noqa: E402
 from sfron.utils import UserError  # noqa: E402
-from protocol import (ABLATIONS, ADVERSARIAL_ROW, CONFIGURATIONS, EVAL_STEPS, HELD_OUT_DIGITS, MAIN_METHODS, METHODS,  # noqa: E402
-                      TUNING_DIGITS, UNO_OWN_STEPS, Setting, score)
+from protocol import (ABLATED, ABLATIONS, ADVERSARIAL_ROW, CONFIGURATIONS, EVAL_STEPS, HELD_OUT_DIGITS,  # noqa: E402
+                      MAIN_METHODS, METHODS, TUNING_DIGITS, UNO_OWN_STEPS, Setting, score)
 from report import (attack_budgets, load_result, rewrite_tuning, summarise, targets_table,  # noqa: E402
                     with_summary, write_report, write_tuning)
 
@@ -432,14 +432,14 @@ def tuning_run(bench, setting, args):
     out = {}
     for digit in args.tuning_classes:
         reference = bench.reference(digit)
+        judged_against = {"references": reference.get("references", 1)}  # how many retrained models the mean holds
         report = bench.run(setting, digit, 0, [args.steps])["steps"].get(str(args.steps))
         if report is None:  # diverged before the last step: every target missed, no distance to rank it by
             out[digit] = {"missed": "FRDIL" if args.attacks else "FRD", "fd_ratio": float("inf"), "diverged": True,
-                          "references": reference.get("references", 1)}
+                          **judged_against}
             continue
         out[digit] = {**report, "missed": targets_missed(report, reference),
-                      "fd_ratio": report["fd_remain"] / reference["original"]["fd_remain"],
-                      "references": reference.get("references", 1)}
+                      "fd_ratio": report["fd_remain"] / reference["original"]["fd_remain"], **judged_against}
     return out
 
 
@@ -468,7 +468,7 @@ def plan(chosen, args):
         base = chosen[ADVERSARIAL_ROW]
         for row, extra in ABLATIONS.items():
             slug = "".join(c if c.isalnum() else "-" for c in row)
-            units.append((f"{ADVERSARIAL_ROW}, {row}", base.over(f"{base.name}-without-{slug}", extra), *few))
+            units.append((f"{ABLATED}{row}", base.over(f"{base.name}-without-{slug}", extra), *few))
     return units
 
 
@@ -573,8 +573,8 @@ def parse_args(argv=None):
                         help="retrained references not shipped in assets/ are trained once and kept here")
     parser.add_argument("--methods", type=str, nargs="+", choices=list(METHODS), default=None,
                         help="methods to compare (default: all; bench/protocol.py; sfron: forget.py --recipe "
-                             "official, sfron-adversarial: --recipe adversarial-esd-distill, <baseline>+distill: with the "
-                             "distilled remain term; salun+distill at its chosen configuration is --recipe "
+                             "official, sfron-adversarial: --recipe adversarial-esd-distill, <baseline>+distill: with "
+                             "the distilled remain term; salun+distill at its chosen configuration is --recipe "
                              "salun-distill); with --all-digits: methods to run at the configuration --report-dir's "
                              "tuning.json chose (default: none)")
     parser.add_argument("--classes", type=int, nargs="+", default=None,
@@ -589,8 +589,8 @@ def parse_args(argv=None):
                         help="run only every N-th held-out run from the K-th (N processes share the benchmark; tune "
                              "first with --tuning-only, or every shard tunes), and write no report")
     parser.add_argument("--few-classes", type=int, default=3,
-                        help="the distilled baselines other than salun+distill (the default's row) and the ablation run "
-                             "on this many of --classes, first seed")
+                        help="the distilled baselines other than salun+distill (the default's row) and the "
+                             "ablation run on this many of --classes, first seed")
     parser.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True,
                         help="sfron-adversarial with each of its pieces removed in turn (needs sfron-adversarial)")
     parser.add_argument("--steps", type=int, default=None,

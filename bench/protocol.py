@@ -76,6 +76,7 @@ class Method:
 
 
 ADVERSARIAL_ROW = "sfron-adversarial"  # the adversarial-esd-distill recipe, demo.py's default before salun-distill
+ABLATED = f"{ADVERSARIAL_ROW}, "  # the start of its ablation rows' names: "<ABLATED><row of ABLATIONS>"
 JOINT = ("--method", "joint")
 BASELINES = (
     Method("ga", JOINT + ("--unlearn-loss", "ga", "--forget-alpha", "1.0", "--remain-alpha", "0")),

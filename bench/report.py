@@ -6,8 +6,9 @@ import json
 import os
 import statistics
 
-from protocol import ADVERSARIAL_ROW, DEFAULT_ROW, UNO_OWN_STEPS, score
+from protocol import ABLATED, ADVERSARIAL_ROW, DEFAULT_ROW, UNO_OWN_STEPS, score
 from sfron.files import atomic_json_dump, atomic_save_figure, atomic_write_text
+from sfron.recipes import DEFAULT_RECIPE
 from sfron.targets import (ATTACK_KEYS, ATTACK_MARGIN, FORGOTTEN_MARGIN, REMAIN_MARGIN, TARGETS, is_forgotten,
                            targets_missed)
 from sfron.utils import UserError
@@ -118,7 +119,7 @@ def markdown(summary, references, protocol, spread):
         for at in [step] + ([UNO_OWN_STEPS] if row == "uno" and UNO_OWN_STEPS in s["steps"] else []):
             r, name = s["steps"].get(at), row if at == step else f"{row} (step {at})"
             if row == DEFAULT_ROW:
-                name += " (the default: `--recipe salun-distill`)"
+                name += f" (the default: `--recipe {DEFAULT_RECIPE}`)"
             if diverged:
                 name += f" ({diverged} of {s['runs']} runs diverged: figures over the rest)"
             if r is None:
@@ -206,7 +207,6 @@ def trade_summary(result):
 
 
 ABLATION_MARKERS = "^v<>DPX*d"
-ABLATED = f"{ADVERSARIAL_ROW}, "  # the rows of its ablation (bench/compare.py plan())
 
 
 def trade_styles(rows):

@@ -132,7 +132,8 @@ def test_compare_job_array_gathers_one_table(slurm, tmp_path):
     out = tmp_path / "cmp"
     classifier = os.path.join(ROOT, "assets", "digits_classifier.pt")
     env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", DATA=str(data), OUT=str(out),
-               METHODS="sfron-adversarial ga", CLASSES="0", SEEDS="0", MODEL_FLAGS=f"--model DiT-T/2 --ckpt {DIGITS_DIT}",
+               METHODS="sfron-adversarial ga", CLASSES="0", SEEDS="0",
+               MODEL_FLAGS=f"--model DiT-T/2 --ckpt {DIGITS_DIT}",
                FISHER_FLAGS="--n-iters 1 --batch-size 4 --num-workers 0",
                FORGET_FLAGS="--n-iters 2 --batch-size 4 --num-workers 0 --snapshot-every 0",
                SAMPLE_FLAGS="--samples-per-class 2 --num-sampling-steps 3 --sampler ddim",
@@ -143,8 +144,8 @@ def test_compare_job_array_gathers_one_table(slurm, tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     logs = "".join(p.read_text() for p in tmp_path.glob("task-*.out"))
     assert proc.returncode == 0, proc.stdout + proc.stderr + logs
-    assert sorted(f for f in os.listdir(out / "reports") if f.endswith(".json")) == ["ga-0-seed0.json",
-                                                                                     "sfron-adversarial-0-seed0.json"], logs
+    reports = sorted(f for f in os.listdir(out / "reports") if f.endswith(".json"))
+    assert reports == ["ga-0-seed0.json", "sfron-adversarial-0-seed0.json"], logs
     masks = sorted(f for f in os.listdir(out / "masks" / "seed0" / "0") if f.startswith("fisher_")
                    and f.endswith(".pt"))
     assert masks == ["fisher_5.0.pt"], masks  # the mask the recipe's own threshold asks for, made first
