@@ -556,10 +556,12 @@ def main(args):
 def parse_args(argv=None):
     """The command line."""
     parser = argparse.ArgumentParser(description=description(__doc__))
-    parser.add_argument("--out", type=str, default="bench_results/compare",
-                        help="working folder: every run and evaluation, saved as it finishes (resumable)")
-    parser.add_argument("--report-dir", type=str, default="docs/comparison",
-                        help="where comparison.json, comparison.md and the plots go")
+    parser.add_argument("--out", type=str, default=None,
+                        help="working folder: every run and evaluation, saved as it finishes (resumable; default "
+                             "bench_results/compare, with --dataset mnist bench_results/compare_mnist)")
+    parser.add_argument("--report-dir", type=str, default=None,
+                        help="where comparison.json, comparison.md and the plots go (default docs/comparison, with "
+                             "--dataset mnist docs/comparison_mnist)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: write comparison.md, curves.png and tradeoff.png again from the "
                              "comparison.json in --report-dir")
@@ -627,6 +629,10 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.data_path = args.data_path or prepare_digits.data_folder(args.dataset)
+    # each dataset keeps its own working folder and report: one never overwrites the other's
+    suffix = "" if args.dataset == "digits" else f"_{args.dataset}"
+    args.out = args.out or f"bench_results/compare{suffix}"
+    args.report_dir = args.report_dir or f"docs/comparison{suffix}"
     if args.recipes is None:
         args.recipes = [] if args.all_digits and args.methods else list(RECIPES)
     if args.methods is None:

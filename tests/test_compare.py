@@ -261,6 +261,17 @@ def test_every_method_gets_the_same_number_of_configurations():
         assert method.flags == parent.flags + ("--remain-loss", "distill") and method.knob == parent.knob
 
 
+def test_each_dataset_keeps_its_own_working_folder_and_report(monkeypatch):
+    """--dataset mnist without --out or --report-dir never writes over the digits' comparison; given ones win."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import compare
+    digits, mnist = compare.parse_args([]), compare.parse_args(["--dataset", "mnist"])
+    assert (digits.out, digits.report_dir) == ("bench_results/compare", "docs/comparison")
+    assert (mnist.out, mnist.report_dir) == ("bench_results/compare_mnist", "docs/comparison_mnist")
+    given = compare.parse_args(["--dataset", "mnist", "--out", "o", "--report-dir", "r"])
+    assert (given.out, given.report_dir) == ("o", "r")
+
+
 def test_the_default_row_runs_every_held_out_digit_and_seed(monkeypatch):
     """plan(): salun+distill, the row of demo.py's default recipe, runs on every held-out digit and seed like the
     main methods; the other distilled baselines on the first --few-classes digits, first seed; the report names it."""
