@@ -6,9 +6,9 @@ import json
 import os
 import statistics
 
-from protocol import ABLATED, ADVERSARIAL_ROW, DEFAULT_ROW, UNO_OWN_STEPS, score
+from protocol import ABLATED, ADVERSARIAL_ROW, DEFAULT_ROW, METHODS, UNO_OWN_STEPS, score
 from sfron.files import atomic_json_dump, atomic_save_figure, atomic_write_text
-from sfron.recipes import DEFAULT_RECIPE
+from sfron.recipes import DEFAULT_RECIPE, RECIPES
 from sfron.targets import (ATTACK_KEYS, ATTACK_MARGIN, FORGOTTEN_MARGIN, REMAIN_MARGIN, TARGETS, is_forgotten,
                            targets_missed)
 from sfron.utils import UserError
@@ -100,6 +100,15 @@ def mean_std(values):
     return [statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
 
 
+def default_note(setting):
+    """What the default row's name adds: that it is the default recipe where its chosen configuration is the recipe's
+    rate, else that the recipe is another configuration of it (another dataset's tuning may choose another rate)."""
+    lr = RECIPES[DEFAULT_RECIPE].values["lr"]
+    if setting == METHODS[DEFAULT_ROW].setting(lr).name:
+        return f" (the default: `--recipe {DEFAULT_RECIPE}`)"
+    return f" (the default's method, tuned here; `--recipe {DEFAULT_RECIPE}` is its lr {lr:.3g})"
+
+
 def markdown(summary, references, protocol, spread):
     """The README's tables: per row at the protocol's last step (UNO also at its own step count), mean ± std over
     digits and seeds, the attack columns named by their budgets."""
@@ -119,7 +128,7 @@ def markdown(summary, references, protocol, spread):
         for at in [step] + ([UNO_OWN_STEPS] if row == "uno" and UNO_OWN_STEPS in s["steps"] else []):
             r, name = s["steps"].get(at), row if at == step else f"{row} (step {at})"
             if row == DEFAULT_ROW:
-                name += f" (the default: `--recipe {DEFAULT_RECIPE}`)"
+                name += default_note(s["setting"])
             if diverged:
                 name += f" ({diverged} of {s['runs']} runs diverged: figures over the rest)"
             if r is None:

@@ -284,13 +284,18 @@ def test_the_default_row_runs_every_held_out_digit_and_seed(monkeypatch):
     chosen = {name: METHODS[name].configurations()[0] for name in ("salun", "salun+distill", "ft+distill")}
     units = {row: (digits, seeds) for row, _, digits, seeds in compare.plan(chosen, args)}
     assert units == {"salun": ([0, 3, 5], [0, 1]), "salun+distill": ([0, 3, 5], [0, 1]), "ft+distill": ([0], [0])}
-    summary = {row: {"steps": {100: dict.fromkeys(("forget_acc", "remain_acc", "fd_ratio", "fd_to_retrained",
-                                                   "inversion_fa", "relearn_fa"))}, "runs": 1, "setting": row,
-                     "forgotten_runs": 0, "steps_to_forget": None, "runs_meeting_targets": 0, "seconds": [1.0, 0]}
-               for row in ("salun", "salun+distill")}
-    table = report.markdown(summary, {}, {"steps": 100}, {"seeds": 3, "relative": 0.01})
-    names = [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| salun")]
-    assert names == ["| salun", "| salun+distill (the default: `--recipe salun-distill`)"]
+    def names(default_setting):
+        """The table's row names where the default's row chose default_setting."""
+        summary = {row: {"steps": {100: dict.fromkeys(("forget_acc", "remain_acc", "fd_ratio", "fd_to_retrained",
+                                                       "inversion_fa", "relearn_fa"))}, "runs": 1, "setting": setting,
+                         "forgotten_runs": 0, "steps_to_forget": None, "runs_meeting_targets": 0, "seconds": [1.0, 0]}
+                   for row, setting in (("salun", "salun-lr0.00045"), ("salun+distill", default_setting))}
+        table = report.markdown(summary, {}, {"steps": 100}, {"seeds": 3, "relative": 0.01})
+        return [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| salun")]
+    assert names("salun+distill-lr0.00045") == ["| salun", "| salun+distill (the default: `--recipe salun-distill`)"]
+    # another dataset's tuning chose another rate: the row is the default's method, not the default
+    assert names("salun+distill-lr0.00015")[1] == \
+        "| salun+distill (the default's method, tuned here; `--recipe salun-distill` is its lr 0.00045)"
 
 
 def test_a_saved_run_counts_as_the_same_only_if_its_settings_are(monkeypatch):
