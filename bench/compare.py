@@ -558,7 +558,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--out", type=str, default=None,
                         help="working folder: every run and evaluation, saved as it finishes (resumable; default "
-                             "bench_results/compare, with --dataset mnist bench_results/compare_mnist)")
+                             "bench_results/compare, with --all-digits bench_results/all_digits; with --dataset mnist "
+                             "the same with _mnist)")
     parser.add_argument("--report-dir", type=str, default=None,
                         help="where comparison.json, comparison.md and the plots go (default docs/comparison, with "
                              "--dataset mnist docs/comparison_mnist)")
@@ -629,9 +630,10 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.data_path = args.data_path or prepare_digits.data_folder(args.dataset)
-    # each dataset keeps its own working folder and report: one never overwrites the other's
+    # each dataset, and --all-digits apart from the comparison, keeps its own working folder and report: their units
+    # share names (<setting>-<digit>-seed<seed>) but not their protocol, so one would overwrite the other's
     suffix = "" if args.dataset == "digits" else f"_{args.dataset}"
-    args.out = args.out or f"bench_results/compare{suffix}"
+    args.out = args.out or f"bench_results/{'all_digits' if args.all_digits else 'compare'}{suffix}"
     args.report_dir = args.report_dir or f"docs/comparison{suffix}"
     if args.recipes is None:
         args.recipes = [] if args.all_digits and args.methods else list(RECIPES)

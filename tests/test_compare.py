@@ -262,12 +262,15 @@ def test_every_method_gets_the_same_number_of_configurations():
 
 
 def test_each_dataset_keeps_its_own_working_folder_and_report(monkeypatch):
-    """--dataset mnist without --out or --report-dir never writes over the digits' comparison; given ones win."""
+    """--dataset mnist without --out or --report-dir never writes over the digits' comparison, nor --all-digits (the
+    same unit names at another protocol) over either; given ones win."""
     monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
     import compare
     digits, mnist = compare.parse_args([]), compare.parse_args(["--dataset", "mnist"])
     assert (digits.out, digits.report_dir) == ("bench_results/compare", "docs/comparison")
     assert (mnist.out, mnist.report_dir) == ("bench_results/compare_mnist", "docs/comparison_mnist")
+    assert compare.parse_args(["--all-digits"]).out == "bench_results/all_digits"
+    assert compare.parse_args(["--all-digits", "--dataset", "mnist"]).out == "bench_results/all_digits_mnist"
     given = compare.parse_args(["--dataset", "mnist", "--out", "o", "--report-dir", "r"])
     assert (given.out, given.report_dir) == ("o", "r")
 
