@@ -47,18 +47,22 @@ def guidance_size(model, diffusion, batch, dist, amp):
     return math.sqrt(total / count)
 
 
-def class_guidance_size(loaded, folders, forget_class, args, dist):
-    """The guidance size of forget_class on the first batch of forget.py's forget stream (seed args.seed)."""
+def first_forget_batch(loaded, folders, forget_class, args, dist):
+    """The first batch of forget.py's forget stream for the class (seed args.seed, batch args.batch_size)."""
     model, vae, spec = loaded.model, loaded.vae, loaded.spec
-    diffusion = create_diffusion(timestep_respacing="")
     forget_set, _ = unlearn_datasets(folders, forget_class, spec.image_size)
     config = StreamConfig(stream="forget", seed=args.seed, global_batch=args.batch_size,
-                          num_timesteps=diffusion.num_timesteps, dropout_prob=model.y_embedder.dropout_prob,
-                          random_flip=spec.random_flip)
+                          num_timesteps=create_diffusion(timestep_respacing="").num_timesteps,
+                          dropout_prob=model.y_embedder.dropout_prob, random_flip=spec.random_flip)
     encoder = LatentEncoder(vae, autocast_dtype(args.precision)) if vae is not None else None
-    first = next(iter(DiffusionBatches(forget_set, config, dist, range(1), encoder)))
+    return next(iter(DiffusionBatches(forget_set, config, dist, range(1), encoder)))
+
+
+def class_guidance_size(loaded, folders, forget_class, args, dist):
+    """The guidance size of forget_class on the first batch of forget.py's forget stream (seed args.seed)."""
+    first = first_forget_batch(loaded, folders, forget_class, args, dist)
     amp = dict(device_type=dist.device.type, dtype=autocast_dtype(args.precision), enabled=args.precision == "bf16")
-    return guidance_size(model, diffusion, first, dist, amp)
+    return guidance_size(loaded.model, create_diffusion(timestep_respacing=""), first, dist, amp)
 
 
 def main(args):
@@ -79,9 +83,10 @@ def main(args):
                   f"({len(sizes)} classes, seed {args.seed}, batch {args.batch_size})")
 
 
-def parse_args(argv=None):
-    """The command line; --dataset fills in the embedded case's model, checkpoint and images."""
-    parser = argparse.ArgumentParser(description=description(__doc__))
+def parse_args(argv=None, doc=__doc__):
+    """The command line (of this script, or of another whose docstring is doc and that takes the same flags);
+    --dataset fills in the embedded case's model, checkpoint and images."""
+    parser = argparse.ArgumentParser(description=description(doc))
     parser.add_argument("--dataset", type=str, choices=list(demo.CASES), default="digits",
                         help="the embedded case whose DiT and images are the defaults")
     parser.add_argument("--model", type=str, choices=list(DiT_models.keys()), default=None,

@@ -116,3 +116,60 @@ def test_pathways_prints_four_pairings_and_rejects_a_missing_checkpoint(tmp_path
                      check=False)
     assert bad.returncode != 0
     assert bad.stderr.strip().splitlines() == [f"error: --ckpt {tmp_path / 'none.pt'} is not a file"]
+
+
+def test_collateral_rates_are_first_order_and_a_label_row_moves_only_its_class(tmp_path):
+    """bench/collateral.py: the forget direction is a unit descent direction of SalUn's forget term; the rate of the
+    guidance direction matches a finite difference; a direction that moves only class 1's label row moves class 1's
+    guidance and no other class's; the script prints each forget class's rates and rejects bf16 in one line."""
+    import sys
+    import torch
+    from helpers import tiny_dit, toy_batch
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    from collateral import forget_direction, guidance_rate
+    from diffusion import create_diffusion
+    from sfron.terms.base import eps_prediction, kept_labels, mean_flat_square
+    model, diffusion = tiny_dit(input_size=4, hidden_size=16, depth=1, num_classes=3, scale=0.2).eval(), \
+        create_diffusion(timestep_respacing="")
+    forget, other = toy_batch(0, label=1, n=4), toy_batch(1, label=2, n=4)
+    direction = forget_direction(model, diffusion, forget, other_class=2)
+    assert float(torch.sqrt(sum(v.square().sum() for v in direction.values()))) == pytest.approx(1.0, rel=1e-5)
+
+    def forget_term(scale):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.add_(direction[n], alpha=scale)
+            target = eps_prediction(model, diffusion, forget, torch.full_like(forget.y, 2), kept_labels(forget))
+            value = float(mean_flat_square(eps_prediction(model, diffusion, forget, forget.y, kept_labels(forget))
+                                           - target).mean())
+            for n, p in model.named_parameters():
+                p.sub_(direction[n], alpha=scale)
+        return value
+    assert forget_term(1e-3) < forget_term(0.0)
+    size, rate = guidance_rate(model, diffusion, other, direction)
+
+    def guidance_at(scale):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.add_(direction[n], alpha=scale)
+            keep = kept_labels(other)
+            out = eps_prediction(model, diffusion, other, other.y, keep) - \
+                eps_prediction(model, diffusion, other, other.y, torch.ones_like(keep))
+            for n, p in model.named_parameters():
+                p.sub_(direction[n], alpha=scale)
+        return out
+    finite = (guidance_at(1e-2) - guidance_at(-1e-2)) / 2e-2
+    assert size == pytest.approx(float(guidance_at(0.0).square().mean().sqrt()), rel=1e-4)
+    assert rate == pytest.approx(float(finite.square().mean().sqrt()), rel=1e-2) and rate > 0
+    row_only = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    row_only["y_embedder.embedding_table.weight"][1] = 1.0
+    assert guidance_rate(model, diffusion, forget, row_only)[1] > 0
+    assert guidance_rate(model, diffusion, other, row_only)[1] == 0.0
+    make_tiny_run_folder(tmp_path)
+    common = ["--model", "DiT-T/2", "--ckpt", tmp_path / "tiny.pt", "--data-path", tmp_path / "data",
+              "--batch-size", 2]
+    printed = run_script("bench/collateral.py", *common, cwd=tmp_path).stdout.splitlines()
+    assert [line.split(":")[0] for line in printed[:3]] == ["class 0", "class 1", "class 2"]
+    assert printed[-1].startswith("median ") and "(3 classes, seed 0, batch 2)" in printed[-1]
+    bad = run_script("bench/collateral.py", *common, "--precision", "bf16", cwd=tmp_path, check=False)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].endswith("drop --precision")
