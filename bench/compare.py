@@ -316,6 +316,15 @@ class Benchmark:
                            and saved.get("evaluation") == self.evaluation())
 
 
+def portable_flags(runs):
+    """The runs with each recorded flag that is a path inside the repository written relative to it (the shipped
+    DiT as assets/...), so that a stored report reads the same on every clone."""
+    def portable(flag):
+        inside = isinstance(flag, str) and flag.startswith(ROOT + os.sep)
+        return os.path.relpath(flag, ROOT) if inside else flag
+    return [{**run, "flags": [portable(f) for f in run["flags"]]} for run in runs]
+
+
 def resolved_settings(argv):
     """The unlearning settings forget.py resolves from a command line (its recipe's values included), as JSON."""
     return as_read_back(asdict(forget.unlearn_settings(forget.parse_args(argv))))
@@ -548,7 +557,8 @@ def main(args):
               "grids": {name: [asdict(c) for c in METHODS[name].configurations()] for name in order},
               "chosen": {name: asdict(setting) for name, setting in by_protocol.items()},
               "tuning": {name: tuning[name] for name in order},
-              "spread": spread, "references": references, "runs": runs, "summary": summarise(runs, references),
+              "spread": spread, "references": references, "runs": portable_flags(runs),
+              "summary": summarise(runs, references),
               "seconds": round(time.time() - start, 1)}
     write_report(result, args)
 

@@ -35,6 +35,8 @@ def test_compare_reports_what_it_evaluated_and_resumes(tmp_path):
     original_fd = result["references"]["0"]["original"]["fd_remain"]
     for run in result["runs"]:
         assert sorted(run["steps"]) == ["2", "4"] and "--ckpt-steps" in run["flags"]
+        # the shipped DiT recorded as assets/..., not as this clone's absolute path
+        assert run["flags"][run["flags"].index("--ckpt") + 1] == os.path.join("assets", "digits_dit.pt")
         for step, report in run["steps"].items():
             row = result["summary"][run["row"]]["steps"][step]
             assert row["forget_acc"] == [pytest.approx(report["forget_acc"]), 0.0]  # one run: its own number
