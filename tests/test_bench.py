@@ -123,6 +123,7 @@ def test_collateral_rates_are_first_order_and_a_label_row_moves_only_its_class(t
     guidance direction matches a finite difference; a direction that moves only class 1's label row moves class 1's
     guidance and no other class's; the script prints each forget class's rates and rejects bf16 in one line."""
     import sys
+    from contextlib import contextmanager
     import torch
     from helpers import tiny_dit, toy_batch
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
@@ -135,29 +136,31 @@ def test_collateral_rates_are_first_order_and_a_label_row_moves_only_its_class(t
     direction = forget_direction(model, diffusion, forget, other_class=2)
     assert float(torch.sqrt(sum(v.square().sum() for v in direction.values()))) == pytest.approx(1.0, rel=1e-5)
 
-    def forget_term(scale):
+    @contextmanager
+    def moved(scale):
+        """The model's weights moved by scale along the direction, restored on exit."""
         with torch.no_grad():
             for n, p in model.named_parameters():
                 p.add_(direction[n], alpha=scale)
+            try:
+                yield
+            finally:
+                for n, p in model.named_parameters():
+                    p.sub_(direction[n], alpha=scale)
+
+    def forget_term(scale):
+        with moved(scale):
             target = eps_prediction(model, diffusion, forget, torch.full_like(forget.y, 2), kept_labels(forget))
-            value = float(mean_flat_square(eps_prediction(model, diffusion, forget, forget.y, kept_labels(forget))
-                                           - target).mean())
-            for n, p in model.named_parameters():
-                p.sub_(direction[n], alpha=scale)
-        return value
+            return float(mean_flat_square(eps_prediction(model, diffusion, forget, forget.y, kept_labels(forget))
+                                          - target).mean())
     assert forget_term(1e-3) < forget_term(0.0)
     size, rate = guidance_rate(model, diffusion, other, direction)
 
     def guidance_at(scale):
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.add_(direction[n], alpha=scale)
-            keep = kept_labels(other)
-            out = eps_prediction(model, diffusion, other, other.y, keep) - \
+        keep = kept_labels(other)
+        with moved(scale):
+            return eps_prediction(model, diffusion, other, other.y, keep) - \
                 eps_prediction(model, diffusion, other, other.y, torch.ones_like(keep))
-            for n, p in model.named_parameters():
-                p.sub_(direction[n], alpha=scale)
-        return out
     finite = (guidance_at(1e-2) - guidance_at(-1e-2)) / 2e-2
     assert size == pytest.approx(float(guidance_at(0.0).square().mean().sqrt()), rel=1e-4)
     assert rate == pytest.approx(float(finite.square().mean().sqrt()), rel=1e-2) and rate > 0
