@@ -88,9 +88,9 @@ DIGITS_VALUES = {"official": {"lr": 1.5e-4}, "masked-esd-distill": {}, "adversar
 
 
 def step(script, argv):
-    """Prints the equivalent shell command, then runs the script's main() in this process."""
+    """Prints the equivalent shell command, then runs the script's main() in this process; returns what it returns."""
     print(f"\n$ python {script.__name__}.py {' '.join(shlex.quote(str(a)) for a in argv)}", flush=True)
-    script.main(script.parse_args([str(a) for a in argv]))
+    return script.main(script.parse_args([str(a) for a in argv]))
 
 
 def case_of(args):
@@ -98,14 +98,14 @@ def case_of(args):
     return CASES[args.dataset]
 
 
-def sample_npz(ckpt, name, args):
-    """Evaluation samples of every digit from one model; returns the .npz path."""
-    sample_dir = os.path.join(args.out, "samples", name)
-    step(sample_ddp, ["--model", case_of(args).model, "--ckpt", ckpt, "--sampler", "ddim", "--num-sampling-steps",
-                      args.sampling_steps, "--cfg-scale", args.cfg_scale, "--samples-per-class", args.samples_per_class,
-                      "--per-proc-batch-size", 10 * args.samples_per_class, "--sample-dir", sample_dir])
-    (npz,) = [os.path.join(sample_dir, f) for f in os.listdir(sample_dir) if f.endswith(".npz")]
-    return npz
+def sample_npz(ckpt, name, run, args):
+    """Evaluation samples of every digit from one model, kept in the forget run's folder (each demo run draws its
+    own: an earlier run's, with other settings or another dataset, stays apart); returns the .npz path."""
+    sample_dir = os.path.join(run, "samples", name)
+    return step(sample_ddp, ["--model", case_of(args).model, "--ckpt", ckpt, "--sampler", "ddim",
+                             "--num-sampling-steps", args.sampling_steps, "--cfg-scale", args.cfg_scale,
+                             "--samples-per-class", args.samples_per_class,
+                             "--per-proc-batch-size", 10 * args.samples_per_class, "--sample-dir", sample_dir])
 
 
 def retrained_reference(case, forget_class, reference_dir, data_path, train_missing=True):
@@ -261,7 +261,7 @@ def main(args):
     models = {"original": case.dit, "unlearned": os.path.join(run, "checkpoints", f"{args.forget_iters:07d}.pt")}
     if retrained is not None:
         models["retrained"] = retrained
-    npz = {name: sample_npz(ckpt, name, args) for name, ckpt in models.items()}
+    npz = {name: sample_npz(ckpt, name, run, args) for name, ckpt in models.items()}
     report_path = os.path.join(args.out, "report.json")
     step(evaluate, ["--samples", *npz.values(), "--names", *npz.keys(), "--forget-class", args.forget_class,
                     "--classifier", case.name, "--classifier-weights", case.classifier, "--data-path",

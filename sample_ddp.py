@@ -102,7 +102,7 @@ def check_folder(folder, record, dist):
 
 
 def main(args):
-    """Writes the PNGs and the .npz."""
+    """Writes the PNGs and the .npz; returns the .npz path."""
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     with distributed() as dist, StopSignals() as stop:
         model, vae, spec, _ = load_model_and_vae(model_request(args), dist.device)
@@ -137,6 +137,7 @@ def main(args):
         if dist.is_main:
             save_npz(folder, labels)
         dist.barrier()
+    return npz_path(folder)
 
 
 def parse_args(argv=None):

@@ -220,3 +220,10 @@ def test_shortened_demo_meets_the_three_targets_on_digit_3_and_reports_the_attac
     assert sizes["attacks/attack.png"] == ("PNG", 840, 432)  # one budget of each attack: bars, 7 x 3.6 in at 120 dpi
     assert sizes["losses.png"] == ("PNG", 720, 420)  # 6 x 3.5 in at 120 dpi
     assert "under the label learned in 5 inversion steps" in report["about"]["figure"]
+    # run again into the same folder with other sampling settings and digit: each run samples its own models
+    run_in_process("demo.py", "--out", tmp_path / "out", "--data-path", tmp_path / "digits", "--forget-class", 5,
+                   "--fisher-iters", 1, "--forget-iters", 4, "--batch-size", 16, "--samples-per-class", 4,
+                   "--sampling-steps", 2, cwd=tmp_path, check=True)
+    again = json.load(open(tmp_path / "out" / "report.json"))
+    assert again["about"]["forget_class"] == 5 and again["unlearned"]["n_forget"] == 4
+    assert all(path.startswith(again["about"]["forget_run"]) for path in again["about"]["samples"].values())
